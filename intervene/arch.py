@@ -1,0 +1,368 @@
+"""The architecture table: the ONE place that knows module names, tensor orientations and
+on-disk key patterns. Live hooks (``intervene.hooks``) and the bake (``intervene.bake``) both
+read it, so what is tried live and what is baked cannot disagree.
+
+Vocabulary
+----------
+*target*   a family of residual-stream readers/writers a config can name:
+           ``attention``, ``mlp``, ``experts``, ``shared_experts`` (write side: they add to the
+           residual) and ``router``, ``expert_inputs`` (read side: they read the residual).
+*site*     one module of one layer that a target touches, e.g. ``layers.12.attn.out``.
+*tensor*   a parameter behind a site, with the axis that holds the hidden size ("H axis").
+
+Both sides are the same maths on the H axis: every 1-D fibre of the tensor along that axis is
+a vector in residual space, and the edit projects r̂ out of it (see ``intervene.maths``).
+Never infer the H axis from a shape (gpt-oss has H == I): it is written here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .errors import ArchitectureError
+
+WRITE_TARGETS = ("attention", "mlp", "experts", "shared_experts")
+READ_TARGETS = ("router", "expert_inputs")
+ALL_TARGETS = WRITE_TARGETS + READ_TARGETS
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One parameter behind a site, in memory (relative to the decoder layer)."""
+
+    module: str  # module path relative to the layer, e.g. "mlp.experts"
+    param: str  # parameter name on that module, e.g. "down_proj" or "weight"
+    hidden_axis: int  # axis holding H, counted from the front (never negative)
+    expert_axis: int | None = None  # fused expert tensors: axis 0 indexes experts
+    is_bias: bool = False
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hook point: a module whose output (write side) or input (read side) is projected."""
+
+    target: str  # one of ALL_TARGETS
+    module: str  # module path relative to the layer
+    name: str  # stable printable suffix, e.g. "attn.out" -> "layers.12.attn.out"
+    side: str  # "write" (module output is added to the residual) or "read" (input is the residual)
+    tensors: tuple[TensorRef, ...]  # the parameters this hook is equivalent to editing
+    post_norm: str | None = None  # Gemma-style norm applied to the output before the residual add
+    output_index: int | None = None  # module returns a tuple: project this element
+
+
+@dataclass(frozen=True)
+class DiskPattern:
+    """How a target's tensors are named in a checkpoint, relative to ``<prefix>.layers.N.``.
+
+    ``regex`` may contain a group ``expert`` (per-expert layout). ``hidden_axis`` is the H axis
+    of the stored tensor; ``expert_axis`` is set for fused tensors.
+    """
+
+    target: str
+    regex: str
+    hidden_axis: int
+    expert_axis: int | None = None
+    is_bias: bool = False
+    post_norm: str | None = None  # for Gemma: key (relative to the layer) of the post-norm weight
+
+    def match(self, rest: str) -> re.Match | None:
+        return re.fullmatch(self.regex, rest)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything intervene needs to know about one model family."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers_path: str = "model.layers"  # in memory, from the *ForCausalLM module
+    is_moe: bool = False
+    # in-memory module paths, relative to a decoder layer
+    attn_out: str = "self_attn.o_proj"
+    attn_out_bias: bool = False
+    mlp_block: str = "mlp"  # dense MLP or MoE block
+    router: str | None = None
+    router_output: str = "topk"  # "topk": (logits, weights, idx); "llama4": (scores, logits)
+    experts: str | None = None
+    expert_layout: str | None = None  # "EHI" (down [E,H,I], gate_up [E,2I,H]) or "EIH"
+    expert_biases: bool = False  # gpt-oss: down_proj_bias [E,H], gate_up_proj_bias [E,2I]
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None  # Qwen2-MoE: Linear(H -> 1) reading the residual
+    moe_block_returns_tuple: bool = False
+    post_norms: dict[str, str] = field(default_factory=dict)  # target -> norm module (Gemma3)
+    norm_weight_offset: float = 0.0  # Gemma RMSNorm multiplies by (offset + w)
+    # per-expert on-disk names: (down, gate, up) relative to the MoE block's experts.{e}.
+    disk_expert_names: tuple[str, str, str] | None = None
+    disk_moe_block_aliases: tuple[str, ...] = ()  # e.g. Mixtral "block_sparse_moe"
+    num_experts_attr: str | None = None
+    top_k_attr: str = "num_experts_per_tok"
+    moe_layer_rule: Callable[[Any, int], bool] | None = None
+    dense_leading_attr: str | None = None  # first_k_dense_replace
+    notes: str = ""
+
+    # ---- layer structure -------------------------------------------------------------
+    def is_moe_layer(self, config: Any, layer: int) -> bool:
+        if not self.is_moe:
+            return False
+        if self.moe_layer_rule is None:
+            return True
+        return bool(self.moe_layer_rule(config, layer))
+
+    def num_experts(self, config: Any) -> int:
+        return int(getattr(config, self.num_experts_attr)) if self.num_experts_attr else 0
+
+    def top_k(self, config: Any) -> int:
+        return int(getattr(config, self.top_k_attr, 0) or 0) if self.is_moe else 0
+
+    def dense_leading_layers(self, config: Any) -> int:
+        if self.dense_leading_attr is None:
+            return 0
+        return int(getattr(config, self.dense_leading_attr, 0) or 0)
+
+    def has_target(self, target: str) -> bool:
+        if target in ("attention", "mlp"):
+            return target == "attention" or self.has_dense_mlp_anywhere
+        if target in ("experts", "router", "expert_inputs"):
+            return self.is_moe
+        if target == "shared_experts":
+            return self.shared_expert is not None
+        return False
+
+    @property
+    def has_dense_mlp_anywhere(self) -> bool:
+        # dense models, and MoE families that can have dense layers
+        return (not self.is_moe) or self.moe_layer_rule is not None
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t for t in ALL_TARGETS if self.has_target(t))
+
+    # ---- in-memory sites -------------------------------------------------------------
+    def _expert_tensors(self, kind: str) -> tuple[TensorRef, ...]:
+        """kind: 'down' (write) or 'in' (read). Fused in-memory parameters of the experts module."""
+        assert self.experts is not None
+        if self.expert_layout == "EHI":  # down [E,H,I], gate_up [E,2I,H]
+            down_axis, in_axis = 1, 2
+        else:  # "EIH": down [E,I,H], gate_up [E,H,2I]
+            down_axis, in_axis = 2, 1
+        if kind == "down":
+            refs = [TensorRef(self.experts, "down_proj", down_axis, expert_axis=0)]
+            if self.expert_biases:
+                refs.append(TensorRef(self.experts, "down_proj_bias", 1, expert_axis=0, is_bias=True))
+            return tuple(refs)
+        return (TensorRef(self.experts, "gate_up_proj", in_axis, expert_axis=0),)
+
+    def sites(self, config: Any, layer: int, targets: Iterable[str] = ALL_TARGETS) -> list[Site]:
+        """The hook sites of ``layer`` for ``targets`` (targets absent at this layer are skipped)."""
+        wanted = set(targets)
+        moe = self.is_moe_layer(config, layer)
+        out: list[Site] = []
+        if "attention" in wanted:
+            refs = [TensorRef(self.attn_out, "weight", 0)]
+            if self.attn_out_bias:
+                refs.append(TensorRef(self.attn_out, "bias", 0, is_bias=True))
+            out.append(Site("attention", self.attn_out, "attn.out", "write", tuple(refs),
+                            post_norm=self.post_norms.get("attention")))
+        if "mlp" in wanted and not moe:
+            down = f"{self.mlp_block}.down_proj"
+            out.append(Site("mlp", down, "mlp.out", "write", (TensorRef(down, "weight", 0),),
+                            post_norm=self.post_norms.get("mlp")))
+        if moe and "experts" in wanted:
+            out.append(Site("experts", self.experts, "experts.out", "write", self._expert_tensors("down")))
+        if moe and "shared_experts" in wanted and self.shared_expert:
+            down = f"{self.shared_expert}.down_proj"
+            out.append(Site("shared_experts", down, "shared_experts.out", "write",
+                            (TensorRef(down, "weight", 0),)))
+        if moe and "router" in wanted:
+            out.append(Site("router", self.router, "router.in", "read",
+                            (TensorRef(self.router, "weight", 1),)))
+        if moe and "expert_inputs" in wanted:
+            out.append(Site("expert_inputs", self.experts, "experts.in", "read", self._expert_tensors("in")))
+            if self.shared_expert:
+                out.append(Site("expert_inputs", self.shared_expert, "shared_experts.in", "read",
+                                (TensorRef(f"{self.shared_expert}.gate_proj", "weight", 1),
+                                 TensorRef(f"{self.shared_expert}.up_proj", "weight", 1))))
+            if self.shared_expert_gate:
+                out.append(Site("expert_inputs", self.shared_expert_gate, "shared_expert_gate.in", "read",
+                                (TensorRef(self.shared_expert_gate, "weight", 1),)))
+        return out
+
+    # ---- on-disk patterns ------------------------------------------------------------
+    def disk_patterns(self, config: Any, layer: int) -> list[DiskPattern]:
+        """Every checkpoint key pattern (relative to ``…layers.N.``) that a target edits."""
+        pats: list[DiskPattern] = []
+        moe = self.is_moe_layer(config, layer)
+        esc = re.escape
+        pats.append(DiskPattern("attention", esc(f"{self.attn_out}.weight"), 0,
+                                post_norm=self._post_norm_key("attention")))
+        if self.attn_out_bias:
+            pats.append(DiskPattern("attention", esc(f"{self.attn_out}.bias"), 0, is_bias=True,
+                                    post_norm=self._post_norm_key("attention")))
+        if not moe:
+            pats.append(DiskPattern("mlp", esc(f"{self.mlp_block}.down_proj.weight"), 0,
+                                    post_norm=self._post_norm_key("mlp")))
+            return pats
+        blocks = (self.mlp_block,) + self.disk_moe_block_aliases
+        block_re = "(?:" + "|".join(esc(b) for b in blocks) + ")"
+        router_leaf = self.router.split(".")[-1]
+        experts_leaf = self.experts.split(".")[-1]
+        pats.append(DiskPattern("router", rf"{block_re}\.{esc(router_leaf)}\.weight", 1))
+        # fused layout (in-memory names; gpt-oss and Llama4 are always saved like this)
+        for ref in self._expert_tensors("down"):
+            pats.append(DiskPattern("experts", rf"{block_re}\.{esc(experts_leaf)}\.{esc(ref.param)}",
+                                    ref.hidden_axis, expert_axis=0, is_bias=ref.is_bias))
+        for ref in self._expert_tensors("in"):
+            pats.append(DiskPattern("expert_inputs", rf"{block_re}\.{esc(experts_leaf)}\.{esc(ref.param)}",
+                                    ref.hidden_axis, expert_axis=0))
+        # per-expert layout: down [H, I] (axis 0), gate/up [I, H] (axis 1)
+        if self.disk_expert_names:
+            down, gate, up = self.disk_expert_names
+            pats.append(DiskPattern("experts", rf"{block_re}\.{esc(experts_leaf)}\.(?P<expert>\d+)\.{esc(down)}\.weight", 0))
+            pats.append(DiskPattern("expert_inputs",
+                                    rf"{block_re}\.{esc(experts_leaf)}\.(?P<expert>\d+)\.(?:{esc(gate)}|{esc(up)})\.weight", 1))
+        if self.shared_expert:
+            sh = self.shared_expert.split(".")[-1]
+            pats.append(DiskPattern("shared_experts", rf"{block_re}\.{esc(sh)}\.down_proj\.weight", 0))
+            pats.append(DiskPattern("expert_inputs", rf"{block_re}\.{esc(sh)}\.(?:gate_proj|up_proj)\.weight", 1))
+        if self.shared_expert_gate:
+            sg = self.shared_expert_gate.split(".")[-1]
+            pats.append(DiskPattern("expert_inputs", rf"{block_re}\.{esc(sg)}\.weight", 1))
+        return pats
+
+    def _post_norm_key(self, target: str) -> str | None:
+        norm = self.post_norms.get(target)
+        return f"{norm}.weight" if norm else None
+
+
+# ---------------------------------------------------------------------------------------
+# MoE-layer rules (config -> is layer i a MoE layer)
+
+def _qwen_moe_rule(config: Any, layer: int) -> bool:
+    mlp_only = list(getattr(config, "mlp_only_layers", None) or [])
+    step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+    return layer not in mlp_only and getattr(config, "num_experts", 0) > 0 and (layer + 1) % step == 0
+
+
+def _first_k_dense_rule(config: Any, layer: int) -> bool:
+    k = int(getattr(config, "first_k_dense_replace", 0) or 0)
+    freq = int(getattr(config, "moe_layer_freq", 1) or 1)
+    return layer >= k and layer % freq == 0
+
+
+def _llama4_rule(config: Any, layer: int) -> bool:
+    return layer in list(getattr(config, "moe_layers", None) or [])
+
+
+_DENSE = dict(is_moe=False)
+_QWEN_STYLE = dict(
+    is_moe=True, router="mlp.gate", experts="mlp.experts", expert_layout="EHI",
+    disk_expert_names=("down_proj", "gate_proj", "up_proj"),
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (
+    ArchSpec("llama", ("llama",), **_DENSE),
+    ArchSpec("qwen2", ("qwen2",), **_DENSE),
+    ArchSpec("qwen3", ("qwen3",), **_DENSE),
+    ArchSpec(
+        "gemma3", ("gemma3_text",), **_DENSE,
+        post_norms={"attention": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+        norm_weight_offset=1.0,
+        notes="o_proj/down_proj outputs pass through (1+w)-scaled RMSNorms before the residual add: "
+              "edits use the rescaled direction normalize((1+w)*r), which removes r exactly.",
+    ),
+    ArchSpec(
+        "mixtral", ("mixtral",), is_moe=True, router="mlp.gate", experts="mlp.experts", expert_layout="EHI",
+        disk_expert_names=("w2", "w1", "w3"), disk_moe_block_aliases=("block_sparse_moe",),
+        num_experts_attr="num_local_experts",
+    ),
+    ArchSpec("qwen2_moe", ("qwen2_moe",), **_QWEN_STYLE, shared_expert="mlp.shared_expert",
+             shared_expert_gate="mlp.shared_expert_gate", num_experts_attr="num_experts",
+             moe_layer_rule=_qwen_moe_rule),
+    ArchSpec("qwen3_moe", ("qwen3_moe",), **_QWEN_STYLE, num_experts_attr="num_experts",
+             moe_layer_rule=_qwen_moe_rule),
+    ArchSpec("olmoe", ("olmoe",), **_QWEN_STYLE, num_experts_attr="num_experts"),
+    ArchSpec("deepseek_v2", ("deepseek_v2",), **_QWEN_STYLE, shared_expert="mlp.shared_experts",
+             num_experts_attr="n_routed_experts", moe_layer_rule=_first_k_dense_rule,
+             dense_leading_attr="first_k_dense_replace"),
+    ArchSpec("deepseek_v3", ("deepseek_v3",), **_QWEN_STYLE, shared_expert="mlp.shared_experts",
+             num_experts_attr="n_routed_experts", moe_layer_rule=_first_k_dense_rule,
+             dense_leading_attr="first_k_dense_replace",
+             notes="router adds e_score_correction_bias to choose experts, not to weight them"),
+    ArchSpec("glm4_moe", ("glm4_moe",), **_QWEN_STYLE, shared_expert="mlp.shared_experts",
+             num_experts_attr="n_routed_experts", moe_layer_rule=_first_k_dense_rule,
+             dense_leading_attr="first_k_dense_replace",
+             notes="GLM-4.5-Air architecture; router as DeepSeek-V3"),
+    ArchSpec(
+        "gpt_oss", ("gpt_oss",), is_moe=True, attn_out_bias=True, router="mlp.router", experts="mlp.experts",
+        expert_layout="EIH", expert_biases=True, moe_block_returns_tuple=True,
+        num_experts_attr="num_local_experts",
+        notes="fused on disk too; down_proj [E,I,H] (H last); published weights are MXFP4",
+    ),
+    ArchSpec(
+        "llama4", ("llama4_text",), is_moe=True, mlp_block="feed_forward", router="feed_forward.router",
+        router_output="llama4", experts="feed_forward.experts", expert_layout="EIH",
+        shared_expert="feed_forward.shared_expert", moe_block_returns_tuple=True,
+        num_experts_attr="num_local_experts", moe_layer_rule=_llama4_rule,
+        notes="fused on disk; down_proj [E,I,H]; router score scales the expert input",
+    ),
+)
+
+_BY_TYPE = {mt: spec for spec in ARCHITECTURES for mt in spec.model_types}
+SUPPORTED_MODEL_TYPES = tuple(sorted(_BY_TYPE))
+
+
+def get_arch(model_type: str) -> ArchSpec:
+    """The spec for a ``config.model_type``; a named error for anything else."""
+    try:
+        return _BY_TYPE[model_type]
+    except KeyError:
+        raise ArchitectureError(
+            f"unsupported model_type '{model_type}'; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        ) from None
+
+
+def text_config(config: Any) -> Any:
+    """Multimodal wrappers (Llama4ForConditionalGeneration, Gemma3) keep the decoder in text_config."""
+    if getattr(config, "model_type", None) in ("llama4", "gemma3") and getattr(config, "text_config", None):
+        return config.text_config
+    return config
+
+
+def arch_for_config(config: Any) -> ArchSpec:
+    return get_arch(text_config(config).model_type)
+
+
+def get_module(root: Any, path: str) -> Any:
+    """``root.a.b.c`` for ``path='a.b.c'`` with a named error when a part is missing."""
+    obj = root
+    for part in path.split("."):
+        if part.isdigit():
+            obj = obj[int(part)]
+        elif hasattr(obj, part):
+            obj = getattr(obj, part)
+        else:
+            raise ArchitectureError(f"module '{path}' not found on {type(root).__name__} (missing '{part}')")
+    return obj
+
+
+def decoder_layers(model: Any) -> Any:
+    """The ``nn.ModuleList`` of decoder layers of a loaded model."""
+    spec = arch_for_config(model.config)
+    return get_module(model, spec.layers_path)
+
+
+LAYER_KEY_RE = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<layer>\d+)\.(?P<rest>.+)$")
+
+
+def split_layer_key(key: str) -> tuple[str, int, str] | None:
+    """``'model.layers.12.mlp.gate.weight'`` -> ``('model.layers', 12, 'mlp.gate.weight')``."""
+    m = LAYER_KEY_RE.match(key)
+    if not m:
+        return None
+    return m.group("prefix"), int(m.group("layer")), m.group("rest")
+
+
+def site_name(layer: int, site: Site) -> str:
+    return f"layers.{layer}.{site.name}"

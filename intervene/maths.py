@@ -1,0 +1,107 @@
+"""Pure tensor maths shared by live hooks and the bake. No module state, no I/O.
+
+Every edit acts on the H axis of a tensor: each 1-D fibre along that axis is a vector in
+residual space. For a write-side weight ``W [H, in]`` the fibres are its columns and
+``project_out(W, r, axis=0)`` is ``W - s·r(rᵀW)``; for a read-side weight ``W [out, H]`` the
+fibres are its rows and ``project_out(W, r, axis=1)`` is ``W - s·(W r)rᵀ``. The live hook on an
+activation ``y [..., H]`` is ``project_out(y, r, axis=-1)``. One function, three uses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError, MeasurementError
+
+EPS = 1e-12
+
+
+def unit(r: torch.Tensor, what: str = "direction") -> torch.Tensor:
+    """``r / ‖r‖`` in float32; a named error for a zero or non-finite vector."""
+    r = r.detach().to(torch.float32)
+    if not torch.isfinite(r).all():
+        raise MeasurementError(f"{what} contains NaN or Inf")
+    norm = torch.linalg.vector_norm(r)
+    if norm <= EPS:
+        raise MeasurementError(f"{what} has zero norm")
+    return r / norm
+
+
+def project_out(t: torch.Tensor, r: torch.Tensor, axis: int, scale: float = 1.0) -> torch.Tensor:
+    """Remove ``scale`` times the component along unit ``r`` from every fibre of ``t`` along ``axis``.
+
+    Computed in float32 (or float64 if ``t`` is float64) and cast back to ``t``'s dtype.
+    """
+    work = torch.float64 if t.dtype == torch.float64 else torch.float32
+    x = t.to(work).movedim(axis, -1)
+    rr = r.to(device=x.device, dtype=work)
+    coeff = x @ rr  # [...]
+    x = x - scale * coeff.unsqueeze(-1) * rr
+    return x.movedim(-1, axis).to(t.dtype)
+
+
+def norm_preserving_edit(t: torch.Tensor, r: torch.Tensor, axis: int, scale: float = 1.0) -> torch.Tensor:
+    """grimjim's norm-preserving ablation: each fibre ``w`` along ``axis`` keeps ``‖w‖`` and gets the
+    direction ``normalize(ŵ - s(ŵ·r)r)``. Zero fibres stay zero."""
+    work = torch.float64 if t.dtype == torch.float64 else torch.float32
+    x = t.to(work).movedim(axis, -1)
+    rr = r.to(device=x.device, dtype=work)
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    w_hat = x / norms.clamp_min(EPS)
+    v = w_hat - scale * (w_hat @ rr).unsqueeze(-1) * rr
+    v_norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    out = torch.where(v_norm > EPS, v / v_norm.clamp_min(EPS) * norms, torch.zeros_like(v))
+    return out.movedim(-1, axis).to(t.dtype)
+
+
+def edit_tensor(t: torch.Tensor, r: torch.Tensor, axis: int, scale: float, method: str,
+                is_bias: bool = False) -> torch.Tensor:
+    """The one weight edit used by the bake and by in-memory live swaps.
+
+    ``method='norm_preserving'`` applies to weights; a bias is one vector, not a set of input
+    neurons' write vectors, so it always gets the plain projection.
+    """
+    if method == "norm_preserving" and not is_bias:
+        return norm_preserving_edit(t, r, axis, scale)
+    if method in ("project", "norm_preserving"):
+        return project_out(t, r, axis, scale)
+    raise ConfigError(f"unknown method '{method}'; valid: project, norm_preserving")
+
+
+def biproject(r: torch.Tensor, harmless_mean: torch.Tensor) -> torch.Tensor:
+    """Orthogonalise ``r`` against the normalised harmless mean: ``r - (r·m̂)m̂``."""
+    m_hat = unit(harmless_mean, "harmless mean")
+    r = r.to(torch.float32)
+    return r - (r @ m_hat) * m_hat
+
+
+def sparsify(r: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Zero all but the largest-magnitude ``(1 - sparsity)`` fraction of components."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+    if sparsity == 0.0:
+        return r
+    n = r.numel()
+    keep = max(1, int(round((1.0 - sparsity) * n)))
+    idx = torch.topk(r.abs(), keep, sorted=False).indices
+    out = torch.zeros_like(r)
+    out[idx] = r[idx]
+    return out
+
+
+def post_norm_direction(r_hat: torch.Tensor, norm_weight: torch.Tensor, offset: float) -> torch.Tensor:
+    """Direction to project from a module whose output passes a per-channel norm ``(offset + w)``
+    before the residual add (Gemma3). Making the module output orthogonal to
+    ``r̃ = normalize((offset + w) ⊙ r̂)`` makes the norm's output orthogonal to ``r̂``."""
+    return unit((offset + norm_weight.detach().to(torch.float32)) * r_hat.to(torch.float32),
+                "post-norm rescaled direction")
+
+
+def interpolate(directions: dict[int, torch.Tensor], position: float) -> torch.Tensor:
+    """Direction at a fractional layer index: linear interpolation of the two neighbours."""
+    lo = int(position // 1)
+    frac = float(position - lo)
+    if frac == 0.0:
+        return directions[lo].to(torch.float32)
+    hi = lo + 1
+    return (1.0 - frac) * directions[lo].to(torch.float32) + frac * directions[hi].to(torch.float32)

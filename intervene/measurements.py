@@ -1,0 +1,180 @@
+"""The measurements file: one safetensors file, float32 tensors, JSON metadata.
+
+Keys (L = decoder layer whose OUTPUT residual was measured; ``embed`` = embedding output):
+    harmful_mean.{L}, harmless_mean.{L}, direction.{L} (= harmful_mean - harmless_mean, raw)
+    harmful_mean.embed, harmless_mean.embed, direction.embed
+    router.harmful_freq.{L}, router.harmless_freq.{L}      per-expert top-k selection frequency
+    router.harmful_logits.{L}, router.harmless_logits.{L}  mean router logits (MoE layers only)
+Metadata: ``{"intervene": "<JSON string>"}`` with model, model_type, hidden_size, num_layers,
+n_harmful, n_harmless, chat_template, system_prompt, intervene_version, moe_layers, ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError, MeasurementError
+
+META_KEY = "intervene"
+
+
+@dataclass
+class Measurements:
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    # ---- access ----------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        """Decoder-layer indices that have a direction, ascending."""
+        return sorted(int(k.split(".")[1]) for k in self.tensors if k.startswith("direction.") and k.split(".")[1].isdigit())
+
+    @property
+    def hidden_size(self) -> int:
+        return int(next(iter(v for k, v in self.tensors.items() if k.startswith("direction."))).shape[-1])
+
+    def _get(self, kind: str, layer: int | str) -> torch.Tensor:
+        key = f"{kind}.{layer}"
+        if key not in self.tensors:
+            where = f" in {self.path}" if self.path else ""
+            raise MeasurementError(
+                f"measurement '{key}' not found{where}; measured layers: {_ranges(self.layers)}"
+            )
+        return self.tensors[key]
+
+    def direction(self, layer: int | str) -> torch.Tensor:
+        return self._get("direction", layer)
+
+    def harmful_mean(self, layer: int | str) -> torch.Tensor:
+        return self._get("harmful_mean", layer)
+
+    def harmless_mean(self, layer: int | str) -> torch.Tensor:
+        return self._get("harmless_mean", layer)
+
+    def directions(self) -> dict[int, torch.Tensor]:
+        return {layer: self.direction(layer) for layer in self.layers}
+
+    def router_layers(self) -> list[int]:
+        return sorted(int(k.rsplit(".", 1)[1]) for k in self.tensors if k.startswith("router.harmful_freq."))
+
+    def check_model(self, hidden_size: int, num_layers: int | None = None, what: str = "model") -> None:
+        """Named error when this file was measured on a different model."""
+        if self.hidden_size != hidden_size:
+            raise MeasurementError(
+                f"measurements {self.path or ''} have hidden size {self.hidden_size} but the {what} has "
+                f"hidden size {hidden_size}: they were measured on a different model"
+            )
+        if num_layers is not None and self.layers and max(self.layers) >= num_layers:
+            raise MeasurementError(
+                f"measurements {self.path or ''} have layer {max(self.layers)} but the {what} has only "
+                f"{num_layers} layers: they were measured on a different model"
+            )
+
+    # ---- I/O -------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        save_measurements(self, path)
+
+
+def save_measurements(m: Measurements, path: str | os.PathLike) -> None:
+    """Write atomically: a temporary file in the same directory, then rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in sorted(m.tensors.items())}
+    meta = {META_KEY: json.dumps(m.meta, sort_keys=True, default=str)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_measurements(path: str | os.PathLike) -> Measurements:
+    """Read a measurements file (safetensors, or a jim-plus ``.refuse`` file which is converted)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"measurements file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"measurements path is a directory, expected a file: {path}")
+    if path.suffix == ".refuse":
+        return load_refuse(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise MeasurementError(f"{path} is not a readable safetensors measurements file ({_first_line(e)})") from None
+    meta: dict[str, Any] = {}
+    if META_KEY in raw_meta:
+        try:
+            meta = json.loads(raw_meta[META_KEY])
+        except json.JSONDecodeError:
+            raise MeasurementError(f"{path}: metadata entry '{META_KEY}' is not valid JSON") from None
+    if not any(k.startswith("direction.") for k in tensors):
+        raise MeasurementError(f"{path} has no 'direction.*' tensors: not an intervene measurements file")
+    return Measurements(tensors=tensors, meta=meta, path=str(path))
+
+
+def load_refuse(path: str | os.PathLike) -> Measurements:
+    """Convert a jim-plus/llm-abliteration ``.refuse`` file (torch.save of a dict).
+
+    Loaded with ``weights_only=True``: a pickle holding arbitrary objects is rejected, never
+    executed. Its index 0 is the embedding output, so its ``i`` is our decoder layer ``i - 1``.
+    """
+    path = Path(path)
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError ...
+        raise MeasurementError(
+            f"{path}: refused to load .refuse file with weights_only=True ({_first_line(e)}); "
+            "it is corrupt or contains arbitrary Python objects"
+        ) from None
+    if not isinstance(data, dict):
+        raise MeasurementError(f"{path}: .refuse file must hold a dict, found {type(data).__name__}")
+    tensors: dict[str, torch.Tensor] = {}
+    n_layers = 0
+    for key, value in data.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for kind, ours in (("harmful", "harmful_mean"), ("harmless", "harmless_mean"), ("refuse", "direction")):
+            prefix = f"{kind}_"
+            if isinstance(key, str) and key.startswith(prefix) and key[len(prefix):].isdigit():
+                i = int(key[len(prefix):])
+                name = "embed" if i == 0 else str(i - 1)
+                tensors[f"{ours}.{name}"] = value.detach().to(torch.float32).reshape(-1)
+                n_layers = max(n_layers, i)
+    for name in {k.split(".", 1)[1] for k in tensors}:
+        if f"direction.{name}" not in tensors and f"harmful_mean.{name}" in tensors and f"harmless_mean.{name}" in tensors:
+            tensors[f"direction.{name}"] = tensors[f"harmful_mean.{name}"] - tensors[f"harmless_mean.{name}"]
+    if not any(k.startswith("direction.") for k in tensors):
+        raise MeasurementError(f"{path}: no harmful_N/harmless_N/refuse_N tensors found in .refuse file")
+    meta = {"converted_from": str(path), "num_layers": int(data.get("layers", n_layers)) if isinstance(data.get("layers", 0), int) else n_layers}
+    return Measurements(tensors=tensors, meta=meta, path=str(path))
+
+
+def _ranges(layers: list[int]) -> str:
+    if not layers:
+        return "none"
+    return f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else ", ".join(map(str, layers))
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__

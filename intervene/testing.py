@@ -1,0 +1,124 @@
+"""Tiny randomly initialised models for every supported architecture (seconds, exact).
+
+Random init leaves some tensors all-zero (routers, e_score_correction_bias, biases); those
+are filled with noise so that every edit is visible in the logits. Sizes are chosen so that
+H, I and 2I differ (an edit on the wrong axis fails loudly); ``hidden_equals_intermediate=True``
+builds the gpt-oss case H == I where only the architecture table can tell the axes apart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, tie_word_embeddings=False)
+
+# (config class, model class, extra kwargs) by architecture name (see intervene.arch)
+TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(intermediate_size=96, num_hidden_layers=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(intermediate_size=96, num_hidden_layers=2)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(intermediate_size=96, num_hidden_layers=2, head_dim=16)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(head_dim=16, intermediate_size=96, num_hidden_layers=2, sliding_window=8)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=24, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(intermediate_size=96, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                       num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
+                       mlp_only_layers=[])),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=2, num_experts=8,
+                       num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], head_dim=16,
+                       norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(intermediate_size=24, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                   eos_token_id=None, pad_token_id=None)),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+                         n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                         kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+                         n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                         kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                         n_group=2, topk_group=1)),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(head_dim=16, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+                      n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                      n_group=1, topk_group=1, attention_bias=True, use_qk_norm=False, partial_rotary_factor=0.5)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(head_dim=16, intermediate_size=24, num_hidden_layers=2, num_local_experts=8,
+                     num_experts_per_tok=2, sliding_window=8, max_position_embeddings=131072)),
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
+               dict(head_dim=16, intermediate_size=24, intermediate_size_mlp=96, num_hidden_layers=3,
+                    num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                    attention_chunk_size=16)),
+}
+ARCH_NAMES = tuple(TINY)
+MOE_ARCH_NAMES = tuple(n for n in TINY if n not in ("llama", "qwen2", "qwen3", "gemma3"))
+
+
+def tiny_config(arch: str, **overrides: Any) -> Any:
+    import transformers
+
+    if arch not in TINY:
+        raise KeyError(f"no tiny config for '{arch}'; known: {', '.join(TINY)}")
+    config_cls, _, extra = TINY[arch]
+    kwargs = dict(COMMON)
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    if arch == "llama4":
+        kwargs.setdefault("max_position_embeddings", 128)
+    return getattr(transformers, config_cls)(**kwargs)
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+               hidden_equals_intermediate: bool = False, **overrides: Any) -> Any:
+    """A randomly initialised tiny model in eval mode, with no all-zero parameters or buffers."""
+    import transformers
+
+    if hidden_equals_intermediate:
+        overrides.setdefault("intermediate_size", COMMON["hidden_size"])
+        if "moe_intermediate_size" in TINY[arch][2]:
+            overrides.setdefault("moe_intermediate_size", COMMON["hidden_size"])
+    config = tiny_config(arch, **overrides)
+    _, model_cls, _ = TINY[arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config)
+    fill_zeros_with_noise(model, seed)
+    model = model.to(dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def fill_zeros_with_noise(model: torch.nn.Module, seed: int = 0) -> None:
+    """Routers, biases and e_score_correction_bias start at zero; give them small noise."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point() or t.numel() == 0 or "inv_freq" in name:
+                continue
+            if bool((t == 0).all()):
+                t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype) * 0.2)
+            elif "norm" in name and bool((t == t.flatten()[0]).all()):
+                # constant norm weights (ones/zeros): perturb so per-channel scaling matters
+                t.add_(torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype) * 0.1)
+
+
+def save_tiny(model: Any, path: str | os.PathLike, max_shard_size: str = "200KB",
+              save_original_format: bool = True) -> Path:
+    """Save as a sharded checkpoint (per-expert on disk by default; fused with
+    ``save_original_format=False``)."""
+    path = Path(path)
+    model.save_pretrained(str(path), max_shard_size=max_shard_size, save_original_format=save_original_format)
+    return path
+
+
+def random_ids(batch: int = 3, seq: int = 9, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=gen)
