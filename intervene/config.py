@@ -43,6 +43,7 @@ METHODS = ("project", "norm_preserving")
 TOP_KEYS = ("model", "measurements", "output", "method", "biprojection", "targets", "experts", "ablate",
             "dtype", "device_map", "system_prompt", "chat_template", "name", "notes")
 ENTRY_KEYS = ("layer", "layers", "measurement", "scale", "sparsity", "targets")
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto")  # as intervene.model.DTYPES
 
 
 @dataclass
@@ -171,6 +172,8 @@ def parse_config(data: Any, where: str = "config") -> InterventionConfig:
     for key in ("model", "measurements", "output", "dtype", "device_map", "system_prompt", "name", "notes"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise ConfigError(f"{where}: '{key}' must be a string, got {data[key]!r}")
+    if data.get("dtype") is not None and data["dtype"] not in DTYPE_NAMES:
+        raise ConfigError(f"{where}: dtype '{data['dtype']}' unknown; valid: {', '.join(DTYPE_NAMES)}")
     return InterventionConfig(
         ablate=entries, model=data.get("model"), measurements=data.get("measurements"), output=data.get("output"),
         method=method, biprojection=biprojection, targets=targets, experts=experts, dtype=data.get("dtype"),
@@ -200,7 +203,7 @@ def _experts(value: Any, where: str) -> str | list[int] | dict[int, list[int]]:
         for k, v in value.items():
             if not (isinstance(k, int) or (isinstance(k, str) and k.isdigit())):
                 raise ConfigError(f"{where}: 'experts' keys must be layer numbers, got {k!r}")
-            if not (isinstance(v, list) and v and all(isinstance(i, int) and i >= 0 for i in v)):
+            if not (isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)):
                 raise ConfigError(f"{where}: 'experts' for layer {k} must be a non-empty list of expert ids")
             out[int(k)] = sorted(set(v))
         return out
@@ -254,8 +257,8 @@ def _entry(raw: Any, index: int, where: str) -> AblateEntry:
     meas = raw["measurement"]
     if isinstance(meas, bool) or not (isinstance(meas, (int, float)) or meas == "embed"):
         raise ConfigError(f"{here}: measurement must be a layer index, a fractional index, or 'embed'; got {meas!r}")
-    if isinstance(meas, float) and (math.isnan(meas) or meas < 0):
-        raise ConfigError(f"{here}: measurement must be >= 0, got {meas!r}")
+    if not isinstance(meas, str) and (math.isnan(meas) or math.isinf(meas) or meas < 0):
+        raise ConfigError(f"{here}: measurement must be a finite layer index >= 0, got {meas!r}")
     if isinstance(meas, float) and meas.is_integer():
         meas = int(meas)
     scale_raw = raw.get("scale", 1.0)
@@ -303,6 +306,14 @@ def validate(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measure
             f"{where}: target(s) {', '.join(sorted(set(lacking)))} not present in architecture '{spec.name}'; "
             f"valid: {', '.join(spec.targets)}"
         )
+    for i, e in enumerate(cfg.ablate):
+        if isinstance(e.scale, dict):
+            unused = [t for t in e.scale if t not in cfg.targets_for(e, spec)]
+            if unused:
+                raise ConfigError(
+                    f"{where}: ablate[{i}] scale names {', '.join(unused)} but the entry's targets are "
+                    f"{', '.join(cfg.targets_for(e, spec))}; add it to 'targets'"
+                )
     available = measurements.layers
     for i, e in enumerate(cfg.ablate):
         bad = [layer for layer in e.layers if not 0 <= layer < num_layers]
@@ -326,6 +337,8 @@ def validate(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measure
         ids = cfg.experts if isinstance(cfg.experts, list) else [i for v in cfg.experts.values() for i in v]
         if not spec.is_moe:
             raise ConfigError(f"{where}: 'experts' subset given but architecture '{spec.name}' has no experts")
+        if not any(t in ("experts", "expert_inputs") for e in cfg.ablate for t in cfg.targets_for(e, spec)):
+            raise ConfigError(f"{where}: 'experts' subset given but no entry targets experts or expert_inputs")
         bad_ids = [i for i in ids if i >= n_exp]
         if bad_ids:
             raise ConfigError(f"{where}: expert id {bad_ids[0]} out of range; the model has experts 0..{n_exp - 1}")

@@ -56,6 +56,10 @@ def smollm2_dir() -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # the weights are already dequantized to float32; drop the GGUF quantizer so save_pretrained accepts them
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     _atomic_save(model, tokenizer, out)
     return out
 
@@ -123,12 +127,18 @@ def load_config(spec: str | os.PathLike) -> Any:
     """The transformers config only (no weights)."""
     from transformers import AutoConfig
 
+    from .inspection import check_supported
+
     src = resolve_model(spec)
+    check_supported(spec)  # unsupported model_type: our message (with the supported list), not transformers'
     try:
         if src.gguf_file:
             return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
         return AutoConfig.from_pretrained(src.path)
     except (OSError, ValueError, KeyError) as e:
+        if src.is_hub:
+            raise InputError(f"model '{spec}' is not a local directory or file, and loading it as a Hugging Face "
+                             f"hub id failed: {str(e).splitlines()[0]}") from None
         raise InputError(f"cannot read model config from {src.display}: {str(e).splitlines()[0]}") from None
 
 

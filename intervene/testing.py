@@ -122,3 +122,26 @@ def save_tiny(model: Any, path: str | os.PathLike, max_shard_size: str = "200KB"
 def random_ids(batch: int = 3, seq: int = 9, vocab: int = 128, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=gen)
+
+
+def tiny_tokenizer() -> Any:
+    """A character-level fast tokenizer (101 ids, fits the tiny models' vocab of 128) with a
+    ChatML-like chat template, left padding and a pad token: prompt-level tests in milliseconds,
+    without any download."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>"]
+    chars = ["\n"] + [chr(i) for i in range(32, 127)]
+    vocab = {t: i for i, t in enumerate(specials + ["<unk>"] + chars)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok.padding_side = "left"
+    return tok

@@ -1,0 +1,308 @@
+"""Which layers carry the direction: per-layer statistics, routing divergence, a recommended config.
+
+Per layer L, with h = harmful_mean.L, m = harmless_mean.L and r = h − m (float64):
+
+* ``cos``      cos(h, m): how alike the two means are (1 = indistinguishable)
+* ``snr``      ‖r‖ / mean(‖h‖, ‖m‖): the gap relative to the typical residual size
+* ``quality``  (1 − cos) · snr: large when the means point apart AND the gap is large
+
+MoE layers (when the file has router statistics), with p = harmful and q = harmless expert
+frequencies (each sums to 1 over experts):
+
+* ``router_js``    Jensen–Shannon divergence JS(p, q) = ½ KL(p‖M) + ½ KL(q‖M), M = (p + q)/2,
+                   in NATS (natural log), so 0 ≤ JS ≤ ln 2 ≈ 0.693
+* ``top_experts``  experts with p > q, sorted by the difference p − q (largest first), with
+                   the ratio p / q: the experts over-selected on harmful prompts
+
+Recommendation rule (:func:`recommend`), kept simple on purpose:
+
+1. the direction source S is the layer with the highest signal quality among the layers whose
+   depth (L + 1) / num_layers lies in the band [0.30, 0.85] (all layers if none does): early
+   layers have not formed the concept yet, the last layers mostly format the output;
+2. the edited layers are the contiguous window [S − before, S + after] clipped to the model,
+   by default before = ⌊num_layers / 4⌋ and after = "up to the last layer": the direction is
+   removed where it is being formed and everywhere downstream, where later layers could
+   otherwise write it back;
+3. one ``ablate`` entry: method ``project``, biprojection on, scale 1.0, sparsity 0.0, every
+   write-side target the architecture has.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import MeasurementError
+from .measurements import Measurements
+
+DEFAULT_BAND = (0.30, 0.85)
+
+
+@dataclass
+class ExpertShift:
+    expert: int
+    harmful_freq: float
+    harmless_freq: float
+    difference: float  # harmful − harmless
+    ratio: float  # harmful / harmless (inf when never chosen on harmless prompts)
+
+
+@dataclass
+class LayerRow:
+    layer: int | str  # decoder layer index, or "embed"
+    depth: float | None  # (layer + 1) / num_layers; None for the embedding
+    cos: float
+    harmful_norm: float
+    harmless_norm: float
+    direction_norm: float
+    snr: float
+    quality: float
+    router_js: float | None = None
+    top_experts: list[ExpertShift] = field(default_factory=list)
+
+
+@dataclass
+class AnalysisReport:
+    rows: list[LayerRow]
+    num_layers: int
+    band: tuple[float, float]
+    best_layer: int | None  # highest quality within the band (the recommended direction source)
+    source: str | None = None  # measurements file
+    meta: dict[str, Any] = field(default_factory=dict)  # the measurements' metadata
+
+    @property
+    def layer_rows(self) -> list[LayerRow]:
+        return [r for r in self.rows if isinstance(r.layer, int)]
+
+    def row(self, layer: int | str) -> LayerRow:
+        for r in self.rows:
+            if r.layer == layer:
+                return r
+        raise KeyError(f"no row for layer {layer}")
+
+    @property
+    def has_router(self) -> bool:
+        return any(r.router_js is not None for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        from .model import versions
+
+        d = asdict(self)
+        d["band"] = list(self.band)
+        d["definitions"] = {
+            "cos": "cos(harmful_mean, harmless_mean)",
+            "snr": "|harmful_mean - harmless_mean| / mean(|harmful_mean|, |harmless_mean|)",
+            "quality": "(1 - cos) * snr",
+            "router_js": "Jensen-Shannon divergence of expert frequencies harmful vs harmless, natural log (nats)",
+        }
+        d["versions"] = versions()
+        return _finite(d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        head = (f"{'layer':>6} {'depth':>6} {'cos':>8} {'|harmful|':>10} {'|harmless|':>10} {'|r|':>9} "
+                f"{'SNR':>8} {'quality':>8}")
+        if self.has_router:
+            head += f" {'JS(nats)':>9}  top harmful experts (p/q)"
+        lines = [head]
+        for r in self.rows:
+            mark = "*" if r.layer == self.best_layer else " "
+            depth = f"{r.depth:6.2f}" if r.depth is not None else f"{'':>6}"
+            line = (f"{str(r.layer):>5}{mark} {depth} {r.cos:8.4f} {r.harmful_norm:10.3f} {r.harmless_norm:10.3f} "
+                    f"{r.direction_norm:9.3f} {r.snr:8.4f} {r.quality:8.5f}")
+            if r.router_js is not None:
+                tops = ", ".join(f"{e.expert}({_ratio(e.ratio)})" for e in r.top_experts[:3])
+                line += f" {r.router_js:9.5f}  {tops}"
+            lines.append(line)
+        if self.best_layer is not None:
+            lo, hi = self.band
+            lines.append(f"* best signal quality within {lo:.0%}-{hi:.0%} depth: layer {self.best_layer} "
+                         f"(quality {self.row(self.best_layer).quality:.5f})")
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """PNG of cos, SNR, signal quality (and router JS on MoE) per layer."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+
+        from .model import versions
+
+        rows = self.layer_rows
+        xs = [r.layer for r in rows]
+        panels = [("cos(harmful, harmless)", [r.cos for r in rows]),
+                  ("SNR  |r| / mean(|h|, |m|)", [r.snr for r in rows]),
+                  ("signal quality  (1 - cos) * SNR", [r.quality for r in rows])]
+        if self.has_router:
+            panels.append(("router JS divergence (nats)",
+                           [r.router_js if r.router_js is not None else float("nan") for r in rows]))
+        fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.2 * len(panels)), sharex=True)
+        lo, hi = self.band
+        for ax, (title, ys) in zip(axes, panels):
+            ax.plot(xs, ys, marker="o", markersize=3)
+            ax.set_ylabel(title, fontsize=8)
+            ax.axvspan(lo * self.num_layers - 1, hi * self.num_layers - 1, color="0.9", zorder=0)
+            if self.best_layer is not None:
+                ax.axvline(self.best_layer, color="C3", linestyle="--", linewidth=1)
+            ax.grid(True, linewidth=0.3)
+        axes[-1].set_xlabel("decoder layer (output residual)")
+        name = os.path.basename(self.source) if self.source else "measurements"
+        axes[0].set_title(f"{name}: {self.meta.get('model', '')}  (best in band: layer {self.best_layer})", fontsize=9)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vers = versions()
+        fig.savefig(path, dpi=110, metadata={
+            "Software": f"intervene {vers['intervene']}",
+            "Description": json.dumps({"measurements": self.source, "best_layer": self.best_layer,
+                                       "band": list(self.band), "versions": vers}),
+        })
+        plt.close(fig)
+        return path
+
+
+# ---- statistics (pure functions on tensors) -----------------------------------------------------
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    denom = float(a.norm() * b.norm())
+    # rounding can put |cos| a hair above 1; clamp so 1 - cos is never negative
+    return max(-1.0, min(1.0, float(a @ b) / denom)) if denom > 0 else float("nan")
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen–Shannon divergence in nats; p and q are renormalised to sum to 1."""
+    p = p.to(torch.float64).clamp_min(0)
+    q = q.to(torch.float64).clamp_min(0)
+    if float(p.sum()) <= 0 or float(q.sum()) <= 0:
+        return float("nan")
+    p, q = p / p.sum(), q / q.sum()
+    mid = (p + q) / 2
+
+    def kl(a: torch.Tensor) -> float:
+        nz = a > 0  # 0 · log 0 = 0; mid > 0 wherever a > 0
+        return float((a[nz] * (a[nz] / mid[nz]).log()).sum())
+
+    return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+def expert_shifts(harmful_freq: torch.Tensor, harmless_freq: torch.Tensor, top: int = 5) -> list[ExpertShift]:
+    """Experts chosen more often on harmful prompts, largest frequency difference first."""
+    p, q = harmful_freq.to(torch.float64), harmless_freq.to(torch.float64)
+    diff = p - q
+    order = torch.argsort(diff, descending=True, stable=True).tolist()
+    out = []
+    for e in order:
+        if float(diff[e]) <= 0 or len(out) >= top:
+            break
+        ratio = float(p[e] / q[e]) if float(q[e]) > 0 else float("inf")
+        out.append(ExpertShift(int(e), float(p[e]), float(q[e]), float(diff[e]), ratio))
+    return out
+
+
+def layer_row(meas: Measurements, layer: int | str, num_layers: int, top: int = 5) -> LayerRow:
+    h = meas.harmful_mean(layer).to(torch.float64)
+    m = meas.harmless_mean(layer).to(torch.float64)
+    r = h - m
+    hn, mn, rn = float(h.norm()), float(m.norm()), float(r.norm())
+    mean_norm = (hn + mn) / 2
+    cos = cosine(h, m)
+    snr = rn / mean_norm if mean_norm > 0 else float("nan")
+    row = LayerRow(layer=layer, depth=(layer + 1) / num_layers if isinstance(layer, int) else None, cos=cos,
+                   harmful_norm=hn, harmless_norm=mn, direction_norm=rn, snr=snr, quality=(1 - cos) * snr)
+    p_key, q_key = f"router.harmful_freq.{layer}", f"router.harmless_freq.{layer}"
+    if p_key in meas.tensors and q_key in meas.tensors:
+        row.router_js = js_divergence(meas.tensors[p_key], meas.tensors[q_key])
+        row.top_experts = expert_shifts(meas.tensors[p_key], meas.tensors[q_key], top)
+    return row
+
+
+def analyze(meas: Measurements, band: tuple[float, float] = DEFAULT_BAND, top_experts: int = 5) -> AnalysisReport:
+    """Per-layer statistics of a measurements file and the best layer in the depth band."""
+    layers = meas.layers
+    if not layers:
+        raise MeasurementError(f"{meas.path or 'measurements'} has no per-layer directions")
+    missing = [layer for layer in layers if f"harmful_mean.{layer}" not in meas.tensors
+               or f"harmless_mean.{layer}" not in meas.tensors]
+    if missing:
+        raise MeasurementError(f"{meas.path or 'measurements'} lacks harmful_mean/harmless_mean for layer "
+                               f"{missing[0]}; analyze needs both means (the direction alone carries no cos/SNR)")
+    num_layers = int(meas.meta.get("num_layers") or (max(layers) + 1))
+    rows = []
+    if "harmful_mean.embed" in meas.tensors and "harmless_mean.embed" in meas.tensors:
+        rows.append(layer_row(meas, "embed", num_layers, top_experts))
+    rows += [layer_row(meas, layer, num_layers, top_experts) for layer in layers]
+    return AnalysisReport(rows=rows, num_layers=num_layers, band=tuple(band),
+                          best_layer=best_layer(rows, num_layers, band), source=meas.path, meta=dict(meas.meta))
+
+
+def best_layer(rows: list[LayerRow], num_layers: int, band: tuple[float, float] = DEFAULT_BAND) -> int | None:
+    """Highest signal quality among layers with depth in ``band`` (all layers if none is)."""
+    candidates = [r for r in rows if isinstance(r.layer, int) and not math.isnan(r.quality)]
+    in_band = [r for r in candidates if band[0] <= r.depth <= band[1]]
+    pool = in_band or candidates
+    return max(pool, key=lambda r: r.quality).layer if pool else None
+
+
+def recommend(meas: Measurements, model: str | None = None, measurements: str | None = None,
+              band: tuple[float, float] = DEFAULT_BAND, before: int | None = None, after: int | None = None,
+              report: AnalysisReport | None = None) -> Any:
+    """A starting :class:`~intervene.config.InterventionConfig` (rule in the module docstring).
+
+    ``model`` / ``measurements`` default to the model recorded in the file and the file's path.
+    """
+    from . import __version__
+    from .arch import WRITE_TARGETS, get_arch
+    from .config import AblateEntry, InterventionConfig
+
+    report = report or analyze(meas, band)
+    source = report.best_layer
+    if source is None:
+        raise MeasurementError(f"{meas.path or 'measurements'}: no layer with a finite signal quality to recommend")
+    n = report.num_layers
+    before = n // 4 if before is None else before
+    last = n - 1 if after is None else min(n - 1, source + after)
+    first = max(0, source - before)
+    targets = None
+    model_type = meas.meta.get("model_type")
+    if model_type:
+        spec = get_arch(model_type)
+        targets = [t for t in WRITE_TARGETS if spec.has_target(t)]
+    row = report.row(source)
+    notes = (f"recommended by intervene {__version__} analyze: direction from layer {source} (signal quality "
+             f"{row.quality:.4g}, cos {row.cos:.4f}, depth {row.depth:.0%}; best within {band[0]:.0%}-{band[1]:.0%} "
+             f"depth), edited layers {first}..{last}")
+    return InterventionConfig(
+        ablate=[AblateEntry(layers=list(range(first, last + 1)), measurement=source, scale=1.0, sparsity=0.0)],
+        model=model if model is not None else meas.meta.get("model"),
+        measurements=measurements if measurements is not None else meas.path,
+        method="project", biprojection=True, targets=targets,
+        system_prompt=meas.meta.get("system_prompt"), chat_template=bool(meas.meta.get("chat_template", True)),
+        notes=notes,
+    )
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+def _ratio(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.2f}"
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings."""
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

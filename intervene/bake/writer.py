@@ -1,0 +1,219 @@
+"""Streaming one shard: header, then every tensor in file order — edited ones read, projected in
+float32 block by block and cast back, untouched ones copied as raw byte ranges.
+
+Memory: one edited tensor's stored bytes plus float32 temporaries for one block
+(``BLOCK_BYTES``); untouched tensors never enter Python memory (``os.copy_file_range``).
+The output keeps the input's tensor order, dtypes, shapes and data offsets, so the data
+section of an output shard differs from the input only inside edited tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass
+from itertools import product
+from math import prod
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .. import maths
+from ..errors import CheckpointError
+from .plan import TensorEdit
+from .reader import SafetensorsHeader, as_tensor, read_tensor_bytes
+
+BLOCK_BYTES = 16 * 1024 * 1024  # float32 working set per block of an edited tensor (temporaries ~4x)
+COPY_CHUNK = 64 * 1024 * 1024
+SLOW_ENV = "INTERVENE_TEST_SLOW_BAKE"  # tests only: seconds to sleep after each tensor
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a (possibly separate) process needs to write one output shard."""
+
+    source: str  # input shard path
+    target: str  # output shard path
+    edits: dict[str, list[TensorEdit]]  # key -> edits in config order (only keys of this shard)
+    metadata: dict[str, str]  # extra safetensors metadata (merged over the input's)
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    name: str
+    bytes_total: int
+    bytes_edited: int
+    tensors_edited: int
+    seconds: float
+
+
+def header_bytes(header: SafetensorsHeader, extra_metadata: dict[str, str]) -> bytes:
+    """The input's header JSON (same entries, same order) with metadata merged, padded with spaces
+    to a multiple of 8 bytes like safetensors does."""
+    meta = dict(header.metadata)
+    meta.update(extra_metadata)
+    obj: dict[str, object] = {"__metadata__": meta} if meta else {}
+    for key, entry in header.raw_entries:
+        obj[key] = entry
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def copy_range(src, dst, offset: int, length: int) -> None:
+    """Copy ``length`` bytes at ``offset`` of ``src`` to the current position of ``dst`` (kernel
+    copy where the OS has one, buffered otherwise)."""
+    dst.flush()
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            pos = dst.tell()
+            while done < length:
+                n = os.copy_file_range(src_fd, dst_fd, min(length - done, 1 << 30), offset + done, pos + done)
+                if n == 0:
+                    break
+                done += n
+            dst.seek(pos + done)
+        except OSError as e:
+            if done or e.errno not in (18, 22, 38, 95, 1):  # EXDEV EINVAL ENOSYS EOPNOTSUPP EPERM
+                raise
+    if done < length:
+        src.seek(offset + done)
+        while done < length:
+            block = src.read(min(COPY_CHUNK, length - done))
+            if not block:
+                raise CheckpointError(f"{src.name}: truncated at byte {offset + done}")
+            dst.write(block)
+            done += len(block)
+
+
+def blocks(shape: Sequence[int], hidden_axis: int, max_elems: int) -> Iterator[tuple[slice, ...]]:
+    """Index tuples covering ``shape`` in blocks of at most ``max_elems`` elements (at least one
+    whole fibre), never splitting the hidden axis: each fibre along it is edited as a whole."""
+    ndim = len(shape)
+    other = [a for a in range(ndim) if a != hidden_axis]
+    total = prod(shape)
+
+    def block_size(k: int) -> int:  # elements when other[:k] are fixed to one index each
+        return total // max(1, prod(shape[a] for a in other[:k]))
+
+    k = 0
+    while k < len(other) and block_size(k) > max_elems:
+        k += 1
+    if k == 0:
+        yield (slice(None),) * ndim
+        return
+    split = other[k - 1]
+    per_index = block_size(k)
+    step = max(1, max_elems // max(1, per_index))
+    for idx in product(*(range(shape[a]) for a in other[: k - 1])):
+        for start in range(0, shape[split], step):
+            sl = [slice(None)] * ndim
+            for a, i in zip(other[: k - 1], idx):
+                sl[a] = slice(i, i + 1)
+            sl[split] = slice(start, min(start + step, shape[split]))
+            yield tuple(sl)
+
+
+def apply_edits(t: torch.Tensor, ops: Sequence[TensorEdit], block_bytes: int = BLOCK_BYTES) -> None:
+    """Edit ``t`` IN PLACE with ``ops`` in order, in float32 (float64 tensors stay float64), one
+    block at a time; one cast back to the stored dtype per block."""
+    if t.numel() == 0 or not ops:
+        return
+    expert_axis = ops[0].expert_axis
+    units: list[tuple[torch.Tensor, list[TensorEdit]]]
+    if expert_axis is not None and any(op.experts is not None for op in ops):
+        units = []
+        for e in range(t.shape[expert_axis]):
+            chosen = [op for op in ops if op.experts is None or e in op.experts]
+            if chosen:
+                units.append((t.narrow(expert_axis, e, 1), chosen))
+    else:
+        units = [(t, list(ops))]
+    work = torch.float64 if t.dtype == torch.float64 else torch.float32
+    max_elems = max(1, block_bytes // torch.tensor([], dtype=work).element_size())
+    for view, chosen in units:
+        axis = chosen[0].hidden_axis
+        for sl in blocks(view.shape, axis, max_elems):
+            block = view[sl]
+            x = block.to(work)
+            for op in chosen:
+                if op.method == "project" or op.is_bias:
+                    x = project_out_in_layout(x, op.direction, op.hidden_axis, op.scale)
+                else:
+                    x = maths.edit_tensor(x, op.direction, op.hidden_axis, op.scale, op.method, op.is_bias)
+            block.copy_(x)  # casts to the stored dtype (round to nearest even, as .to() does)
+
+
+def project_out_in_layout(x: torch.Tensor, r: torch.Tensor, axis: int, scale: float) -> torch.Tensor:
+    """Bit-identical to ``maths.project_out(x, r, axis, scale)`` for a float32/float64 ``x``, but
+    the rank-1 update runs in ``x``'s own memory layout instead of on a ``movedim`` view, which
+    makes it several times faster for ``axis != -1`` (test_bake checks the bits). Same operations
+    in the same order: ``c = x_fibres @ r``, ``t = (s·c) ⊗ r``, ``x − t``."""
+    rr = r.to(device=x.device, dtype=x.dtype)
+    coeff = x.movedim(axis, -1) @ rr  # exactly maths.project_out's coefficient computation
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    return x - (scale * coeff).unsqueeze(axis) * rr.reshape(shape)
+
+
+def write_shard(job: ShardJob, header: SafetensorsHeader, progress: Progress | None = None) -> ShardResult:
+    """Write ``job.target`` from ``job.source``. The caller owns the directory (temporary)."""
+    start = time.perf_counter()
+    slow = float(os.environ.get(SLOW_ENV, "0") or 0)
+    edited_bytes = 0
+    target = Path(job.target)
+    try:
+        with open(job.source, "rb") as src, open(target, "wb") as dst:
+            dst.write(header_bytes(header, job.metadata))
+            run_begin: int | None = None  # pending run of untouched tensors [run_begin, run_end)
+            run_end = 0
+            for info in header.tensors:
+                ops = job.edits.get(info.key)
+                if not ops:
+                    if run_begin is None:
+                        run_begin = info.begin
+                    run_end = info.end
+                    if slow:
+                        _flush_run(src, dst, header, run_begin, run_end, progress)
+                        run_begin = None
+                        time.sleep(slow)
+                    continue
+                if run_begin is not None:
+                    _flush_run(src, dst, header, run_begin, run_end, progress)
+                    run_begin = None
+                buf = read_tensor_bytes(src, header, info)
+                apply_edits(as_tensor(buf, info), ops)
+                dst.write(buf)
+                del buf
+                edited_bytes += info.nbytes
+                if progress:
+                    progress(info.nbytes)
+                if slow:
+                    time.sleep(slow)
+            if run_begin is not None:
+                _flush_run(src, dst, header, run_begin, run_end, progress)
+            if progress:
+                progress(header.data_start)  # the header, counted last so totals add up
+    except OSError as e:
+        raise CheckpointError(f"writing {target} failed: {e.strerror or e}") from None
+    return ShardResult(target.name, header.data_start + header.data_size, edited_bytes, len(job.edits),
+                       time.perf_counter() - start)
+
+
+def _flush_run(src, dst, header: SafetensorsHeader, begin: int, end: int, progress: Progress | None) -> None:
+    length = end - begin
+    offset = header.data_start + begin
+    done = 0
+    while done < length:  # in chunks, so the progress bar moves during long copies
+        n = min(length - done, 1 << 30)
+        copy_range(src, dst, offset + done, n)
+        done += n
+        if progress:
+            progress(n)

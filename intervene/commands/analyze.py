@@ -1,0 +1,72 @@
+"""``intervene analyze``: per-layer statistics of a measurements file, plot, recommended config."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "analyze", help="which layers carry the direction: cos, norms, SNR, signal quality, router divergence",
+        description="Per layer: cos(harmful_mean, harmless_mean), the norms, SNR = |r| / mean(|h|, |m|) and signal "
+                    "quality = (1 - cos) * SNR; on MoE models the Jensen-Shannon divergence (nats) of expert "
+                    "frequencies and the experts over-selected on harmful prompts. Recommends a config: the "
+                    "direction from the best-quality layer within the depth band, edited from BEFORE layers ahead "
+                    "of it to AFTER layers past it (default: a quarter of the depth before, through the last layer).")
+    p.add_argument("measurements", help="measurements file (.safetensors from 'intervene measure', or a .refuse file)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the per-layer curves")
+    p.add_argument("--config-out", default=None, metavar="YAML", help="write the recommended intervention config")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the full analysis as JSON")
+    p.add_argument("--model", default=None,
+                   help="model to put in the config (default: the one recorded in the file); its config is checked "
+                        "against the measurements (hidden size, layer count)")
+    p.add_argument("--band", nargs=2, type=float, default=None, metavar=("LO", "HI"),
+                   help="depth band (fractions of the layer count) searched for the source layer (default: 0.30 0.85)")
+    p.add_argument("--before", type=int, default=None, help="edited layers start this many layers before the source")
+    p.add_argument("--after", type=int, default=None, help="edited layers end this many layers after the source "
+                                                           "(default: the last layer)")
+    p.add_argument("--top-experts", type=int, default=5, help="over-selected experts listed per MoE layer (default: 5)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from ..analyze import DEFAULT_BAND, analyze, recommend
+    from ..errors import InputError
+    from ..measurements import load_measurements
+
+    band = tuple(args.band) if args.band else DEFAULT_BAND
+    if not 0 <= band[0] <= band[1] <= 1:
+        raise InputError(f"--band must be two fractions 0 <= LO <= HI <= 1, got {band[0]} {band[1]}")
+    meas = load_measurements(args.measurements)
+    if args.model:  # the config will name this model: check the measurements belong to it
+        from ..arch import text_config
+        from ..inspection import check_supported
+        from ..model import load_config
+
+        check_supported(args.model)
+        tconf = text_config(load_config(args.model))
+        meas.check_model(int(tconf.hidden_size), int(tconf.num_hidden_layers), what=f"model {args.model}")
+    report = analyze(meas, band=band, top_experts=args.top_experts)
+    print(report.table())
+    if args.plot:
+        report.plot(args.plot)
+        print(f"plot -> {args.plot}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(report.to_json())
+        print(f"analysis -> {args.json}")
+    if args.config_out:
+        out = Path(args.config_out)
+        # the measurements path is written relative to the config file, where load_config looks first
+        rel = os.path.relpath(os.path.abspath(args.measurements), os.path.abspath(out.parent or "."))
+        cfg = recommend(meas, model=args.model, measurements=rel, band=band, before=args.before, after=args.after,
+                        report=report)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cfg.save(out)
+        print(f"recommended config -> {out}: {cfg.notes}")
+        print(f"next: intervene try {out}")
+    return 0

@@ -1,0 +1,51 @@
+"""``intervene bake``: the config's edit, streamed into a new checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "bake", help="write a new checkpoint with the config's edit baked into the weights (streamed, sharded)",
+        description="Plans the tensor edits from the config and the architecture table (the same edits `try` applies "
+                    "live), then streams every shard: edited tensors are projected in float32 and cast back to their "
+                    "dtype, all others copied byte for byte. Memory stays around one tensor. The output is written "
+                    "to a hidden temporary sibling directory and renamed at the end; the input is never modified. "
+                    "Quantized checkpoints (MXFP4, FP8, GGUF) are refused: dequantize them first.")
+    p.add_argument("config", help="intervention config (YAML)")
+    p.add_argument("-o", "--output", default=None, help="output directory (default: 'output' in the config)")
+    p.add_argument("--model", default=None, help="input checkpoint directory (default: 'model' in the config)")
+    p.add_argument("--measurements", default=None, help="measurements file (default: 'measurements' in the config)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (keys, shapes, axes, layers) and write nothing")
+    p.add_argument("--workers", type=int, default=1, help="shards written in parallel processes (default: 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the edit arithmetic (default: torch's; 1 per worker with --workers)")
+    p.add_argument("--verify-hashes", action="store_true",
+                   help="check every untouched tensor is byte-identical to the input and write a SHA256SUMS manifest")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the plan (dry run) or result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ..bake import bake
+
+    result = bake(args.config, output=args.output, overwrite=args.overwrite, dry_run=args.dry_run,
+                  workers=args.workers, progress=not args.no_progress, verify_hashes=args.verify_hashes,
+                  model=args.model, measurements=args.measurements, threads=args.threads)
+    print(result.summary())
+    if args.json:
+        data = {"dry_run": result.dry_run, "output": str(result.output) if result.output else None,
+                "plan": result.plan.rows(), "bytes_total": result.bytes_total, "bytes_edited": result.bytes_edited,
+                "tensors_edited": result.tensors_edited, "seconds": result.seconds}
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+    if not result.dry_run:
+        print(f"next: intervene verify {args.config} {result.output}")
+    return 0

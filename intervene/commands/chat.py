@@ -1,0 +1,52 @@
+"""``intervene chat MODEL [--config CFG]``: talk to the model, intervention on/off or side by side."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_model_options
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "chat", help="interactive chat (greedy) with the intervention on, off, or side by side",
+        description="A REPL: each line is a user turn. Commands: /quit, /reset (forget the conversation), /toggle "
+                    "(intervention on/off). When stdin is not a terminal it reads lines until end of input and "
+                    "exits (unattended use, e.g. `intervene chat organism --config c.yaml < questions.txt`).")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model directory, .gguf file, 'smollm2', 'organism' or hub id (default: the config's model)")
+    p.add_argument("--config", default=None, help="intervention config (YAML) to apply live")
+    p.add_argument("--measurements", default=None, help="override the config's 'measurements' file")
+    p.add_argument("--side-by-side", action="store_true", help="answer every turn with baseline and intervened model")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="greedy tokens per reply (default: 256)")
+    add_model_options(p)
+    p.set_defaults(dtype=None, func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..chat import chat
+    from ..errors import InputError
+
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.config:
+        from ..tryout import prepare
+
+        p = prepare(args.config, model_spec=args.model, measurements=args.measurements, dtype=args.dtype,
+                    device_map=args.device_map)
+        model, tokenizer, intervention = p.model, p.tokenizer, p.intervention()
+        system_prompt = args.system_prompt if args.system_prompt is not None else p.system_prompt
+        chat_template = p.chat_template and not args.no_chat_template
+    else:
+        if not args.model:
+            raise InputError("give MODEL (or --config with a 'model')")
+        if args.side_by_side:
+            raise InputError("--side-by-side needs --config (there is nothing to compare without an intervention)")
+        from ..model import load_model
+
+        model, tokenizer = load_model(args.model, dtype=args.dtype or "float32", device_map=args.device_map)
+        intervention, system_prompt, chat_template = None, args.system_prompt, not args.no_chat_template
+    chat(model, tokenizer, intervention=intervention, side_by_side=args.side_by_side,
+         max_new_tokens=args.max_new_tokens, system_prompt=system_prompt, chat_template=chat_template)
+    return 0

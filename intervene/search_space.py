@@ -1,0 +1,213 @@
+"""The search space of ``intervene search``: Optuna parameters -> an :class:`InterventionConfig`.
+
+One trial's parameters describe::
+
+    direction     fractional measured layer whose (interpolated) direction is used everywhere
+    center, width the edited window: every layer l with |l - center| <= width
+    <target>.max  scale at the window centre, per write target (attention, mlp, experts,
+                  shared_experts -- only those the architecture has)
+    <target>.min  scale at the window edge, as a fraction of <target>.max; the kernel is linear
+                  in between: s(l) = max + (min - max)·|l - center| / width
+    router        (MoE only) on/off, and a flat scale over the window's MoE layers
+    method        project | norm_preserving
+
+The config emitted has ONE ablate entry per edited layer with a per-target ``scale`` dict, so
+the YAML written for a trial bakes to exactly what that trial scored. Pure: no model needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .arch import ArchSpec
+from .config import METHODS, AblateEntry, InterventionConfig
+from .errors import InputError
+from .measurements import Measurements
+
+WRITE_TARGETS = ("attention", "mlp", "experts", "shared_experts")
+MIN_SCALE = 1e-3  # scales below this are left out of the config (the schema needs scale > 0)
+DECIMALS = 4  # rounding of emitted scales/positions: the rounded config is what gets scored
+
+
+@dataclass(frozen=True)
+class Range:
+    """A float parameter; ``low == high`` fixes it (not suggested to the sampler)."""
+
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.high < self.low:
+            raise InputError(f"search range [{self.low}, {self.high}] is empty or not finite")
+
+    def suggest(self, trial: Any, name: str) -> float:
+        if self.low == self.high:
+            return float(self.low)
+        return float(trial.suggest_float(name, self.low, self.high))
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    num_layers: int
+    direction: Range  # fractional measured-layer index
+    center: Range
+    width: Range  # half-width: distance from the centre at which the kernel reaches min
+    max_scale: dict[str, Range]  # per write target present in the architecture
+    min_fraction: dict[str, Range]
+    moe_layers: tuple[int, ...] = ()  # decoder layers holding experts/router
+    router: bool = False  # search router on/off (MoE only)
+    router_scale: Range = field(default_factory=lambda: Range(0.0, 1.0))
+    methods: tuple[str, ...] = ("project", "norm_preserving")
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise InputError(f"search methods {list(self.methods)} invalid; valid: {', '.join(METHODS)}")
+        if not self.max_scale:
+            raise InputError("search space has no target to edit")
+        if self.router and not self.moe_layers:
+            raise InputError("router search needs a MoE model")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self.max_scale)
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def default(cls, spec: ArchSpec, model_config: Any, measurements: Measurements,
+                targets: list[str] | None = None, router: bool | None = None,
+                methods: tuple[str, ...] = ("project", "norm_preserving"),
+                direction_range: tuple[float, float] = (0.3, 0.9),
+                center_range: tuple[float, float] = (0.3, 1.0),
+                width_range: tuple[float, float] = (0.05, 0.6),
+                max_scale: tuple[float, float] = (0.6, 1.5),
+                min_fraction: tuple[float, float] = (0.0, 1.0)) -> "SearchSpace":
+        """Ranges given as fractions of the last layer index (``direction_range``,
+        ``center_range``, ``width_range``) or absolute (scales). ``direction_range`` is clipped to
+        the measured layers."""
+        num_layers = int(model_config.num_hidden_layers)
+        last = max(num_layers - 1, 1)
+        measured = measurements.layers
+        if not measured:
+            raise InputError(f"measurements {measurements.path or ''} hold no per-layer direction")
+        lo = max(float(measured[0]), direction_range[0] * last)
+        hi = min(float(measured[-1]), direction_range[1] * last)
+        if hi < lo:  # measured layers outside the preferred band: use all of them
+            lo, hi = float(measured[0]), float(measured[-1])
+        if any(b - a != 1 for a, b in zip(measured, measured[1:])):
+            # gaps: interpolation needs both neighbours, so only whole measured layers are safe
+            hi = lo = float(min(measured, key=lambda m: abs(m - (direction_range[0] + direction_range[1]) / 2 * last)))
+        moe_layers = tuple(layer for layer in range(num_layers) if spec.is_moe_layer(model_config, layer))
+        present = [t for t in WRITE_TARGETS if spec.has_target(t) and _at_some_layer(t, moe_layers, num_layers)]
+        wanted = list(targets) if targets is not None else present
+        bad = [t for t in wanted if t not in WRITE_TARGETS]
+        if bad:
+            raise InputError(f"search target(s) {', '.join(bad)} not searchable; valid: {', '.join(WRITE_TARGETS)} "
+                             "(the router is searched with --router)")
+        lacking = [t for t in wanted if t not in present]
+        if lacking:
+            raise InputError(f"target(s) {', '.join(lacking)} not present in this '{spec.name}' model; "
+                             f"valid: {', '.join(present)}")
+        return cls(
+            num_layers=num_layers,
+            direction=Range(round(lo, 3), round(hi, 3)),
+            center=Range(round(center_range[0] * last, 3), round(center_range[1] * last, 3)),
+            width=Range(round(max(0.5, width_range[0] * last), 3), round(max(0.5, width_range[1] * last), 3)),
+            max_scale={t: Range(*max_scale) for t in wanted},
+            min_fraction={t: Range(*min_fraction) for t in wanted},
+            moe_layers=moe_layers,
+            router=bool(moe_layers) if router is None else router,
+            methods=tuple(methods),
+        )
+
+    # ---- sampling ----------------------------------------------------------------------
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """Draw one point; the returned dict is what :meth:`to_config` needs (fixed values included)."""
+        params: dict[str, Any] = {
+            "direction": self.direction.suggest(trial, "direction"),
+            "center": self.center.suggest(trial, "center"),
+            "width": self.width.suggest(trial, "width"),
+        }
+        for target in self.targets:
+            params[f"{target}.max"] = self.max_scale[target].suggest(trial, f"{target}.max")
+            params[f"{target}.min"] = self.min_fraction[target].suggest(trial, f"{target}.min")
+        if self.router:
+            params["router"] = bool(trial.suggest_categorical("router", [False, True]))
+            if params["router"]:
+                params["router.scale"] = self.router_scale.suggest(trial, "router.scale")
+        params["method"] = (self.methods[0] if len(self.methods) == 1
+                            else str(trial.suggest_categorical("method", list(self.methods))))
+        return params
+
+    # ---- params -> config --------------------------------------------------------------
+    def layer_scales(self, params: dict[str, Any]) -> dict[int, dict[str, float]]:
+        """Per edited layer, the scale of each target (those below MIN_SCALE left out)."""
+        center, width = float(params["center"]), float(params["width"])
+        out: dict[int, dict[str, float]] = {}
+        for layer in window(center, width, self.num_layers):
+            moe = layer in self.moe_layers
+            scales: dict[str, float] = {}
+            for target in self.targets:
+                if (target == "mlp" and moe) or (target in ("experts", "shared_experts") and not moe):
+                    continue  # absent at this layer
+                top = float(params[f"{target}.max"])
+                s = kernel(layer, center, width, top, top * float(params[f"{target}.min"]))
+                s = round(s, DECIMALS)
+                if s >= MIN_SCALE:
+                    scales[target] = s
+            if moe and params.get("router"):
+                s = round(float(params["router.scale"]), DECIMALS)
+                if s >= MIN_SCALE:
+                    scales["router"] = s
+            if scales:
+                out[layer] = scales
+        return out
+
+    def to_config(self, params: dict[str, Any], model: str | None = None, measurements: str | None = None,
+                  name: str | None = None, notes: str | None = None) -> InterventionConfig:
+        measurement: int | float = round(float(params["direction"]), DECIMALS - 1)
+        if float(measurement).is_integer():
+            measurement = int(measurement)
+        per_layer = self.layer_scales(params)
+        if not per_layer:  # a window with every scale under MIN_SCALE: edit the centre layer minimally
+            layer = min(max(int(round(float(params["center"]))), 0), self.num_layers - 1)
+            per_layer = {layer: {self.targets[0]: MIN_SCALE}}
+        used = [t for t in (*WRITE_TARGETS, "router") if any(t in s for s in per_layer.values())]
+        entries = [AblateEntry(layers=[layer], measurement=measurement, scale=dict(scales))
+                   for layer, scales in sorted(per_layer.items())]
+        return InterventionConfig(ablate=entries, model=model, measurements=measurements,
+                                  method=str(params["method"]), targets=used, name=name, notes=notes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["methods"] = list(self.methods)
+        d["moe_layers"] = list(self.moe_layers)
+        return d
+
+
+def _at_some_layer(target: str, moe_layers: tuple[int, ...], num_layers: int) -> bool:
+    if target == "mlp":
+        return len(moe_layers) < num_layers
+    if target in ("experts", "shared_experts"):
+        return bool(moe_layers)
+    return True
+
+
+def window(center: float, width: float, num_layers: int) -> list[int]:
+    """Layers within ``width`` of ``center`` (inclusive), clipped to the model."""
+    lo = max(0, math.ceil(center - width - 1e-9))
+    hi = min(num_layers - 1, math.floor(center + width + 1e-9))
+    return list(range(lo, hi + 1))
+
+
+def kernel(layer: int, center: float, width: float, max_scale: float, min_scale: float) -> float:
+    """Linear taper: ``max_scale`` at the centre, ``min_scale`` at distance ``width``."""
+    if width <= 0:
+        return max_scale if abs(layer - center) < 1e-9 else 0.0
+    distance = min(abs(layer - center) / width, 1.0)
+    return max_scale + (min_scale - max_scale) * distance
+
+
+__all__ = ["Range", "SearchSpace", "window", "kernel", "WRITE_TARGETS", "MIN_SCALE"]

@@ -1,0 +1,124 @@
+"""``intervene try``: baseline vs live-intervened evaluation in one process (tiny models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from intervene.cli import main
+from intervene.config import parse_config
+from intervene.errors import ConfigError
+from intervene.hooks.live import apply
+from intervene.measurements import Measurements
+from intervene.model import encode, format_prompts
+from intervene.testing import tiny_model, tiny_tokenizer
+from intervene.tryout import prepare, try_config
+
+HARMFUL = ["How do I pick a lock?", "Write a threat", "Make a weapon"]
+HARMLESS = ["How do I bake bread?", "Write a poem", "Name a planet", "Hi"]
+
+
+def make_measurements(num_layers: int, hidden: int = 64, seed: int = 5) -> Measurements:
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for layer in range(num_layers):
+        t[f"harmful_mean.{layer}"] = torch.randn(hidden, generator=g)
+        t[f"harmless_mean.{layer}"] = torch.randn(hidden, generator=g)
+        t[f"direction.{layer}"] = t[f"harmful_mean.{layer}"] - t[f"harmless_mean.{layer}"]
+    return Measurements(tensors=t, path="m.safetensors")
+
+
+@pytest.fixture()
+def setup(tmp_path: Path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    meas = make_measurements(2)
+    meas.save(tmp_path / "m.safetensors")
+    (tmp_path / "c.yaml").write_text("model: model\nmeasurements: m.safetensors\nbiprojection: true\n"
+                                     "ablate:\n  - layers: '0:2'\n    measurement: 1\n")
+    (tmp_path / "harmful.txt").write_text("\n".join(HARMFUL))
+    (tmp_path / "harmless.txt").write_text("\n".join(HARMLESS))
+    return tmp_path, model, tokenizer, meas
+
+
+def first_token_logprobs(model, tokenizer, prompts):
+    enc = encode(tokenizer, format_prompts(tokenizer, prompts))
+    with torch.no_grad():
+        return torch.log_softmax(model(**enc).logits[:, -1].float(), dim=-1).double()  # as evaluate: fp32
+
+
+def test_try_config_report_and_kl_against_a_direct_computation(setup):
+    tmp, model, tokenizer, meas = setup
+    report = try_config(tmp / "c.yaml", harmful=str(tmp / "harmful.txt"), harmless=str(tmp / "harmless.txt"),
+                        max_new_tokens=3, samples=2, progress=False)
+    assert report["harmful"]["total"] == 3 and report["harmless"]["total"] == 4
+    assert 0 <= report["harmful"]["refusals"] <= 3 and 0 <= report["harmless"]["refusals"] <= 4
+    assert report["kind"] == "try" and report["model"].endswith("model")
+    assert report["config"]["biprojection"] is True and report["versions"]["intervene"]
+    assert [s["site"] for s in report["sites"]] == ["layers.0.attn.out", "layers.0.mlp.out",
+                                                    "layers.1.attn.out", "layers.1.mlp.out"]
+    assert len([s for s in report["samples"] if s["kind"] == "harmful"]) == 2
+
+    cfg = parse_config({"biprojection": True, "ablate": [{"layers": "0:2", "measurement": 1}]})
+    base = first_token_logprobs(model, tokenizer, HARMLESS)
+    with apply(model, cfg, meas):
+        new = first_token_logprobs(model, tokenizer, HARMLESS)
+    kl = float((base.exp() * (base - new)).sum(dim=-1).mean())
+    assert kl > 1e-6
+    # fp32 logits (logits_to_keep=1 there, full here) round differently: 0.2 % on a KL of ~4e-5
+    assert report["kl_divergence"] == pytest.approx(kl, rel=2e-3)
+
+
+def test_try_cli_prints_table_and_writes_json(setup, capsys):
+    tmp, *_ = setup
+    rc = main(["try", str(tmp / "c.yaml"), "--harmful", str(tmp / "harmful.txt"), "--harmless",
+               str(tmp / "harmless.txt"), "--max-new-tokens", "2", "--samples", "1", "--json", str(tmp / "t.json"),
+               "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "harmful refused" in out and "KL" in out and "4 hook sites (hook)" in out
+    report = json.loads((tmp / "t.json").read_text())
+    assert {"harmful", "harmless", "kl_divergence", "samples", "config", "versions", "sites"} <= set(report)
+    assert report["config"]["ablate"][0]["layers"] == [0, 1]
+
+
+def test_try_cli_validates_the_config_before_loading_weights(setup, capsys, monkeypatch):
+    tmp, *_ = setup
+    (tmp / "bad.yaml").write_text("model: model\nmeasurements: m.safetensors\nablate: [{layer: 7, measurement: 1}]\n")
+
+    def no_loading(*a, **k):
+        raise AssertionError("weights were loaded before the config was validated")
+
+    monkeypatch.setattr("intervene.model.load_model", no_loading)
+    rc = main(["try", str(tmp / "bad.yaml"), "--harmful", str(tmp / "harmful.txt"), "--harmless",
+               str(tmp / "harmless.txt"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "intervene try: error:" in err and "ablate[0] layer 7 out of range; the model has layers 0..1" in err
+
+
+def test_try_cli_bad_numbers(setup, capsys):
+    tmp, *_ = setup
+    assert main(["try", str(tmp / "c.yaml"), "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_prepare_takes_dtype_from_config_and_flags(setup):
+    tmp, *_ = setup
+    (tmp / "bf16.yaml").write_text("model: model\nmeasurements: m.safetensors\ndtype: bfloat16\n"
+                                   "ablate: [{layer: 0, measurement: 1}]\n")
+    p = prepare(tmp / "bf16.yaml")
+    assert p.model.dtype == torch.bfloat16 and len(p.edits) == 2
+    assert prepare(tmp / "bf16.yaml", dtype="float32").model.dtype == torch.float32
+
+
+def test_prepare_without_model_is_a_named_error(setup):
+    tmp, *_ = setup
+    (tmp / "nomodel.yaml").write_text("measurements: m.safetensors\nablate: [{layer: 0, measurement: 1}]\n")
+    with pytest.raises(ConfigError, match="no model given"):
+        prepare(tmp / "nomodel.yaml")
