@@ -142,7 +142,7 @@ def run_intervene(model: Any, tokenizer: Any, judge: Judge, files: dict[str, Pat
     meas.save(meas_path)
     meas.path = str(meas_path)
     objective = PromptObjective(model, tokenizer, harmful, harmless, batch_size=args.batch_size,
-                                max_new_tokens=args.max_new_tokens, label="search",
+                                max_new_tokens=args.search_new_tokens, label="search",
                                 sources={"harmful": str(files["harmful_train"]),
                                          "harmless": str(files["harmless_train"])})
     space = SearchSpace.default(arch_for_config(model.config), text_config(model.config), meas)
@@ -189,7 +189,7 @@ def heretic_config(args: argparse.Namespace, files: dict[str, Path], system_prom
         f"dtypes = [\"float32\"]\n"
         f"device_map = \"cpu\"\n"
         f"batch_size = {args.batch_size}\n"
-        f"max_response_length = {args.max_new_tokens}\n"
+        f"max_response_length = {args.search_new_tokens}\n"
         f"response_prefix = \"\"\n"
         f"n_trials = {args.trials}\n"
         f"n_startup_trials = {args.startup_trials}\n"
@@ -294,7 +294,8 @@ def run_heretic(python: Path, judge: Judge, files: dict[str, Path], work: Path, 
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / "config.toml").write_text(heretic_config(args, files, default_system_prompt(judge.tokenizer)))
-    version = subprocess.run([str(python), "-c", "from importlib.metadata import version; print(version('heretic-llm'))"],
+    version = subprocess.run([str(python), "-c",
+                              "from importlib.metadata import version; print(version('heretic-llm'))"],
                              capture_output=True, text=True).stdout.strip()
     seconds, saved = drive_heretic(python, out, out / "heretic.log", args.timeout)
     run = ToolRun("heretic", version, args.trials, seconds)
@@ -340,7 +341,7 @@ def run_senbonzakura(python: Path, judge: Judge, files: dict[str, Path], work: P
     n_harmless = len(read_lines(files["harmless_train"]))
     cmd = [str(python.parent / "senbonzakura"), "--model", str(args.model_dir), "--device", "cpu",
            "--track", str(track), "--trials", str(args.trials), "--out", str(out / "model"), "--seed", str(args.seed),
-           "--gen-tokens", str(args.max_new_tokens), "--short-budget-ok", "--capability-n", "0",
+           "--gen-tokens", str(args.search_new_tokens), "--short-budget-ok", "--capability-n", "0",
            "--eval-refusal-final", "0", "--low-refusal-ok", "--dir-prompts", str(min(n_harmful, n_harmless)),
            "--eval-refusal", str(n_harmful), "--eval-kl", str(n_harmless), "--gen-batch", str(args.batch_size)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -381,10 +382,11 @@ def fmt_rate(refused: int | None, total: int | None) -> str:
 def report(runs: list[ToolRun], judge: Judge, args: argparse.Namespace) -> str:
     b_ref, b_tot, _ = judge.baseline
     lines = [f"model: {args.model_dir} | trials per tool: {args.trials} (start-up {args.startup_trials}), seed "
-             f"{args.seed} | train prompts: {args.n_train} | eval prompts: {args.n_eval} | {args.max_new_tokens} "
-             f"new tokens, greedy | torch threads {torch.get_num_threads()}",
+             f"{args.seed} | train prompts: {args.n_train} | eval prompts: {args.n_eval} | {args.search_new_tokens} "
+             f"new tokens searching, {args.max_new_tokens} judging, greedy | torch threads {torch.get_num_threads()}",
              f"baseline on eval: {fmt_rate(b_ref, b_tot)} harmful refused", ""]
-    head = f"{'tool':<14}{'version':<10}{'trials':>7}{'wall':>9}{'trials/h':>10}  {'best eval refusals @ KL<=0.1':>30}  " \
+    head = f"{'tool':<14}{'version':<10}{'trials':>7}{'wall':>9}{'trials/h':>10}  " \
+           f"{'best eval refusals @ KL<=0.1':>30}  " \
            f"{'lowest eval KL @ refusals<=5%':>30}"
     lines.append(head)
     for run in runs:
@@ -405,7 +407,9 @@ def report(runs: list[ToolRun], judge: Judge, args: argparse.Namespace) -> str:
                                                     m.eval_kl or 0)):
             kl = f"{m.eval_kl:.4f}" if m.eval_kl is not None else "-"
             skl = f"{m.search_kl:.4f}" if m.search_kl is not None else "-"
-            lines.append(f"{'*' if m.on_eval_front else ' '} {m.trial if m.trial >= 0 else 'knee':>6}  {fmt_rate(m.search_refusals, m.search_total):>16}  "
+            trial = m.trial if m.trial >= 0 else "knee"
+            star = "*" if m.on_eval_front else " "
+            lines.append(f"{star} {trial:>6}  {fmt_rate(m.search_refusals, m.search_total):>16}  "
                          f"{skl:>9}  {fmt_rate(m.eval_refusals, m.eval_total):>14}  {kl:>8}  {m.detail}")
     return "\n".join(lines)
 
@@ -416,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=16, help="trial budget per tool (default: 16)")
     p.add_argument("--startup-trials", type=int, default=6, help="random start-up trials, every tool (default: 6)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer when judging (default: 48)")
+    p.add_argument("--search-new-tokens", type=int, default=24,
+                   help="tokens per answer while each tool searches (default: 24, the same for every tool)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="at most N train prompts per set")
     p.add_argument("--eval-limit", type=int, default=None, help="at most N eval prompts per set")
@@ -437,8 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.model_dir = Path(resolve_model(args.model).path).resolve()
     files = write_prompts(work, args.limit, args.eval_limit)
-    args.n_train = f"{len(read_lines(files['harmful_train']))} harmful / {len(read_lines(files['harmless_train']))} harmless"
-    args.n_eval = f"{len(read_lines(files['harmful_eval']))} harmful / {len(read_lines(files['harmless_eval']))} harmless"
+    count = {key: len(read_lines(path)) for key, path in files.items()}
+    args.n_train = f"{count['harmful_train']} harmful / {count['harmless_train']} harmless"
+    args.n_eval = f"{count['harmful_eval']} harmful / {count['harmless_eval']} harmless"
     model, tokenizer = load_model(str(args.model_dir))
     print(f"judging the baseline on the eval prompts ({args.n_eval}) ...", file=sys.stderr)
     judge = Judge(model, tokenizer, read_lines(files["harmful_eval"]), read_lines(files["harmless_eval"]),

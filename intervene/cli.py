@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     except InterveneError as e:
         print(f"intervene {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permission denied...: the environment, not a bug; one line naming the file
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"intervene {args.verb}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"intervene {args.verb}: interrupted", file=sys.stderr)
         return 130

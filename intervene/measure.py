@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -32,6 +34,7 @@ from .measurements import Measurements
 from .model import batches, encode, format_prompts, model_device, versions
 
 RESIDUAL_POSITION = "last prompt token (position -1, left padding)"
+SLOW_ENV = "INTERVENE_TEST_SLOW_MEASURE"  # tests only: seconds to sleep after each batch (interrupt tests)
 ROUTER_FREQ_DEFINITION = ("fraction of top-k token-slots choosing each expert, over all non-pad prompt tokens; "
                           "sums to 1 over experts")
 
@@ -149,6 +152,7 @@ def _measure_set(model: Any, tokenizer: Any, texts: list[str], batch_size: int, 
     extra = {"use_cache": False}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         extra["logits_to_keep"] = 1  # the lm_head over every position is wasted work here
+    slow = float(os.environ.get(SLOW_ENV, "0") or 0)
     for chunk in batches(texts, batch_size):
         enc = encode(tokenizer, chunk, device)
         if "attention_mask" in enc and not bool(enc["attention_mask"][:, -1].all()):
@@ -165,6 +169,8 @@ def _measure_set(model: Any, tokenizer: Any, texts: list[str], batch_size: int, 
             stats.add_router(layer, acts[router_site(layer, "logits")], acts[router_site(layer, "topk")], mask,
                              num_experts)
         bar.update(1)
+        if slow:
+            time.sleep(slow)
     return stats
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from .errors import InputError, MeasurementError
 
 META_KEY = "intervene"
+SLOW_ENV = "INTERVENE_TEST_SLOW_MEASURE"  # tests only, see intervene.measure
 
 
 @dataclass
@@ -85,20 +87,29 @@ class Measurements:
 
 def save_measurements(m: Measurements, path: str | os.PathLike) -> None:
     """Write atomically: a temporary file in the same directory, then rename."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in sorted(m.tensors.items())}
     meta = {META_KEY: json.dumps(m.meta, sort_keys=True, default=str)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise MeasurementError(f"cannot write measurements {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        slow = float(os.environ.get(SLOW_ENV, "0") or 0)
+        if slow:  # tests only: a window in which the complete temporary file exists (interrupt tests)
+            time.sleep(slow)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, (OSError, SafetensorError)):  # disk full, permissions: one line naming the file
+            raise MeasurementError(f"writing measurements {path} failed: {_first_line(e)}") from None
         raise
 
 
@@ -143,8 +154,8 @@ def load_refuse(path: str | os.PathLike) -> Measurements:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError ...
         raise MeasurementError(
-            f"{path}: refused to load .refuse file with weights_only=True ({_first_line(e)}); "
-            "it is corrupt or contains arbitrary Python objects"
+            f"{path}: refused to load .refuse file with weights_only=True ({_unpickle_reason(e)}); "
+            "it is corrupt or contains arbitrary Python objects, which are never executed"
         ) from None
     if not isinstance(data, dict):
         raise MeasurementError(f"{path}: .refuse file must hold a dict, found {type(data).__name__}")
@@ -173,6 +184,14 @@ def _ranges(layers: list[int]) -> str:
     if not layers:
         return "none"
     return f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else ", ".join(map(str, layers))
+
+
+def _unpickle_reason(e: BaseException) -> str:
+    """The line of torch's weights-only error that names the refused object (its first line is
+    generic advice to re-run with weights_only=False, which we never do)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(e).__name__])[0]
 
 
 def _first_line(e: BaseException) -> str:

@@ -171,9 +171,12 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float
 
     from .arch import arch_for_config
 
+    from safetensors import SafetensorError
+
     src = resolve_model(spec)
     config = load_config(spec)
     arch_for_config(config)  # named error for unsupported model types, before loading weights
+    check_safetensors(src)
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
@@ -181,12 +184,25 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise InputError(f"cannot load model from {src.display}: {str(e).splitlines()[0]}") from None
     model.eval()
     model.requires_grad_(False)
     tokenizer = load_tokenizer(spec)
     return model, tokenizer
+
+
+def check_safetensors(src: ModelSource) -> None:
+    """A local safetensors checkpoint's index and shard headers are consistent (headers only, no
+    tensor data): a missing or truncated shard, a corrupt header, or an index naming an absent
+    file or key is a CheckpointError naming it, not a safetensors traceback from the middle of
+    loading. Other sources (GGUF, hub, .bin) are left to transformers."""
+    from .bake.reader import INDEX_NAME, SINGLE_NAME, open_checkpoint
+
+    path = Path(src.path)
+    if src.is_hub or src.gguf_file or not ((path / INDEX_NAME).exists() or (path / SINGLE_NAME).exists()):
+        return
+    open_checkpoint(path)
 
 
 def model_device(model: Any) -> torch.device:

@@ -13,10 +13,12 @@ Objectives (both minimised, what Optuna sees):
 
 Strategy for the expensive, generation-based refusal count (documented in the README):
     * during the search, a trial whose (proxy, KL) is not dominated by any earlier trial -- it
-      enters the running Pareto front -- and whose KL is under ``generation_kl_cap`` gets a
+      enters the running Pareto front -- whose KL is under ``generation_kl_cap`` (1.0) and whose
+      proxy is at most ``generation_proxy_fraction`` (0.5) of the baseline's gets a
       greedy-generation refusal count on the search's harmful prompts (user attribute
-      ``refusals``). Every member of the final proxy front got one (a point non-dominated at the
-      end was non-dominated when it finished), plus earlier front members the proxy later
+      ``refusals``; ``search_new_tokens``, 24 by default: enough to rank, the eval uses more).
+      Every member of the final proxy front inside those caps got one (a point non-dominated at
+      the end was non-dominated when it finished), plus earlier front members the proxy later
       superseded -- the proxy ranks trials, generation judges them.
     * at the end, the Pareto front of those trials in (generation refusals, KL) is re-evaluated
       on the held-out eval prompts (``full_eval_top`` of them at most, spread along the front):
@@ -67,13 +69,20 @@ class Objective(Protocol):
 
 
 class PromptObjective:
-    """The default objective: prompts, first-token scores, greedy generation (intervene.evaluate)."""
+    """The default objective: prompts, first-token scores, greedy generation (intervene.evaluate).
+
+    The search prompts are tokenised once. With ``skip_unedited=True`` the residual entering
+    every decoder layer is cached from the unedited model, and a trial whose first edited layer
+    is ``k`` runs layers ``k..L-1`` only (:meth:`cheap_from`): the layers before ``k`` compute
+    exactly what they computed for the baseline. A self-check at start-up compares a skipped
+    forward with a full one and turns skipping off for a model where they differ."""
 
     def __init__(self, model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
                  batch_size: int = 16, max_new_tokens: int = 48, system_prompt: str | None = None,
                  chat_template: bool = True, label: str = "search",
-                 sources: dict[str, str] | None = None):
+                 sources: dict[str, str] | None = None, skip_unedited: bool = True):
         from . import evaluate as ev
+        from .model import batches, encode, format_prompts, model_device
 
         if not harmful or not harmless:
             raise InputError(f"{label} prompts: need at least one harmful and one harmless prompt")
@@ -91,26 +100,45 @@ class PromptObjective:
         # one forward over both sets per trial, prompts sorted by length (less padding)
         joined = self.harmful + self.harmless
         self._order = sorted(range(len(joined)), key=lambda i: len(joined[i]))
-        self._joined = [joined[i] for i in self._order]
-        harmful_lp, self.base_harmless = self._first_token(model)
+        texts = format_prompts(tokenizer, [joined[i] for i in self._order], system_prompt, chat_template)
+        device = model_device(model)
+        self._batches = [encode(tokenizer, chunk, device) for chunk in batches(texts, batch_size)]
+        self.cache: ResidualCache | None = ResidualCache(model, self._batches) if skip_unedited else None
+        # the cache's own forward already gave the baseline's first-token log-probs
+        harmful_lp, self.base_harmless = (self._restore_order(torch.cat(self.cache.logprobs)) if self.cache
+                                          else self._first_token(model))
         self.base_score = self._score(harmful_lp)
+        if self.cache is not None and not self.cache.self_check(model, self._batches[0]):
+            self.cache = None
 
     def _score(self, harmful_lp: torch.Tensor) -> float:
         # mean probability mass on refusal openings: ~ the expected fraction of refusals, each
         # prompt counting at most 1 (a mean log-mass would reward pushing non-refusals further)
         return float(self.ev.refusal_score(harmful_lp, self.refusal_ids).exp().mean())
 
-    def _first_token(self, model: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        lp = self.ev.first_token_logprobs(model, self.tokenizer, self._joined, batch_size=self.batch_size,
-                                          system_prompt=self.system_prompt, chat_template=self.chat_template,
-                                          progress=False)
+    def _first_token(self, model: Any, start_layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        with torch.no_grad():
+            for i, enc in enumerate(self._batches):
+                if start_layer > 0 and self.cache is not None:
+                    with self.cache.starting_at(model, i, start_layer):
+                        rows.append(self.ev.next_token_logprobs(model, enc["input_ids"], enc.get("attention_mask")))
+                else:
+                    rows.append(self.ev.next_token_logprobs(model, enc["input_ids"], enc.get("attention_mask")))
+        return self._restore_order(torch.cat(rows))
+
+    def _restore_order(self, lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         restored = torch.empty_like(lp)
         restored[torch.tensor(self._order)] = lp
         n = len(self.harmful)
         return restored[:n], restored[n:]
 
     def cheap(self, model: Any) -> tuple[float, float]:
-        harmful_lp, harmless_lp = self._first_token(model)
+        return self.cheap_from(model, 0)
+
+    def cheap_from(self, model: Any, start_layer: int) -> tuple[float, float]:
+        """:meth:`cheap` for a model edited at layers >= ``start_layer`` only."""
+        harmful_lp, harmless_lp = self._first_token(model, start_layer)
         return self._score(harmful_lp), float(self.ev.kl_divergence(self.base_harmless, harmless_lp))
 
     def refusals(self, model: Any) -> tuple[int, int]:
@@ -125,8 +153,92 @@ class PromptObjective:
             "harmful": {"n": len(self.harmful), "sha256": _sha(self.harmful)},
             "harmless": {"n": len(self.harmless), "sha256": _sha(self.harmless)},
             "max_new_tokens": self.max_new_tokens, "system_prompt": self.system_prompt,
-            "chat_template": self.chat_template,
+            "chat_template": self.chat_template, "batch_size": self.batch_size,
         }
+
+
+class _Passthrough(torch.nn.Module):
+    """Stands in for a decoder layer that would recompute the cached baseline: returns its input."""
+
+    def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states if hidden_states is not None else kwargs["hidden_states"]
+
+
+class ResidualCache:
+    """The residual entering every decoder layer, per batch, from the UNEDITED model: a forward
+    that starts at layer k replaces layers 0..k-1 by passthroughs and feeds the cached residual
+    into layer k (a forward pre-hook), so it costs (L - k) / L of a full one."""
+
+    def __init__(self, model: Any, encoded: Sequence[dict[str, torch.Tensor]]):
+        from .arch import decoder_layers
+
+        layers = decoder_layers(model)
+        self.entries: list[list[torch.Tensor]] = []
+        self.logprobs: list[torch.Tensor] = []  # the unedited model's last-position log-softmax, per batch
+        for enc in encoded:
+            seen: list[torch.Tensor | None] = [None] * len(layers)
+
+            def keep(index: int) -> Callable:
+                def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+                    seen[index] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+                return pre_hook
+
+            handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
+            try:
+                with torch.no_grad():
+                    logits = model(input_ids=enc["input_ids"], attention_mask=enc.get("attention_mask"),
+                                   logits_to_keep=1).logits
+            finally:
+                for h in handles:
+                    h.remove()
+            self.logprobs.append(torch.log_softmax(logits[:, -1, :].float(), dim=-1).cpu())
+            self.entries.append([t for t in seen])  # type: ignore[misc]
+
+    def starting_at(self, model: Any, batch: int, start: int) -> Any:
+        import contextlib
+
+        from .arch import decoder_layers
+
+        @contextlib.contextmanager
+        def ctx():
+            layers = decoder_layers(model)
+            cached = self.entries[batch][start]
+            originals = [layers[i] for i in range(start)]
+
+            def feed(module: Any, args: tuple, kwargs: dict) -> Any:
+                if args:
+                    return (cached,) + tuple(args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": cached}
+
+            handle = layers[start].register_forward_pre_hook(feed, with_kwargs=True)
+            try:
+                for i in range(start):
+                    layers[i] = _Passthrough()
+                yield
+            finally:
+                for i, original in enumerate(originals):
+                    layers[i] = original
+                handle.remove()
+
+        return ctx()
+
+    def self_check(self, model: Any, enc: dict[str, torch.Tensor]) -> bool:
+        """A forward started half-way must give the full forward's logits (else: no skipping)."""
+        from .arch import decoder_layers
+
+        start = len(decoder_layers(model)) // 2
+        if start == 0:
+            return False
+        try:
+            with torch.no_grad():
+                full = model(input_ids=enc["input_ids"], attention_mask=enc.get("attention_mask"),
+                             logits_to_keep=1).logits
+                with self.starting_at(model, 0, start):
+                    skipped = model(input_ids=enc["input_ids"], attention_mask=enc.get("attention_mask"),
+                                    logits_to_keep=1).logits
+        except Exception:  # a model whose layers do not pass one tensor along
+            return False
+        return bool(torch.allclose(full, skipped, atol=1e-5, rtol=1e-5))
 
 
 # ---- settings and results --------------------------------------------------------------------
@@ -140,6 +252,7 @@ class SearchSettings:
     full_eval_top: int = 8  # at most this many front trials re-evaluated on the eval prompts
     generate_front: bool = True  # generation refusal count for trials entering the proxy front
     generation_kl_cap: float | None = 1.0  # ... unless their KL is above this (model broken anyway)
+    generation_proxy_fraction: float = 0.5  # ... or their refusal proxy is above this x the baseline's
     target_refusal_rate: float = 0.05  # "best so far": lowest KL with at most this refusal rate
 
     def __post_init__(self) -> None:
@@ -281,7 +394,7 @@ def run_search(model: Any, measurements: Measurements, space: SearchSpace, objec
     try:
         for _ in range(settings.trials):
             record = _run_trial(study, model, spec, model_config, measurements, space, objective, settings,
-                                records, apply_edits, model_spec, measurements_path)
+                                records, apply_edits, model_spec, measurements_path, baseline)
             if record is not None:
                 records.append(record)
             bar.update(1)
@@ -304,7 +417,8 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
            harmful: str = "builtin:harmful:train", harmless: str = "builtin:harmless:train",
            eval_harmful: str = "builtin:harmful:eval", eval_harmless: str = "builtin:harmless:eval",
            field: str | None = None, limit: int | None = 64, eval_limit: int | None = None,
-           max_new_tokens: int = 48, full_eval_top: int = 8, sampler: str = "tpe", startup_trials: int = 10,
+           max_new_tokens: int = 48, search_new_tokens: int = 24, full_eval_top: int = 8,
+           sampler: str = "tpe", startup_trials: int = 10,
            targets: list[str] | None = None, router: bool | None = None,
            methods: tuple[str, ...] = ("project", "norm_preserving"), generation_kl_cap: float | None = 1.0,
            dtype: str = "float32", device_map: str | None = None, batch_size: int = 16,
@@ -332,17 +446,18 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
     meas.check_model(int(config.hidden_size), int(config.num_hidden_layers))
     space = SearchSpace.default(arch_for_config(loaded.config), config, meas, targets=targets, router=router,
                                 methods=methods)
-    common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, system_prompt=system_prompt,
-                  chat_template=chat_template)
+    common = dict(batch_size=batch_size, system_prompt=system_prompt, chat_template=chat_template)
     say(f"baseline first-token scores on {len(prompt_sets['harmful'])} harmful / "
         f"{len(prompt_sets['harmless'])} harmless search prompts ...")
     objective = PromptObjective(loaded, tokenizer, prompt_sets["harmful"], prompt_sets["harmless"], label="search",
-                                sources={"harmful": harmful, "harmless": harmless, "limit": str(limit)}, **common)
+                                sources={"harmful": harmful, "harmless": harmless, "limit": str(limit)},
+                                max_new_tokens=search_new_tokens, **common)
     final = None
     if full_eval_top > 0:
         final = PromptObjective(loaded, tokenizer, prompt_sets["eval_harmful"], prompt_sets["eval_harmless"],
                                 label="eval", sources={"harmful": eval_harmful, "harmless": eval_harmless,
-                                                       "limit": str(eval_limit)}, **common)
+                                                       "limit": str(eval_limit)},
+                                max_new_tokens=max_new_tokens, **common)
     return run_search(loaded, meas, space, objective, out, settings, final=final, model_spec=model_reference(model),
                       measurements_path=str(Path(measurements).resolve()), progress=progress, say=say)
 
@@ -449,7 +564,7 @@ def _baseline(study: Any, model: Any, objective: Objective, identity: dict[str, 
 def _run_trial(study: Any, model: Any, spec: Any, model_config: Any, measurements: Measurements,
                space: SearchSpace, objective: Objective, settings: SearchSettings,
                records: list[TrialRecord], apply_edits: Callable, model_spec: str | None,
-               measurements_path: str | None) -> TrialRecord | None:
+               measurements_path: str | None, baseline: dict[str, Any]) -> TrialRecord | None:
     import optuna
 
     trial = study.ask()
@@ -462,14 +577,17 @@ def _run_trial(study: Any, model: Any, spec: Any, model_config: Any, measurement
         cfg = parse_config(yaml.safe_load(config_yaml), where=f"trial {trial.number}")  # what a YAML gives
         edits = resolve(cfg, spec, model_config, measurements)
         refusals = None
+        cheap_from = getattr(objective, "cheap_from", None)
+        start_layer = min(e.layer for e in edits)
         with torch.no_grad(), apply_edits(model, edits):
-            proxy, kl = objective.cheap(model)
+            proxy, kl = cheap_from(model, start_layer) if cheap_from else objective.cheap(model)
             if not (math.isfinite(proxy) and math.isfinite(kl)):
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 return None
             promising = (settings.generate_front
                          and not any(dominates((r.proxy, r.kl), (proxy, kl)) for r in records)
-                         and (settings.generation_kl_cap is None or kl <= settings.generation_kl_cap))
+                         and (settings.generation_kl_cap is None or kl <= settings.generation_kl_cap)
+                         and proxy <= settings.generation_proxy_fraction * float(baseline["proxy"]))
             if promising:
                 refusals = objective.refusals(model)
     except BaseException:
@@ -691,5 +809,6 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-__all__ = ["Objective", "PromptObjective", "SearchSettings", "SearchResult", "TrialRecord", "search", "run_search",
+__all__ = ["Objective", "PromptObjective", "ResidualCache", "SearchSettings", "SearchResult", "TrialRecord", "search",
+           "run_search",
            "pareto_front", "dominates", "spread", "best_so_far", "format_front", "measurements_fingerprint"]

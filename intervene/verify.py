@@ -186,10 +186,11 @@ def _load(spec: str, dtype: torch.dtype, device_map: Any, tokenizer: bool = True
     from transformers import AutoModelForCausalLM
 
     from .arch import arch_for_config
-    from .model import load_config, load_tokenizer, resolve_model
+    from .model import check_safetensors, load_config, load_tokenizer, resolve_model
 
     src = resolve_model(spec)
     arch_for_config(load_config(spec))
+    check_safetensors(src)  # a truncated/missing shard: named error, not a safetensors traceback
     kwargs: dict[str, Any] = {"dtype": dtype}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file

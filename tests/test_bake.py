@@ -35,6 +35,15 @@ ALWAYS_FUSED = ("gpt_oss", "llama4")
 SCALES = {"attention": 1.0, "mlp": 0.8, "experts": 1.0, "shared_experts": 0.6, "router": 0.5, "expert_inputs": 0.9}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models: one thread is fastest, and immune to OpenMP stalls on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---- helpers ----------------------------------------------------------------------------------
 
 def write_measurements(path: Path, num_layers: int, seed: int = 1) -> Path:
@@ -338,6 +347,40 @@ def test_gemma3_bakes_against_the_post_norm_direction(sources, tmp_path):
     r = next(e.direction for e in plan.layer_edits if e.layer == 1)
     expected = (1.0 + w) * r
     torch.testing.assert_close(op.direction, expected / expected.norm())
+
+
+def test_llama4_conditional_generation_prefix_and_vision_tower_untouched(sources, tmp_path):
+    """Llama4ForConditionalGeneration keeps the decoder under language_model.model.layers; the
+    vision tower's own ...layers.N keys must never be edited."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    text_src = sources("llama4", True)
+    src = tmp_path / "mm"
+    src.mkdir()
+    text_config = json.loads((text_src / "config.json").read_text())
+    config = transformers.Llama4Config(text_config=text_config, vision_config={
+        "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 32, "num_attention_heads": 2})
+    config.save_pretrained(str(src))
+    tensors = {}
+    for shard in sorted(text_src.glob("*.safetensors")):
+        tensors.update({("language_model." + k): v for k, v in load_file(str(shard)).items()})
+    vision_key = "vision_model.model.layers.0.self_attn.o_proj.weight"
+    tensors[vision_key] = torch.randn(HIDDEN, HIDDEN)
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    cfg = make_config(text_src, meas_for(text_src), ["attention", "mlp", "experts", "shared_experts"], layers="0:3")
+    text_plan = plan_bake(cfg, text_src, load_measurements(meas_for(text_src)))
+    plan = plan_bake(cfg, src, load_measurements(meas_for(text_src)))
+    assert plan.layer_prefix == "language_model.model.layers"
+    assert sorted(plan.edits) == sorted("language_model." + k for k in text_plan.edits)
+    out = execute(plan, tmp_path / "out", progress=False)
+    after = tensor_bytes(out.output)
+    assert after[vision_key] == tensor_bytes(src)[vision_key]
+    for key, ops in text_plan.edits.items():  # same edits, same bytes as the text-only checkpoint's bake
+        expected = stored(text_src, key)
+        for op in ops:
+            expected = edit_tensor(expected, op.direction, op.hidden_axis, op.scale, op.method, op.is_bias)
+        assert torch.equal(stored(out.output, "language_model." + key), expected), key
 
 
 def test_workers_give_byte_identical_shards(sources, tmp_path):

@@ -22,11 +22,20 @@ from intervene.bake import bake, plan_bake
 from intervene.bake.run import check_untouched
 from intervene.cli import main
 from intervene.config import parse_config
-from intervene.errors import CheckpointError, InputError
+from intervene.errors import CheckpointError
 from intervene.measurements import Measurements, load_measurements
 from intervene.testing import save_tiny, tiny_model
 
 HIDDEN = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models: one thread is fastest, and immune to OpenMP stalls on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ---- helpers ----------------------------------------------------------------------------------

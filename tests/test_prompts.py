@@ -52,11 +52,10 @@ def test_categories_cover_each_file_in_order():
     assert len(cats["near_miss"]) >= 20 and len(cats["twin"]) >= 20
     train = builtin_categories("harmless", "train")
     assert len(train["twin"]) >= 100 and len(train["near_miss"]) >= 100 and len(train["generic"]) >= 40
-    # each train twin copies the opening word of the harmful prompt it mirrors (same sentence frame)
+    # twin i copies the sentence frame (at least the opening word) of harmful train prompt i
     harmful = builtin("harmful", "train")
-    assert len(train["twin"]) == len(harmful)
-    same_opening = sum(h.split()[0] == t.split()[0] for h, t in zip(harmful, train["twin"]))
-    assert same_opening == len(harmful)
+    assert len(train["twin"]) <= len(harmful)
+    assert all(h.split()[0] == t.split()[0] for h, t in zip(harmful, train["twin"]))
     assert builtin_categories("harmful", "eval") == {"harmful": builtin("harmful", "eval")}
 
 

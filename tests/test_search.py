@@ -256,3 +256,31 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("intervene search: error: measurements file not found") and "\n" not in err
     assert main(["search", "smollm2", "-m", "x.safetensors", "--trials", "-1"]) == 2
     assert "--trials must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "gemma3"])
+def test_residual_cache_skips_unedited_layers_exactly(arch):
+    from intervene.config import parse_config
+    from intervene.hooks.live import apply_edits
+    from intervene.search import ResidualCache
+
+    model = tiny_model(arch, num_hidden_layers=LAYERS)
+    ids = random_ids(batch=3, seq=9, seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    enc = {"input_ids": ids, "attention_mask": mask}
+    cache = ResidualCache(model, [enc])
+    assert cache.self_check(model, enc)
+    r = planted_direction(model)
+    meas = planted_measurements(r)
+    cfg = parse_config({"ablate": [{"layer": 2, "measurement": 1.5, "scale": 0.8},
+                                   {"layer": 3, "measurement": 2, "scale": 1.2}]})
+    edits = resolve(cfg, arch_for_config(model.config), text_config(model.config), meas)
+    with torch.no_grad(), apply_edits(model, edits):
+        full = model(**enc).logits[:, -1]
+        with cache.starting_at(model, 0, 2):
+            skipped = model(**enc).logits[:, -1]
+    assert not torch.allclose(full, model(**enc).logits[:, -1].detach(), atol=1e-4)  # the edit matters
+    torch.testing.assert_close(skipped, full, atol=1e-5, rtol=1e-5)
+    layers = decoder_layers(model)
+    assert all(type(layer).__name__ != "_Passthrough" for layer in layers)  # restored

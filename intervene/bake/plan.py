@@ -8,12 +8,11 @@ key, a missing expert, quantized storage) is found here, so a failing bake write
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -353,14 +352,8 @@ def plan_summary(plan: BakePlan) -> dict[str, Any]:
         "layers": plan.layers,
         "targets": plan.targets,
         "scales": scales,
-        "experts": cfg.experts if cfg.experts == "all" else json.loads(json.dumps(cfg.experts)),
+        "experts": cfg.experts if not isinstance(cfg.experts, dict) else {str(k): v for k, v in cfg.experts.items()},
         "tensors_edited": len(plan.edits),
         "measurements": plan.measurements_path,
         "measurements_sha256": plan.measurements_sha256,
     }
-
-
-def iter_keys_in_order(plan: BakePlan) -> Iterable[tuple[str, TensorInfo]]:
-    for shard in plan.checkpoint.shards:
-        for t in shard.tensors:
-            yield shard.path.name, t

@@ -2,17 +2,21 @@
 float32 block by block and cast back, untouched ones copied as raw byte ranges.
 
 Memory: one edited tensor's stored bytes plus float32 temporaries for one block
-(``BLOCK_BYTES``); untouched tensors never enter Python memory (``os.copy_file_range``).
+(``BLOCK_BYTES``); untouched tensors never enter Python memory (``os.copy_file_range``, run by
+a background thread while the next edited tensor is projected).
 The output keeps the input's tensor order, dtypes, shapes and data offsets, so the data
 section of an output shard differs from the input only inside edited tensors.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import product
 from math import prod
@@ -24,7 +28,7 @@ import torch
 from .. import maths
 from ..errors import CheckpointError
 from .plan import TensorEdit
-from .reader import SafetensorsHeader, as_tensor, read_tensor_bytes
+from .reader import SafetensorsHeader, as_tensor
 
 BLOCK_BYTES = 16 * 1024 * 1024  # float32 working set per block of an edited tensor (temporaries ~4x)
 COPY_CHUNK = 64 * 1024 * 1024
@@ -65,32 +69,44 @@ def header_bytes(header: SafetensorsHeader, extra_metadata: dict[str, str]) -> b
     return struct.pack("<Q", len(raw)) + raw
 
 
-def copy_range(src, dst, offset: int, length: int) -> None:
-    """Copy ``length`` bytes at ``offset`` of ``src`` to the current position of ``dst`` (kernel
-    copy where the OS has one, buffered otherwise)."""
-    dst.flush()
-    src_fd, dst_fd = src.fileno(), dst.fileno()
+def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
+    """Copy ``length`` bytes between file descriptors at explicit offsets: a kernel copy
+    (``os.copy_file_range``, no user-space buffer) where the OS has one, 64 MiB chunks otherwise."""
     done = 0
     if hasattr(os, "copy_file_range"):
         try:
-            pos = dst.tell()
             while done < length:
-                n = os.copy_file_range(src_fd, dst_fd, min(length - done, 1 << 30), offset + done, pos + done)
+                n = os.copy_file_range(src_fd, dst_fd, min(length - done, 1 << 30), src_offset + done, dst_offset + done)
                 if n == 0:
                     break
                 done += n
-            dst.seek(pos + done)
         except OSError as e:
-            if done or e.errno not in (18, 22, 38, 95, 1):  # EXDEV EINVAL ENOSYS EOPNOTSUPP EPERM
+            if done or e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
                 raise
-    if done < length:
-        src.seek(offset + done)
-        while done < length:
-            block = src.read(min(COPY_CHUNK, length - done))
-            if not block:
-                raise CheckpointError(f"{src.name}: truncated at byte {offset + done}")
-            dst.write(block)
-            done += len(block)
+    while done < length:
+        block = os.pread(src_fd, min(COPY_CHUNK, length - done), src_offset + done)
+        if not block:
+            raise CheckpointError(f"source truncated at byte {src_offset + done}")
+        _pwrite_all(dst_fd, block, dst_offset + done)
+        done += len(block)
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _pread_into(fd: int, buf: bytearray, offset: int, what: str) -> None:
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise CheckpointError(f"{what}: truncated at byte {offset + got}")
+        got += n
 
 
 def blocks(shape: Sequence[int], hidden_axis: int, max_elems: int) -> Iterator[tuple[slice, ...]]:
@@ -164,56 +180,74 @@ def project_out_in_layout(x: torch.Tensor, r: torch.Tensor, axis: int, scale: fl
 
 
 def write_shard(job: ShardJob, header: SafetensorsHeader, progress: Progress | None = None) -> ShardResult:
-    """Write ``job.target`` from ``job.source``. The caller owns the directory (temporary)."""
+    """Write ``job.target`` from ``job.source``. The caller owns the directory (temporary).
+
+    Untouched runs of tensors are kernel-copied by a background thread while this thread edits
+    the next edited tensor: both write at explicit offsets (the output's layout is the input's,
+    shifted by the header length), so the result does not depend on which finishes first."""
     start = time.perf_counter()
     slow = float(os.environ.get(SLOW_ENV, "0") or 0)
+    lock = threading.Lock()
+
+    def report(n: int) -> None:  # called from both threads
+        if progress:
+            with lock:
+                progress(n)
+
+    head = header_bytes(header, job.metadata)
+    out_start = len(head)  # the output's data section starts here
     edited_bytes = 0
     target = Path(job.target)
+    src_fd = dst_fd = -1
+    copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bake-copy")
+    pending = []
     try:
-        with open(job.source, "rb") as src, open(target, "wb") as dst:
-            dst.write(header_bytes(header, job.metadata))
-            run_begin: int | None = None  # pending run of untouched tensors [run_begin, run_end)
-            run_end = 0
-            for info in header.tensors:
-                ops = job.edits.get(info.key)
-                if not ops:
-                    if run_begin is None:
-                        run_begin = info.begin
-                    run_end = info.end
-                    if slow:
-                        _flush_run(src, dst, header, run_begin, run_end, progress)
-                        run_begin = None
-                        time.sleep(slow)
-                    continue
-                if run_begin is not None:
-                    _flush_run(src, dst, header, run_begin, run_end, progress)
-                    run_begin = None
-                buf = read_tensor_bytes(src, header, info)
-                apply_edits(as_tensor(buf, info), ops)
-                dst.write(buf)
-                del buf
-                edited_bytes += info.nbytes
-                if progress:
-                    progress(info.nbytes)
+        src_fd = os.open(job.source, os.O_RDONLY)
+        dst_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _pwrite_all(dst_fd, head, 0)
+
+        def copy_run(begin: int, end: int) -> None:
+            for offset in range(begin, end, 1 << 30):  # chunks, so the progress bar moves
+                n = min(1 << 30, end - offset)
+                copy_range(src_fd, dst_fd, header.data_start + offset, out_start + offset, n)
+                report(n)
+
+        run_begin: int | None = None  # pending run of untouched tensors [run_begin, run_end)
+        run_end = 0
+        for info in header.tensors:
+            ops = job.edits.get(info.key)
+            if not ops:
+                if run_begin is None:
+                    run_begin = info.begin
+                run_end = info.end
                 if slow:
+                    copy_run(run_begin, run_end)
+                    run_begin = None
                     time.sleep(slow)
+                continue
             if run_begin is not None:
-                _flush_run(src, dst, header, run_begin, run_end, progress)
-            if progress:
-                progress(header.data_start)  # the header, counted last so totals add up
+                pending.append(copier.submit(copy_run, run_begin, run_end))
+                run_begin = None
+            buf = bytearray(info.nbytes)
+            _pread_into(src_fd, buf, header.data_start + info.begin, f"{job.source} '{info.key}'")
+            apply_edits(as_tensor(buf, info), ops)
+            _pwrite_all(dst_fd, buf, out_start + info.begin)
+            del buf
+            edited_bytes += info.nbytes
+            report(info.nbytes)
+            if slow:
+                time.sleep(slow)
+        if run_begin is not None:
+            pending.append(copier.submit(copy_run, run_begin, run_end))
+        for fut in pending:
+            fut.result()  # re-raises a copy error here
+        report(out_start)  # the header, counted last so totals add up
     except OSError as e:
         raise CheckpointError(f"writing {target} failed: {e.strerror or e}") from None
-    return ShardResult(target.name, header.data_start + header.data_size, edited_bytes, len(job.edits),
+    finally:
+        copier.shutdown(wait=True, cancel_futures=True)
+        for fd in (src_fd, dst_fd):
+            if fd >= 0:
+                os.close(fd)
+    return ShardResult(target.name, out_start + header.data_size, edited_bytes, len(job.edits),
                        time.perf_counter() - start)
-
-
-def _flush_run(src, dst, header: SafetensorsHeader, begin: int, end: int, progress: Progress | None) -> None:
-    length = end - begin
-    offset = header.data_start + begin
-    done = 0
-    while done < length:  # in chunks, so the progress bar moves during long copies
-        n = min(length - done, 1 << 30)
-        copy_range(src, dst, offset + done, n)
-        done += n
-        if progress:
-            progress(n)

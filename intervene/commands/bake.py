@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (keys, shapes, axes, layers) and write nothing")
     p.add_argument("--workers", type=int, default=1, help="shards written in parallel processes (default: 1)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for the edit arithmetic (default: torch's; 1 per worker with --workers)")
+                   help="torch threads for the edit arithmetic (default: at most 4; 1 per worker with --workers; "
+                        "use 1 when the machine's cores are busy)")
     p.add_argument("--verify-hashes", action="store_true",
                    help="check every untouched tensor is byte-identical to the input and write a SHA256SUMS manifest")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan (dry run) or result as JSON")

@@ -38,12 +38,14 @@ def run(args: argparse.Namespace) -> int:
 
     from ..inspection import check_supported
     from ..measure import measure
-    from ..model import load_model
+    from ..model import format_prompts, load_model, load_tokenizer
     from ..prompts import load_prompts
 
     check_supported(args.model)  # unknown model_type: named error before any weights are read
     harmful = load_prompts(args.harmful, field=args.field, limit=args.limit)
     harmless = load_prompts(args.harmless, field=args.field, limit=args.limit)
+    if not args.no_chat_template:  # no chat template: named error before any weights are read
+        format_prompts(load_tokenizer(args.model), harmful[:1], args.system_prompt)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
     m = measure(model, tokenizer, harmful, harmless, batch_size=args.batch_size, system_prompt=args.system_prompt,
                 chat_template=not args.no_chat_template, model_path=_model_reference(args.model),

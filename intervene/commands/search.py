@@ -33,7 +33,9 @@ OUT/study.db: running again with the same --out adds --trials more trials.""")
     p.add_argument("--startup-trials", type=int, default=10,
                    help="random trials before TPE starts modelling (default: 10)")
     p.add_argument("--max-new-tokens", type=int, default=48,
-                   help="tokens generated when counting refusals (default: 48)")
+                   help="tokens generated per prompt in the final evaluation (default: 48)")
+    p.add_argument("--search-new-tokens", type=int, default=24,
+                   help="tokens generated per prompt when counting refusals during the search (default: 24)")
     p.add_argument("--full-eval-top", type=int, default=8, metavar="K",
                    help="re-evaluate at most K front trials on the eval prompts (0: skip; default: 8)")
     p.add_argument("--eval-harmful", default="builtin:harmful:eval",
@@ -45,7 +47,8 @@ OUT/study.db: running again with the same --out adds --trials more trials.""")
                    help="write targets to search (default: every one the model has: attention mlp experts "
                         "shared_experts)")
     p.add_argument("--no-router", action="store_true", help="MoE: do not search router projection")
-    p.add_argument("--methods", nargs="+", default=["project", "norm_preserving"], choices=("project", "norm_preserving"),
+    p.add_argument("--methods", nargs="+", default=["project", "norm_preserving"],
+                   choices=("project", "norm_preserving"),
                    help="methods to search (default: both)")
     p.add_argument("--kl-cap", type=float, default=1.0,
                    help="no generation for front trials whose KL exceeds this (default: 1.0)")
@@ -65,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
 
     result = search(args.model, args.measurements, args.out, trials=args.trials, seed=args.seed,
                     harmful=args.harmful, harmless=args.harmless, eval_harmful=args.eval_harmful,
-                    eval_harmless=args.eval_harmless, field=args.field, limit=args.limit or None, eval_limit=args.eval_limit,
-                    max_new_tokens=args.max_new_tokens, full_eval_top=args.full_eval_top, sampler=args.sampler,
+                    eval_harmless=args.eval_harmless, field=args.field, limit=args.limit or None,
+                    eval_limit=args.eval_limit,
+                    max_new_tokens=args.max_new_tokens, search_new_tokens=args.search_new_tokens,
+                    full_eval_top=args.full_eval_top, sampler=args.sampler,
                     startup_trials=args.startup_trials, targets=args.targets,
                     router=False if args.no_router else None, methods=tuple(args.methods),
                     generation_kl_cap=args.kl_cap, dtype=args.dtype, device_map=args.device_map,
