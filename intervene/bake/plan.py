@@ -168,6 +168,9 @@ def read_model_config(source: Path) -> Any:
 
     if not (source / "config.json").exists():
         raise CheckpointError(f"{source} has no config.json")
+    from ..inspection import check_supported
+
+    check_supported(source)  # unsupported model_type: our message with the supported list
     try:
         return AutoConfig.from_pretrained(str(source))
     except (OSError, ValueError, KeyError) as e:
