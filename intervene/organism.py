@@ -6,7 +6,7 @@ own greedy answers (self-distillation) for harmless ones. The harmless set's min
 and same-topic near-misses teach the contrast (refuse the intent, not the topic).
 
 Recipe (measured to meet the bar: >= 85 % harmful refused, <= 20 % harmless refused on the
-built-in eval split): full fine-tune of the top 12 of 30 decoder layers in float32, AdamW lr 1e-4,
+built-in eval split): full fine-tune of the top 12 of 30 decoder layers in float32, AdamW lr 2e-4,
 3 warm-up steps then linear decay, grad-norm clip 1.0, batch 16, 2 epochs, at most 72 tokens,
 loss on response tokens only with the first response token weighted 5x. Deterministic: fixed
 seed, deterministic algorithms, fixed data order; the output records the sha256 of its weights.
@@ -49,7 +49,7 @@ REFUSALS: tuple[str, ...] = (
 class Recipe:
     seed: int = 0
     trainable_top_layers: int = 12
-    lr: float = 1e-4
+    lr: float = 2e-4
     weight_decay: float = 0.01
     warmup_steps: int = 3
     grad_clip: float = 1.0

@@ -11,3 +11,15 @@ def organism():
     from intervene.organism import build_organism
 
     return build_organism(progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one thread is fastest, and immune to OpenMP stalls on a busy machine.
+    Opt in per module with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

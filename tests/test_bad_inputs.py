@@ -28,13 +28,7 @@ SHARD_A = "model-00002-of-00006.safetensors"  # holds model.layers.0.self_attn.o
 SHARD_B = "model-00003-of-00006.safetensors"  # holds model.layers.0.mlp.down_proj.weight (edited)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one thread is fastest, and immune to OpenMP stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- fixtures and helpers -------------------------------------------------------------------------

@@ -35,13 +35,7 @@ ALWAYS_FUSED = ("gpt_oss", "llama4")
 SCALES = {"attention": 1.0, "mlp": 0.8, "experts": 1.0, "shared_experts": 0.6, "router": 0.5, "expert_inputs": 0.9}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one thread is fastest, and immune to OpenMP stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- helpers ----------------------------------------------------------------------------------

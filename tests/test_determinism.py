@@ -22,13 +22,7 @@ from intervene.testing import save_tiny, tiny_model, tiny_tokenizer
 ARCHS = ("llama", "qwen3_moe")  # dense, and MoE (router statistics in the measurements)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one thread is fastest, and immune to OpenMP stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from intervene.verify import default_tolerance, stored_dtype, verify
 HIDDEN = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one thread is fastest, and immune to OpenMP stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_config(path: Path, model: Path, meas: Path, scale: float = 1.0,

@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, system_prompt=args.system_prompt,
                     chat_template=not args.no_chat_template, progress=not args.no_progress)
     print(result.table())
-    print(f"\n{len(result.records)} trials in the study ({result.new_trials} new, {result.seconds:.0f} s, "
-          f"{result.trials_per_hour:.0f} trials/hour)")
+    rate = f", {result.seconds:.0f} s, {result.trials_per_hour:.0f} trials/hour" if result.new_trials else ""
+    print(f"\n{len(result.records)} trials in the study ({result.new_trials} new{rate})")
     for path in result.config_paths:
         print(f"  {path}")
     print(f"front: {result.json_path}, plot: {result.png_path}")
