@@ -88,7 +88,7 @@ def test_complete_build_with_same_fingerprint_is_reused(monkeypatch, tmp_path):
     monkeypatch.setattr(org, "_train_and_save", lambda *a: pytest.fail("must not rebuild"))
     assert org.build_organism(out) == out
     assert org.read_meta(out) == {"fingerprint": org.fingerprint(org.Recipe())}
-    assert org.fingerprint(org.Recipe(lr=2e-4)) != org.fingerprint(org.Recipe())
+    assert org.fingerprint(org.Recipe(lr=org.Recipe().lr * 2)) != org.fingerprint(org.Recipe())
 
 
 def test_interrupted_build_leaves_nothing_that_looks_complete(monkeypatch, tmp_path):
