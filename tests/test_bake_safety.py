@@ -114,6 +114,61 @@ def test_existing_output_needs_overwrite_which_replaces_it(base, tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "out"]  # old copy and temp dir removed
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "two-renames"])
+def test_overwrite_replaces_in_place(base, tmp_path, monkeypatch, exchange):
+    import intervene.bake.run as run
+
+    if not exchange:  # the fallback path of systems without renameat2(RENAME_EXCHANGE)
+        monkeypatch.setattr(run, "_exchange", lambda a, b: False)
+    src, meas = base
+    cfg = write_config(tmp_path / "c.yaml", src, meas)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old-file").write_text("old")
+    assert cli("bake", str(cfg), "-o", str(out), "--overwrite", "--no-progress") == 0
+    assert not (out / "old-file").exists() and (out / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "out"]
+
+
+def test_atomic_exchange_swaps_two_directories(tmp_path):
+    from intervene.bake.run import _exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "f").write_text("A")
+    (b / "f").write_text("B")
+    if not _exchange(a, b):
+        pytest.skip("this OS/filesystem has no renameat2(RENAME_EXCHANGE); bake falls back to two renames")
+    assert (a / "f").read_text() == "B" and (b / "f").read_text() == "A"
+
+
+def test_bake_killed_between_the_two_renames_restores_the_old_output(base, tmp_path, capsys):
+    """Fallback path: the old output was moved aside, the new one not yet renamed in, then SIGKILL.
+    The next bake puts the old output back first, so it still needs --overwrite to replace it."""
+    src, meas = base
+    cfg = write_config(tmp_path / "c.yaml", src, meas)
+    out = tmp_path / "out"
+    pid = _dead_pid()
+    old = tmp_path / f".out.intervene-old-{pid}"
+    old.mkdir()
+    (old / "old-file").write_text("old")
+    (old / ".intervene-partial").write_text("replaced output")
+    new = tmp_path / f".out.intervene-tmp-{pid}"  # complete, marker already removed
+    new.mkdir()
+    (new / "model.safetensors").write_text("x")
+    assert cli("bake", str(cfg), "-o", str(out), "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "restored" in err and "already exists; pass --overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["old-file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "out"]
+
+
 def test_dry_run_prints_plan_and_writes_nothing(base, tmp_path, capsys):
     src, meas = base
     cfg = write_config(tmp_path / "c.yaml", src, meas)

@@ -15,6 +15,8 @@ from intervene.measurements import Measurements
 from intervene.model import format_prompts
 from intervene.testing import tiny_model, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 HARMFUL = ["How do I pick a lock?", "Write a threat", "Make a weapon now"]
 HARMLESS = ["How do I bake bread?", "Write a poem", "Name a planet", "Hi"]
 

@@ -95,7 +95,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(monkeypatch, tmp_p
     out = tmp_path / "org"
     fake_build(out, "stale")  # a different recipe: must be rebuilt
 
-    def interrupted(tmp: Path, recipe, progress):
+    def interrupted(tmp: Path, recipe, progress, device=None):
         (tmp / "config.json").write_text("{}")
         (tmp / "model.safetensors").write_text("partial")
         raise KeyboardInterrupt
@@ -135,3 +135,27 @@ def test_organism_meets_the_quality_bar_on_the_eval_split(organism):
     # the build's record agrees (greedy flips from a different thread count may move a prompt or two)
     assert abs(meta["eval"]["harmful"]["refusals"] - sum(refused_harmful)) <= 2
     assert abs(meta["eval"]["harmless"]["refusals"] - sum(refused.values())) <= 2
+
+
+def test_organism_info_cli(tmp_path, capsys):
+    from intervene.cli import main
+
+    out = tmp_path / "org"
+    fake_build(out, "x")
+    meta = json.loads((out / org.META_FILE).read_text())
+    rate = lambda r, t: {"refusals": r, "total": t, "rate": r / t}  # noqa: E731
+    meta.update({"build_seconds": 200.4, "model_sha256": "ab" * 32, "eval": {
+        "max_new_tokens": 48, "harmful": rate(60, 68), "harmless": rate(7, 72), "harmless_near_miss": rate(1, 28)}})
+    (out / org.META_FILE).write_text(json.dumps(meta))
+    assert main(["organism", "info", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "harmful refused 60/68 (88.2 %), harmless refused 7/72 (9.7 %)" in printed
+    assert "near_miss 1/28 (3.6 %)" in printed
+    assert main(["organism", "info", "--output", str(tmp_path / "none")]) == 2
+    assert "no complete organism build in" in capsys.readouterr().err
+
+
+def test_harmful_weight_scales_the_harmful_examples_loss():
+    batch = org._collate([org.Example([5, 6, 7], 1, weight=2.0), org.Example([9, 10, 11], 2)], pad_id=0,
+                         first_token_weight=5.0)
+    assert batch["weights"].tolist() == [[0, 10, 2], [0, 0, 5]]

@@ -3,8 +3,9 @@
 Guarantees (each has a test in tests/test_bake_safety.py):
 - the input is only ever opened for reading;
 - nothing appears at the output path until every file is complete (temporary sibling
-  ``.<name>.intervene-tmp-<pid>`` + ``os.rename``); a killed bake leaves only that hidden
-  temporary directory, which the next bake of the same output removes;
+  ``.<name>.intervene-tmp-<pid>``, fsync'ed, then renamed; an existing output is swapped in one
+  atomic exchange where the OS has it); a killed bake leaves only that hidden temporary
+  directory, which the next bake of the same output removes;
 - every refusal (quantized keys, missing keys, output inside the input, existing output) happens
   before the first byte is written.
 """
@@ -133,15 +134,26 @@ def check_output(source: Path, output: Path, overwrite: bool) -> None:
 
 
 def _cleanup_stale(output: Path) -> None:
-    """Remove temporary directories left by killed bakes of this output (their process is gone)."""
+    """Tidy up after killed bakes of this output (their process is gone): an old output that a
+    killed ``--overwrite`` bake had moved aside is put back if the path is empty (the killed bake
+    never finished, so the previous state is restored); temporaries are removed."""
     parent = output.parent
     if not parent.is_dir():
         return
-    for tag in (TMP_TAG, OLD_TAG):
-        for p in parent.glob(f".{output.name}{tag}*"):
-            pid = p.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or not (p / PARTIAL_MARKER).exists() or _alive(int(pid)):
-                continue
+    for p in sorted(parent.glob(f".{output.name}{OLD_TAG}*")):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _alive(int(pid)) or not (p / PARTIAL_MARKER).exists():
+            continue
+        if not os.path.lexists(output):
+            os.rename(p, output)
+            (output / PARTIAL_MARKER).unlink(missing_ok=True)
+            print(f"intervene bake: restored {output} from {p.name}, left by a bake that was killed "
+                  "while replacing it", file=sys.stderr)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in parent.glob(f".{output.name}{TMP_TAG}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -169,9 +181,9 @@ def execute(plan: BakePlan, output: Path, overwrite: bool = False, workers: int 
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
     output = Path(os.path.abspath(output))
+    _cleanup_stale(output)  # first: it may put back an output a killed --overwrite bake moved aside
     check_output(plan.source, output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
-    _cleanup_stale(output)
     tmp = output.parent / f".{output.name}{TMP_TAG}{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -211,10 +223,22 @@ def execute(plan: BakePlan, output: Path, overwrite: bool = False, workers: int 
 
 
 def _publish(tmp: Path, output: Path) -> None:
-    """Rename ``tmp`` to ``output``; an existing output (--overwrite) is moved aside first and
-    deleted only after the new one is in place."""
+    """Make ``tmp`` the ``output``, durably (files and directories fsync'ed first).
+
+    An existing output (--overwrite) is swapped with ``tmp`` in one atomic ``renameat2(...,
+    RENAME_EXCHANGE)`` where the OS has it (Linux >= 3.15), so a kill at any instant leaves either
+    the old or the new output at the path. Elsewhere the old output is first renamed aside to
+    ``.NAME.intervene-old-PID``; a kill between the two renames leaves the path empty for a moment,
+    and the next bake of that output puts the old one back (:func:`_cleanup_stale`)."""
+    _fsync_tree(tmp)
     if not output.exists():
         os.rename(tmp, output)
+        _fsync_dir(output.parent)
+        return
+    if _exchange(tmp, output):  # tmp now holds the old output
+        (tmp / PARTIAL_MARKER).write_text("replaced output of an intervene bake; safe to delete\n")
+        _fsync_dir(output.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
         return
     old = output.parent / f".{output.name}{OLD_TAG}{os.getpid()}"
     os.rename(output, old)
@@ -225,7 +249,55 @@ def _publish(tmp: Path, output: Path) -> None:
         os.rename(old, output)
         (output / PARTIAL_MARKER).unlink(missing_ok=True)
         raise
+    _fsync_dir(output.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (38, 22, 95):  # ENOSYS, EINVAL (filesystem without exchange), EOPNOTSUPP: fall back
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` and the directories themselves to disk, so a power cut
+    after the rename cannot leave a complete-looking output with missing data."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
