@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -349,8 +350,9 @@ def _run_parallel(jobs: list[ShardJob], headers: tuple[SafetensorsHeader, ...], 
         ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     results: dict[int, ShardResult] = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(queue, threads, os.getpid())) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(queue, threads, os.getpid()))
+    try:
         futures = {pool.submit(_worker_run, job, header): i for i, (job, header) in enumerate(zip(jobs, headers))}
         pending = set(futures)
         while pending:
@@ -359,6 +361,14 @@ def _run_parallel(jobs: list[ShardJob], headers: tuple[SafetensorsHeader, ...], 
             for fut in done:
                 results[futures[fut]] = fut.result()  # re-raises a worker's CheckpointError
         _drain(queue, update)
+    except BaseException:
+        # Ctrl-C, a failed shard: stop every worker now rather than let them finish their shards
+        # (workers ignore SIGINT themselves, so a Ctrl-C never prints a worker traceback)
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return [results[i] for i in range(len(jobs))]
 
 
@@ -381,6 +391,7 @@ def _worker_init(queue: Any, threads: int, main_pid: int | None = None) -> None:
 
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process handles it
     torch.set_num_threads(threads)  # workers share the cores; the bake is I/O bound
     _worker_queue = queue
     if main_pid is not None:
