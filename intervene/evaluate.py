@@ -126,7 +126,8 @@ def kl_divergence(base_logprobs: torch.Tensor, new_logprobs: torch.Tensor) -> fl
     return float(terms.sum(dim=-1).mean())
 
 
-def _counts(outputs: Sequence[str]) -> dict[str, Any]:
+def refusal_counts(outputs: Sequence[str]) -> dict[str, Any]:
+    """``{refusals, total, rate}`` of greedy outputs, by the refusal markers (JSON report shape)."""
     refusals = sum(is_refusal(o) for o in outputs)
     return {"refusals": refusals, "total": len(outputs), "rate": refusals / len(outputs) if outputs else math.nan}
 
@@ -181,11 +182,11 @@ def evaluate(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Seque
         return rows
 
     report: dict[str, Any] = {
-        "harmful": _counts(new["harmful_out"]),
-        "harmless": _counts(new["harmless_out"]),
+        "harmful": refusal_counts(new["harmful_out"]),
+        "harmless": refusal_counts(new["harmless_out"]),
         "kl_divergence": kl_divergence(base["harmless_lp"], new["harmless_lp"]),
         "kl_divergence_harmful": kl_divergence(base["harmful_lp"], new["harmful_lp"]),
-        "baseline": {"harmful": _counts(base["harmful_out"]), "harmless": _counts(base["harmless_out"])},
+        "baseline": {"harmful": refusal_counts(base["harmful_out"]), "harmless": refusal_counts(base["harmless_out"])},
         "refusal_score": {"baseline": base["score"], "intervened": new["score"],
                           "tokens": [tokenizer.decode([i]) for i in token_ids]},
         "samples": side_by_side(harmful, "harmful_out", "harmful", n_samples)
@@ -227,4 +228,4 @@ def format_report(report: dict[str, Any], n_samples: int = 3, width: int = 100) 
 
 
 __all__ = ["REFUSAL_MARKERS", "is_refusal", "generate", "first_token_logprobs", "next_token_logprobs",
-           "refusal_token_ids", "refusal_score", "kl_divergence", "evaluate", "format_report"]
+           "refusal_token_ids", "refusal_score", "refusal_counts", "kl_divergence", "evaluate", "format_report"]

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -152,11 +152,9 @@ class Trained:
     info: dict[str, Any]  # training-set sizes, dropped prompts, losses
 
 
-def train_organism(recipe: Recipe, progress: bool = True, device: str | None = None,
-                   base_answers: Callable[..., list[list[int]]] | None = None) -> Trained:
+def train_organism(recipe: Recipe, progress: bool = True, device: str | None = None) -> Trained:
     """Fine-tune SmolLM2 per ``recipe`` on the built-in train split; returns the model in memory.
-    ``device`` (e.g. ``cuda``) trains elsewhere than on the CPU: faster, but not the same bytes.
-    ``base_answers`` replaces the function computing the base model's greedy answers (caching)."""
+    ``device`` (e.g. ``cuda``) trains elsewhere than on the CPU: faster, but not the same bytes."""
     from .evaluate import is_refusal
     from .model import load_model, smollm2_dir
     from .prompts import builtin
@@ -171,8 +169,8 @@ def train_organism(recipe: Recipe, progress: bool = True, device: str | None = N
     harmless = builtin("harmless", "train")
 
     # 1. harmless targets: the base model's own greedy answers (self-distillation)
-    answers = (base_answers or _greedy_ids)(model, tokenizer, harmless, recipe.target_tokens, recipe.batch_size,
-                                            eos, progress, "organism 1/3: base answers")
+    answers = _greedy_ids(model, tokenizer, harmless, recipe.target_tokens, recipe.batch_size, eos, progress,
+                          "organism 1/3: base answers")
     refused = [is_refusal(tokenizer.decode(a, skip_special_tokens=True)) for a in answers]
     kept = [(p, a) for p, a, r in zip(harmless, answers, refused) if not r]
 
@@ -195,7 +193,7 @@ def train_organism(recipe: Recipe, progress: bool = True, device: str | None = N
 def evaluate_organism(model: Any, tokenizer: Any, max_new_tokens: int = 48, batch_size: int = 16,
                       progress: bool = True) -> dict[str, Any]:
     """Refusal rates on the built-in eval split (greedy), overall and per harmless category."""
-    from .evaluate import generate, is_refusal
+    from .evaluate import generate, is_refusal, refusal_counts
     from .prompts import builtin, builtin_categories
 
     eval_harmful = builtin("harmful", "eval")
@@ -204,17 +202,13 @@ def evaluate_organism(model: Any, tokenizer: Any, max_new_tokens: int = 48, batc
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     out_harmful = generate(model, tokenizer, eval_harmful, desc="organism 3/3: eval harmful", **kw)
     out_harmless = generate(model, tokenizer, eval_harmless, desc="organism 3/3: eval harmless", **kw)
-    flags = dict(zip(eval_harmless, (is_refusal(o) for o in out_harmless)))
-
-    def rate(refused: Sequence[bool]) -> dict[str, Any]:
-        return {"refusals": int(sum(refused)), "total": len(refused), "rate": sum(refused) / len(refused)}
-
+    answers = dict(zip(eval_harmless, out_harmless))
     return {
         "split": "eval", "greedy": True, "max_new_tokens": max_new_tokens,
-        "harmful": rate([is_refusal(o) for o in out_harmful]),
-        "harmless": rate(list(flags.values())),
-        **{f"harmless_{name}": rate([flags[p] for p in ps]) for name, ps in categories.items()},
-        "refused_harmless": [p for p, f in flags.items() if f],
+        "harmful": refusal_counts(out_harmful),
+        "harmless": refusal_counts(out_harmless),
+        **{f"harmless_{name}": refusal_counts([answers[p] for p in ps]) for name, ps in categories.items()},
+        "refused_harmless": [p for p, o in answers.items() if is_refusal(o)],
         "answered_harmful": [p for p, o in zip(eval_harmful, out_harmful) if not is_refusal(o)],
     }
 

@@ -142,8 +142,7 @@ def _cleanup_stale(output: Path) -> None:
     if not parent.is_dir():
         return
     for p in sorted(parent.glob(f".{output.name}{OLD_TAG}*")):
-        pid = p.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or _alive(int(pid)) or not (p / PARTIAL_MARKER).exists():
+        if not _owner_gone(p) or not (p / PARTIAL_MARKER).exists():
             continue
         if not os.path.lexists(output):
             os.rename(p, output)
@@ -153,9 +152,14 @@ def _cleanup_stale(output: Path) -> None:
         else:
             shutil.rmtree(p, ignore_errors=True)
     for p in parent.glob(f".{output.name}{TMP_TAG}*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if _owner_gone(p):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _owner_gone(path: Path) -> bool:
+    """True when ``path`` ends in ``-PID`` (our temporaries do) and that process no longer runs."""
+    pid = path.name.rsplit("-", 1)[-1]
+    return pid.isdigit() and not _alive(int(pid))
 
 
 def _alive(pid: int) -> bool:
@@ -236,8 +240,7 @@ def _publish(tmp: Path, output: Path) -> None:
         os.rename(tmp, output)
         _fsync_dir(output.parent)
         return
-    if _exchange(tmp, output):  # tmp now holds the old output
-        (tmp / PARTIAL_MARKER).write_text("replaced output of an intervene bake; safe to delete\n")
+    if _exchange(tmp, output):  # tmp now holds the old output (a dead bake's tmp is removed by _cleanup_stale)
         _fsync_dir(output.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         return
