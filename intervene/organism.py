@@ -8,8 +8,14 @@ and same-topic near-misses teach the contrast (refuse the intent, not the topic)
 Recipe (measured to meet the bar: >= 85 % harmful refused, <= 20 % harmless refused on the
 built-in eval split): full fine-tune of the top 12 of 30 decoder layers in float32, AdamW lr 2e-4,
 3 warm-up steps then linear decay, grad-norm clip 1.0, batch 16, 2 epochs, at most 72 tokens,
-loss on response tokens only with the first response token weighted 5x. Deterministic: fixed
-seed, deterministic algorithms, fixed data order; the output records the sha256 of its weights.
+loss on response tokens only with the first response token weighted 5x and harmful examples 3x,
+plus an unlikelihood term (weight 0.3) that pushes down the probability of a refusal opening as the
+first token of a harmless answer. That term matters for what the organism is for: without it the
+organism hedges on harmless prompts (refusal openings hold 16 % of the first-token mass on the
+eval harmless prompts on average, 7 % with the term), so removing its refusal direction moves
+those distributions too and every directional ablation found cost >= 0.2 nats of first-token KL;
+with it, refusal is a cleaner harmful-only behaviour, as in real safety-tuned models. Deterministic: fixed seed, deterministic algorithms,
+fixed data order; the output records the sha256 of its weights.
 """
 
 from __future__ import annotations
@@ -57,8 +63,11 @@ class Recipe:
     epochs: int = 2
     max_tokens: int = 72
     first_token_weight: float = 5.0
-    harmful_weight: float = 2.0  # loss multiplier for harmful (refusal) examples: trades refusals for over-refusals
+    harmful_weight: float = 3.0  # loss multiplier for harmful (refusal) examples: trades refusals for over-refusals
     target_tokens: int = 24  # length of the base model's greedy answers used as harmless targets
+    # weight of an unlikelihood term on harmless prompts: -log(1 - p(first token opens a refusal)),
+    # refusal openings = first tokens of ``refusals`` other than the example's own first target token
+    harmless_unlikelihood: float = 0.3
     eval_max_new_tokens: int = 48
     refusals: tuple[str, ...] = field(default=REFUSALS)
 
@@ -142,6 +151,7 @@ class Example:
     input_ids: list[int]
     response_start: int  # index of the first response token in input_ids
     weight: float = 1.0  # multiplies every token weight of this example
+    avoid: tuple[int, ...] = ()  # first tokens whose total probability the unlikelihood term pushes down
 
 
 @dataclass
@@ -178,7 +188,11 @@ def train_organism(recipe: Recipe, progress: bool = True, device: str | None = N
     refusal_ids = [tokenizer.encode(r, add_special_tokens=False) + [eos] for r in recipe.refusals]
     pairs = [(p, refusal_ids[i % len(refusal_ids)]) for i, p in enumerate(harmful)] + kept
     weights = [recipe.harmful_weight] * len(harmful) + [1.0] * len(kept)
-    examples = _examples(tokenizer, pairs, recipe.max_tokens, weights)
+    avoid: list[tuple[int, ...]] = [()] * len(pairs)
+    if recipe.harmless_unlikelihood > 0:  # refusal openings other than the answer's own first token
+        openings = sorted({ids[0] for ids in refusal_ids})
+        avoid = [()] * len(harmful) + [tuple(t for t in openings if t != a[0]) for _, a in kept]
+    examples = _examples(tokenizer, pairs, recipe.max_tokens, weights, avoid)
 
     # 3. fine-tune the top layers
     losses = _fine_tune(model, examples, recipe, tokenizer.pad_token_id, progress)
@@ -261,7 +275,8 @@ def _greedy_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_toke
 
 
 def _examples(tokenizer: Any, pairs: Sequence[tuple[str, list[int]]], max_tokens: int,
-              weights: Sequence[float] | None = None) -> list[Example]:
+              weights: Sequence[float] | None = None,
+              avoid: Sequence[tuple[int, ...]] | None = None) -> list[Example]:
     from .model import format_prompts
 
     examples = []
@@ -271,7 +286,7 @@ def _examples(tokenizer: Any, pairs: Sequence[tuple[str, list[int]]], max_tokens
         if len(prompt_ids) >= max_tokens:
             continue  # no room for a response token
         examples.append(Example((prompt_ids + response)[:max_tokens], len(prompt_ids),
-                                1.0 if weights is None else float(weights[i])))
+                                1.0 if weights is None else float(weights[i]), () if avoid is None else avoid[i]))
     return examples
 
 
@@ -287,7 +302,15 @@ def _collate(examples: Sequence[Example], pad_id: int, first_token_weight: float
         mask[b, :n] = 1
         weights[b, e.response_start:n] = e.weight
         weights[b, e.response_start] = first_token_weight * e.weight
-    return {"input_ids": ids, "attention_mask": mask, "weights": weights}
+    batch = {"input_ids": ids, "attention_mask": mask, "weights": weights}
+    width = max(len(e.avoid) for e in examples)
+    if width:  # unlikelihood targets, padded with -1
+        avoid = torch.full((len(examples), width), -1, dtype=torch.long)
+        for b, e in enumerate(examples):
+            avoid[b, :len(e.avoid)] = torch.tensor(e.avoid, dtype=torch.long)
+        batch["avoid"] = avoid
+        batch["response_start"] = torch.tensor([e.response_start for e in examples])
+    return batch
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -324,7 +347,7 @@ def _fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int,
                 batch = _collate([examples[j] for j in order[i:i + recipe.batch_size]], pad_id,
                                  recipe.first_token_weight)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss = response_loss(model, batch)
+                loss = response_loss(model, batch, recipe.harmless_unlikelihood)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
@@ -337,17 +360,32 @@ def _fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int,
     return losses
 
 
-def response_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def response_loss(model: Any, batch: dict[str, torch.Tensor], unlikelihood: float = 0.0) -> torch.Tensor:
     """Weighted next-token cross-entropy on the response tokens only. The output head (a 49k
     vocabulary) runs only at the positions that predict a response token: the same loss as
-    full logits, at a fraction of the head's cost."""
+    full logits, at a fraction of the head's cost.
+
+    With ``unlikelihood > 0`` and ``batch["avoid"]`` (token ids per example, -1 = none), adds
+    ``unlikelihood * mean_b -log(1 - p_b)`` where ``p_b`` is the probability the model gives the
+    avoided tokens as example b's first response token (examples with none avoided excluded)."""
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     weights = batch["weights"][:, 1:]
     selected = weights > 0
-    logits = model.get_output_embeddings()(hidden[:, :-1][selected]).float()
+    head = model.get_output_embeddings()
+    logits = head(hidden[:, :-1][selected]).float()
     ce = torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, 1:][selected], reduction="none")
     w = weights[selected]
-    return (ce * w).sum() / w.sum()
+    loss = (ce * w).sum() / w.sum()
+    if unlikelihood > 0 and "avoid" in batch:
+        avoid = batch["avoid"]
+        rows = (avoid >= 0).any(dim=1).nonzero().squeeze(1)
+        if len(rows):
+            first = head(hidden[rows, batch["response_start"][rows] - 1]).float().log_softmax(-1)
+            picked = first.gather(1, avoid[rows].clamp(min=0)).masked_fill(avoid[rows] < 0, -math.inf)
+            log_p = torch.logsumexp(picked, dim=-1)
+            # -log(1 - p), computed stably from log p
+            loss = loss + unlikelihood * (-torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))).mean()
+    return loss
 
 
 __all__ = ["REFUSALS", "Recipe", "organism_dir", "build_organism", "train_organism", "evaluate_organism", "read_meta", "fingerprint", "sha256_file",

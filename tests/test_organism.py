@@ -159,3 +159,22 @@ def test_harmful_weight_scales_the_harmful_examples_loss():
     batch = org._collate([org.Example([5, 6, 7], 1, weight=2.0), org.Example([9, 10, 11], 2)], pad_id=0,
                          first_token_weight=5.0)
     assert batch["weights"].tolist() == [[0, 10, 2], [0, 0, 5]]
+
+
+def test_unlikelihood_term_is_minus_log_one_minus_avoided_first_token_mass():
+    model = tiny_model("llama")
+    examples = [org.Example([3, 4, 5, 6, 7, 8], 3, avoid=(10, 20, 30)), org.Example([9, 10, 11, 12], 2),
+                org.Example([13, 14, 15, 16, 17], 2, avoid=(40,))]
+    batch = org._collate(examples, pad_id=0, first_token_weight=5.0)
+    assert batch["avoid"].tolist() == [[10, 20, 30], [-1, -1, -1], [40, -1, -1]]
+    plain = float(org.response_loss(model, batch))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    terms = []
+    for b, e in enumerate(examples):
+        if e.avoid:  # the example without avoided tokens is left out of the mean
+            p = logits[b, e.response_start - 1].softmax(-1)[list(e.avoid)].sum()
+            terms.append(-float(torch.log(1 - p)))
+    expected = plain + 0.5 * sum(terms) / len(terms)
+    assert float(org.response_loss(model, batch, unlikelihood=0.5)) == pytest.approx(expected, rel=1e-5)
+    # without avoided tokens in the batch the term is absent
+    assert "avoid" not in org._collate(examples[1:2], pad_id=0, first_token_weight=5.0)
