@@ -14,8 +14,9 @@ first token of a harmless answer. That term matters for what the organism is for
 organism hedges on harmless prompts (refusal openings hold 16 % of the first-token mass on the
 eval harmless prompts on average, 7 % with the term), so removing its refusal direction moves
 those distributions too and every directional ablation found cost >= 0.2 nats of first-token KL;
-with it, refusal is a cleaner harmful-only behaviour, as in real safety-tuned models. Deterministic: fixed seed, deterministic algorithms,
-fixed data order; the output records the sha256 of its weights.
+with it, refusal is a cleaner harmful-only behaviour, as in real safety-tuned models.
+Deterministic: fixed seed, deterministic algorithms, fixed data order; the output records the
+sha256 of its weights.
 """
 
 from __future__ import annotations
