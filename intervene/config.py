@@ -10,6 +10,9 @@ Schema (jim-plus compatible, extended)::
     output: path/for/bake           # used by bake
     method: project                 # project | norm_preserving
     biprojection: true              # orthogonalise r against the TARGET layer's harmless mean
+    whiten: 1.5                     # optional: use (M + whiten·tr(M)/H·I)^-1 r instead of r, M = the
+                                    # harmless second moment at the SOURCE layer (measurements'
+                                    # harmless_moment.*); keeps refusal, moves harmless outputs less
     targets: [attention, mlp]       # write side: attention, mlp, experts, shared_experts;
                                     # read side: router, expert_inputs
     experts: all                    # or [ids] (every MoE layer) or {layer: [ids]}
@@ -40,7 +43,7 @@ from .errors import ConfigError, InputError
 from .measurements import Measurements
 
 METHODS = ("project", "norm_preserving")
-TOP_KEYS = ("model", "measurements", "output", "method", "biprojection", "targets", "experts", "ablate",
+TOP_KEYS = ("model", "measurements", "output", "method", "biprojection", "whiten", "targets", "experts", "ablate",
             "dtype", "device_map", "system_prompt", "chat_template", "name", "notes")
 ENTRY_KEYS = ("layer", "layers", "measurement", "scale", "sparsity", "targets")
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto")  # as intervene.model.DTYPES
@@ -68,6 +71,7 @@ class InterventionConfig:
     output: str | None = None
     method: str = "project"
     biprojection: bool = False
+    whiten: float | None = None  # None: the raw direction; > 0: harmless-whitened (maths.whiten)
     targets: list[str] | None = None  # None: every write-side target the architecture has
     experts: str | list[int] | dict[int, list[int]] = "all"
     dtype: str | None = None
@@ -166,6 +170,12 @@ def parse_config(data: Any, where: str = "config") -> InterventionConfig:
     biprojection = data.get("biprojection", False)
     if not isinstance(biprojection, bool):
         raise ConfigError(f"{where}: biprojection must be true or false, got {biprojection!r}")
+    whiten = data.get("whiten")
+    if whiten is not None:
+        whiten = _number(whiten, where, "whiten")
+        if not (math.isfinite(whiten) and whiten > 0):
+            raise ConfigError(f"{where}: whiten must be a finite number > 0 (leave it out for the raw direction), "
+                              f"got {data.get('whiten')!r}")
     chat_template = data.get("chat_template", True)
     if not isinstance(chat_template, bool):
         raise ConfigError(f"{where}: chat_template must be true or false, got {chat_template!r}")
@@ -176,7 +186,7 @@ def parse_config(data: Any, where: str = "config") -> InterventionConfig:
         raise ConfigError(f"{where}: dtype '{data['dtype']}' unknown; valid: {', '.join(DTYPE_NAMES)}")
     return InterventionConfig(
         ablate=entries, model=data.get("model"), measurements=data.get("measurements"), output=data.get("output"),
-        method=method, biprojection=biprojection, targets=targets, experts=experts, dtype=data.get("dtype"),
+        method=method, biprojection=biprojection, whiten=whiten, targets=targets, experts=experts, dtype=data.get("dtype"),
         device_map=data.get("device_map"), system_prompt=data.get("system_prompt"), chat_template=chat_template,
         name=data.get("name"), notes=data.get("notes"),
     )
@@ -328,6 +338,12 @@ def validate(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measure
                     f"{where}: ablate[{i}] measurement {m} needs '{key}', not in {measurements.path or 'the measurements'}; "
                     f"measured layers: {available[0] if available else 'none'}..{available[-1] if available else ''}"
                 )
+            if cfg.whiten is not None and not measurements.has_moment(n):
+                raise ConfigError(
+                    f"{where}: whiten needs 'harmless_moment.{{eigvals,eigvecs,trace}}.{n}' (ablate[{i}] measurement "
+                    f"{m}), not in {measurements.path or 'the measurements'}; re-measure with `intervene measure` "
+                    "(--whiten-rank > 0) or drop 'whiten'"
+                )
         if cfg.biprojection:
             for layer in e.layers:
                 if f"harmless_mean.{layer}" not in measurements.tensors:
@@ -349,16 +365,22 @@ def validate(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measure
 
 
 def entry_direction(cfg: InterventionConfig, entry: AblateEntry, layer: int, measurements: Measurements) -> torch.Tensor:
-    """The unit direction an entry uses at target ``layer``: source (interpolated), biprojection
-    against the TARGET layer's harmless mean, sparsity, normalisation — in that order."""
+    """The unit direction an entry uses at target ``layer``: source (each source layer's direction
+    whitened against its own harmless second moment when ``whiten`` is set, then interpolated),
+    biprojection against the TARGET layer's harmless mean, sparsity, normalisation — in that order."""
+    def source(name: int | str) -> torch.Tensor:
+        if cfg.whiten is not None:
+            return measurements.whitened_direction(name, cfg.whiten)
+        return measurements.direction(name).to(torch.float32)
+
     m = entry.measurement
     if m == "embed":
-        r = measurements.direction("embed").to(torch.float32)
+        r = source("embed")
     else:
         lo = int(float(m) // 1)
-        needed = {lo: measurements.direction(lo)}
+        needed = {lo: source(lo)}
         if not float(m).is_integer():
-            needed[lo + 1] = measurements.direction(lo + 1)
+            needed[lo + 1] = source(lo + 1)
         r = maths.interpolate(needed, float(m))
     if cfg.biprojection:
         r = maths.biproject(r, measurements.harmless_mean(layer))

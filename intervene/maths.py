@@ -9,6 +9,8 @@ activation ``y [..., H]`` is ``project_out(y, r, axis=-1)``. One function, three
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import ConfigError, MeasurementError
@@ -105,3 +107,59 @@ def interpolate(directions: dict[int, torch.Tensor], position: float) -> torch.T
         return directions[lo].to(torch.float32)
     hi = lo + 1
     return (1.0 - frac) * directions[lo].to(torch.float32) + frac * directions[hi].to(torch.float32)
+
+
+def second_moment_eig(rows: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` eigenpairs and trace of the uncentred second moment ``M = XᵀX / N`` of
+    ``rows`` ``X [N, H]``, without forming ``M`` (an SVD of ``X``, float64: ``N·min(N, H)²``).
+
+    Returns ``(eigvals [k], eigvecs [k, H], trace [1])`` in float64, ``k = min(rank, numerical
+    rank of X)``, eigenvalues descending, each eigenvector's largest-magnitude entry positive.
+    """
+    if rows.ndim != 2 or rows.shape[0] == 0:
+        raise MeasurementError(f"second moment needs rows [N, H] with N >= 1, got shape {tuple(rows.shape)}")
+    if rank < 1:
+        raise ConfigError(f"whitening rank must be >= 1, got {rank}")
+    x = rows.detach().to(torch.float64)
+    n = x.shape[0]
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    # numerically zero pairs are dropped: their vectors are arbitrary and they carry no energy
+    k = min(rank, int((s > s[0] * 1e-7).sum()) if s[0] > 0 else 1)
+    vh = vh[:k]
+    # sign convention (an eigenvector's sign is arbitrary): the largest-magnitude entry is positive
+    lead = vh.gather(1, vh.abs().argmax(dim=1, keepdim=True))
+    vh = vh * torch.where(lead < 0, -1.0, 1.0).to(vh.dtype)
+    trace = (x * x).sum() / n
+    return s[:k] ** 2 / n, vh, trace.reshape(1)
+
+
+def whiten(d: torch.Tensor, eigvals: torch.Tensor, eigvecs: torch.Tensor, trace: torch.Tensor | float,
+           lam: float) -> torch.Tensor:
+    """The harmless-whitened direction ``f = (M + c·I)⁻¹ d``, ``c = lam·tr(M)/H``, rescaled to ``‖d‖``.
+
+    ``M`` is given by its top eigenpairs ``(eigvals [k], eigvecs [k, H])`` and its trace; the energy
+    the pairs miss, ``tr(M) - Σ eigvals``, is spread evenly over the other ``H - k`` directions
+    (exact when ``k`` covers M's rank). ``f`` keeps the part of ``d`` that harmless activations
+    rarely use, so projecting it out moves harmless outputs less; ``lam → ∞`` gives ``d`` back.
+    ``lam <= 0`` is rejected (M is singular when there are fewer prompts than dimensions).
+    """
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam > 0):
+        raise ConfigError(f"whiten must be a finite number > 0, got {lam!r}")
+    work = torch.float64
+    dd = d.detach().to(work)
+    e = eigvals.detach().to(work).reshape(-1)
+    v = eigvecs.detach().to(work).reshape(e.numel(), -1)
+    h = dd.numel()
+    if v.shape[1] != h:
+        raise MeasurementError(f"whitening eigenvectors have width {v.shape[1]}, the direction {h}")
+    tr = float(trace.reshape(-1)[0]) if isinstance(trace, torch.Tensor) else float(trace)
+    if not tr > 0:
+        raise MeasurementError(f"harmless second moment has trace {tr}: nothing to whiten against")
+    c = lam * tr / h
+    rest = max(tr - float(e.sum()), 0.0) / (h - e.numel()) if h > e.numel() else 0.0
+    p = v @ dd
+    f = v.T @ (p / (e + c)) + (dd - v.T @ p) / (rest + c)
+    norm = torch.linalg.vector_norm(f)
+    if not norm > EPS:
+        raise MeasurementError("whitened direction has zero norm")
+    return (f * (torch.linalg.vector_norm(dd) / norm)).to(torch.float32)

@@ -5,6 +5,9 @@ Keys (L = decoder layer whose OUTPUT residual was measured; ``embed`` = embeddin
     harmful_mean.embed, harmless_mean.embed, direction.embed
     router.harmful_freq.{L}, router.harmless_freq.{L}      per-expert top-k selection frequency
     router.harmful_logits.{L}, router.harmless_logits.{L}  mean router logits (MoE layers only)
+    harmless_moment.eigvals.{L} [k], harmless_moment.eigvecs.{L} [k, H], harmless_moment.trace.{L} [1]
+        top-k eigenpairs and trace of the harmless uncentred second moment (``whiten`` in configs;
+        absent in files measured with whiten_rank 0 or converted from .refuse)
 Metadata: ``{"intervene": "<JSON string>"}`` with model, model_type, hidden_size, num_layers,
 n_harmful, n_harmless, chat_template, system_prompt, intervene_version, moe_layers, ...
 """
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 
 from .errors import InputError, MeasurementError
+from .maths import whiten
 
 META_KEY = "intervene"
 SLOW_ENV = "INTERVENE_TEST_SLOW_MEASURE"  # tests only, see intervene.measure
@@ -60,6 +64,23 @@ class Measurements:
 
     def harmless_mean(self, layer: int | str) -> torch.Tensor:
         return self._get("harmless_mean", layer)
+
+    def has_moment(self, layer: int | str) -> bool:
+        return all(f"harmless_moment.{part}.{layer}" in self.tensors for part in ("eigvals", "eigvecs", "trace"))
+
+    def harmless_moment(self, layer: int | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(eigvals [k], eigvecs [k, H], trace [1])`` of the harmless second moment at ``layer``."""
+        if not self.has_moment(layer):
+            where = f" {self.path}" if self.path else ""
+            raise MeasurementError(
+                f"measurements{where} have no 'harmless_moment.*.{layer}' (needed by 'whiten'); re-measure with "
+                "`intervene measure` (--whiten-rank > 0) to store them"
+            )
+        return tuple(self.tensors[f"harmless_moment.{part}.{layer}"] for part in ("eigvals", "eigvecs", "trace"))
+
+    def whitened_direction(self, layer: int | str, lam: float) -> torch.Tensor:
+        """``direction.{layer}`` whitened against the harmless second moment (``maths.whiten``)."""
+        return whiten(self.direction(layer), *self.harmless_moment(layer), lam)
 
     def directions(self) -> dict[int, torch.Tensor]:
         return {layer: self.direction(layer) for layer in self.layers}

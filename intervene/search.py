@@ -47,7 +47,7 @@ import yaml
 from .config import InterventionConfig, parse_config, resolve
 from .errors import InputError
 from .measurements import Measurements
-from .search_space import SearchSpace
+from .search_space import WHITEN_RANGE, SearchSpace
 
 STUDY_NAME = "intervene-search"
 SAMPLERS = ("tpe", "nsga2")
@@ -421,13 +421,16 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
            sampler: str = "tpe", startup_trials: int = 10,
            targets: list[str] | None = None, router: bool | None = None,
            methods: tuple[str, ...] = ("project", "norm_preserving"), generation_kl_cap: float | None = 1.0,
+           whiten: tuple[float, float] | str | None = "auto",
            dtype: str = "float32", device_map: str | None = None, batch_size: int = 16,
            system_prompt: str | None = None, chat_template: bool = True, progress: bool = True,
            say: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> SearchResult:
     """``intervene search`` as a function: load the model once, build the default search space
     and prompt objectives, run :func:`run_search`. ``limit`` (default 64) caps each SEARCH prompt
     set, evenly spaced: every trial runs one forward pass over them, so it sets the trial rate;
-    ``eval_limit`` caps the final evaluation sets (default: all)."""
+    ``eval_limit`` caps the final evaluation sets (default: all). ``whiten``: a (low, high) range
+    for the whitening lambda, ``None`` for the raw direction only, ``"auto"`` (default): the
+    default range when the measurements hold the harmless second moment, else the raw direction."""
     from .arch import arch_for_config, text_config
     from .measurements import load_measurements
     from .model import load_model
@@ -444,8 +447,14 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
     loaded, tokenizer = load_model(model, dtype=dtype, device_map=device_map)
     config = text_config(loaded.config)
     meas.check_model(int(config.hidden_size), int(config.num_hidden_layers))
+    if whiten == "auto":
+        whiten = WHITEN_RANGE if all(meas.has_moment(layer) for layer in meas.layers) else None
+    elif isinstance(whiten, str):
+        raise InputError(f"whiten must be 'auto', None or a (low, high) range, got {whiten!r}")
     space = SearchSpace.default(arch_for_config(loaded.config), config, meas, targets=targets, router=router,
-                                methods=methods)
+                                methods=methods, whiten_range=whiten)
+    say("direction: " + (f"harmless-whitened, lambda searched in [{whiten[0]}, {whiten[1]}]" if whiten else
+                         "raw difference of means (no harmless second moment in the measurements, or --whiten off)"))
     common = dict(batch_size=batch_size, system_prompt=system_prompt, chat_template=chat_template)
     say(f"baseline first-token scores on {len(prompt_sets['harmful'])} harmful / "
         f"{len(prompt_sets['harmless'])} harmless search prompts ...")
@@ -488,7 +497,7 @@ def model_reference(spec: str) -> str:
 
 def measurements_fingerprint(measurements: Measurements) -> str:
     h = hashlib.sha256()
-    for key in sorted(k for k in measurements.tensors if k.startswith(("direction.", "harmless_mean."))):
+    for key in sorted(k for k in measurements.tensors if k.startswith(("direction.", "harmless_mean.", "harmless_moment."))):
         t = measurements.tensors[key].detach().to(torch.float32).contiguous().cpu()
         h.update(key.encode())
         h.update(t.numpy().tobytes())

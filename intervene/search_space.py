@@ -10,6 +10,8 @@ One trial's parameters describe::
                   in between: s(l) = max + (min - max)·|l - center| / width
     router        (MoE only) on/off, and a flat scale over the window's MoE layers
     method        project | norm_preserving
+    whiten        (when the measurements hold the harmless second moment) the whitening strength
+                  lambda of ``maths.whiten``, log-uniform; the same lambda for the whole config
 
 The config emitted has ONE ablate entry per edited layer with a per-target ``scale`` dict, so
 the YAML written for a trial bakes to exactly what that trial scored. Pure: no model needed.
@@ -28,24 +30,29 @@ from .measurements import Measurements
 
 WRITE_TARGETS = ("attention", "mlp", "experts", "shared_experts")
 MIN_SCALE = 1e-3  # scales below this are left out of the config (the schema needs scale > 0)
+WHITEN_RANGE = (0.75, 4.0)  # lambda of maths.whiten: below ~0.5 refusal comes back, above ~8 it is the raw direction
 DECIMALS = 4  # rounding of emitted scales/positions: the rounded config is what gets scored
 
 
 @dataclass(frozen=True)
 class Range:
-    """A float parameter; ``low == high`` fixes it (not suggested to the sampler)."""
+    """A float parameter; ``low == high`` fixes it (not suggested to the sampler); ``log``
+    samples it log-uniformly (needs ``low > 0``)."""
 
     low: float
     high: float
+    log: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.high < self.low:
             raise InputError(f"search range [{self.low}, {self.high}] is empty or not finite")
+        if self.log and self.low <= 0:
+            raise InputError(f"log-scale search range [{self.low}, {self.high}] must be > 0")
 
     def suggest(self, trial: Any, name: str) -> float:
         if self.low == self.high:
             return float(self.low)
-        return float(trial.suggest_float(name, self.low, self.high))
+        return float(trial.suggest_float(name, self.low, self.high, log=self.log))
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class SearchSpace:
     router: bool = False  # search router on/off (MoE only)
     router_scale: Range = field(default_factory=lambda: Range(0.0, 1.0))
     methods: tuple[str, ...] = ("project", "norm_preserving")
+    whiten: Range | None = None  # None: the raw direction
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -83,10 +91,13 @@ class SearchSpace:
                 center_range: tuple[float, float] = (0.3, 1.0),
                 width_range: tuple[float, float] = (0.05, 0.6),
                 max_scale: tuple[float, float] = (0.6, 1.5),
-                min_fraction: tuple[float, float] = (0.0, 1.0)) -> "SearchSpace":
+                min_fraction: tuple[float, float] = (0.0, 1.0),
+                whiten_range: tuple[float, float] | None = None) -> "SearchSpace":
         """Ranges given as fractions of the last layer index (``direction_range``,
-        ``center_range``, ``width_range``) or absolute (scales). ``direction_range`` is clipped to
-        the measured layers."""
+        ``center_range``, ``width_range``) or absolute (scales, ``whiten_range``). ``direction_range``
+        is clipped to the measured layers. ``whiten_range`` is searched (log-uniform) when the
+        measurements hold the harmless second moment of every measured layer; ``None`` searches the
+        raw direction only."""
         num_layers = int(model_config.num_hidden_layers)
         last = max(num_layers - 1, 1)
         measured = measurements.layers
@@ -110,6 +121,14 @@ class SearchSpace:
         if lacking:
             raise InputError(f"target(s) {', '.join(lacking)} not present in this '{spec.name}' model; "
                              f"valid: {', '.join(present)}")
+        whiten = None
+        if whiten_range is not None:
+            if not all(measurements.has_moment(layer) for layer in measured):
+                raise InputError(
+                    f"measurements {measurements.path or ''} have no harmless second moment "
+                    "('harmless_moment.*', stored by `intervene measure` with --whiten-rank > 0): re-measure, "
+                    "or search the raw direction (--whiten off)")
+            whiten = Range(float(whiten_range[0]), float(whiten_range[1]), log=True)
         return cls(
             num_layers=num_layers,
             direction=Range(round(lo, 3), round(hi, 3)),
@@ -120,6 +139,7 @@ class SearchSpace:
             moe_layers=moe_layers,
             router=bool(moe_layers) if router is None else router,
             methods=tuple(methods),
+            whiten=whiten,
         )
 
     # ---- sampling ----------------------------------------------------------------------
@@ -139,6 +159,8 @@ class SearchSpace:
                 params["router.scale"] = self.router_scale.suggest(trial, "router.scale")
         params["method"] = (self.methods[0] if len(self.methods) == 1
                             else str(trial.suggest_categorical("method", list(self.methods))))
+        if self.whiten is not None:
+            params["whiten"] = self.whiten.suggest(trial, "whiten")
         return params
 
     # ---- params -> config --------------------------------------------------------------
@@ -177,13 +199,16 @@ class SearchSpace:
         used = [t for t in (*WRITE_TARGETS, "router") if any(t in s for s in per_layer.values())]
         entries = [AblateEntry(layers=[layer], measurement=measurement, scale=dict(scales))
                    for layer, scales in sorted(per_layer.items())]
+        whiten = round(float(params["whiten"]), DECIMALS) if params.get("whiten") is not None else None
         return InterventionConfig(ablate=entries, model=model, measurements=measurements,
-                                  method=str(params["method"]), targets=used, name=name, notes=notes)
+                                  method=str(params["method"]), whiten=whiten, targets=used, name=name, notes=notes)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["methods"] = list(self.methods)
         d["moe_layers"] = list(self.moe_layers)
+        if self.whiten is None:  # absent, not null: spaces saved before whitening existed compare equal
+            d.pop("whiten")
         return d
 
 

@@ -13,12 +13,17 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="One forward pass per batch over both prompt sets (chat template, left padding); stores the "
                     "float64-accumulated mean residual at the last prompt token after every decoder layer and the "
                     "embedding, their difference (the direction), and on MoE layers the router's expert "
-                    "frequencies and mean logits. With --from-refuse, converts a jim-plus .refuse file instead.")
+                    "frequencies and mean logits, and the top eigenpairs of the harmless second moment (for "
+                    "'whiten' in configs and searches). With --from-refuse, converts a jim-plus .refuse file instead.")
     p.add_argument("model", nargs="?", default=None,
                    help="model directory, .gguf file, 'smollm2', 'organism' or hub id")
     p.add_argument("-o", "--output", required=True, help="output measurements file (.safetensors)")
     p.add_argument("--from-refuse", default=None, metavar="FILE",
                    help="convert a jim-plus .refuse file (loaded with weights_only=True) instead of measuring")
+    p.add_argument("--whiten-rank", type=int, default=64, metavar="K",
+                   help="eigenpairs of the harmless second moment stored per layer (K*H floats each; the harmless "
+                        "last-token rows are held in CPU memory until the end); 0: none, and no 'whiten' "
+                        "(default: 64)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_options(p)
     add_prompt_options(p, "train")
@@ -41,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from ..model import format_prompts, load_model, load_tokenizer
     from ..prompts import load_prompts
 
+    if args.whiten_rank < 0:
+        raise InputError(f"--whiten-rank must be >= 0, got {args.whiten_rank}")
     check_supported(args.model)  # unknown model_type: named error before any weights are read
     harmful = load_prompts(args.harmful, field=args.field, limit=args.limit)
     harmless = load_prompts(args.harmless, field=args.field, limit=args.limit)
@@ -49,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
     m = measure(model, tokenizer, harmful, harmless, batch_size=args.batch_size, system_prompt=args.system_prompt,
                 chat_template=not args.no_chat_template, model_path=_model_reference(args.model),
-                progress=not args.no_progress,
+                progress=not args.no_progress, whiten_rank=args.whiten_rank,
                 extra_meta={"harmful_source": args.harmful, "harmless_source": args.harmless, "field": args.field,
                             "limit": args.limit, "model_spec": args.model})
     m.save(args.output)

@@ -16,7 +16,10 @@ Multi-objective Optuna search over live interventions; the model is loaded once 
 is applied with hooks (no reload). Searched: the direction's source layer (fractional =
 interpolated), the edited window (centre, half-width), per-target max scale at the centre and min
 scale at the window edge (linear taper) for attention / mlp / experts / shared_experts, the router
-on/off and its scale (MoE), and the method (project | norm_preserving).
+on/off and its scale (MoE), the method (project | norm_preserving) and, when the measurements
+hold the harmless second moment (intervene measure stores it), the whitening strength lambda:
+the direction used is (M + lambda*tr(M)/H*I)^-1 d, which keeps refusal and moves harmless outputs
+less (config key 'whiten').
 
 Each trial scores two cheap objectives on the search prompts: the first-token refusal probability
 on harmful prompts (no generation) and the first-token KL on harmless prompts. Trials entering the
@@ -50,6 +53,10 @@ OUT/study.db: running again with the same --out adds --trials more trials.""")
     p.add_argument("--methods", nargs="+", default=["project", "norm_preserving"],
                    choices=("project", "norm_preserving"),
                    help="methods to search (default: both)")
+    p.add_argument("--whiten", default="auto", metavar="LO:HI|off",
+                   help="range searched for the whitening lambda (log-uniform), or 'off' for the raw "
+                        "difference-of-means direction (default: 0.75:4 when the measurements hold the harmless "
+                        "second moment, else off)")
     p.add_argument("--kl-cap", type=float, default=1.0,
                    help="no generation for front trials whose KL exceeds this (default: 1.0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -63,6 +70,21 @@ OUT/study.db: running again with the same --out adds --trials more trials.""")
     return p
 
 
+def _whiten(value: str) -> tuple[float, float] | str | None:
+    from ..errors import InputError
+
+    if value in ("auto", "off"):
+        return None if value == "off" else "auto"
+    lo, sep, hi = value.partition(":")
+    try:
+        rng = (float(lo), float(hi if sep else lo))
+    except ValueError:
+        raise InputError(f"--whiten must be 'auto', 'off' or LO:HI (e.g. 0.75:4), got {value!r}") from None
+    if not (0 < rng[0] <= rng[1] < float("inf")):
+        raise InputError(f"--whiten range must satisfy 0 < LO <= HI, got {value!r}")
+    return rng
+
+
 def run(args: argparse.Namespace) -> int:
     from ..search import search
 
@@ -74,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                     full_eval_top=args.full_eval_top, sampler=args.sampler,
                     startup_trials=args.startup_trials, targets=args.targets,
                     router=False if args.no_router else None, methods=tuple(args.methods),
-                    generation_kl_cap=args.kl_cap, dtype=args.dtype, device_map=args.device_map,
+                    generation_kl_cap=args.kl_cap, whiten=_whiten(args.whiten), dtype=args.dtype, device_map=args.device_map,
                     batch_size=args.batch_size, system_prompt=args.system_prompt,
                     chat_template=not args.no_chat_template, progress=not args.no_progress)
     print(result.table())

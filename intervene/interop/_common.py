@@ -71,6 +71,8 @@ class SetStats:
     n_tokens: dict[int, int] = field(default_factory=dict)  # MoE layer -> non-pad tokens
     expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E]
     logits_sum: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E]
+    keep_rows: bool = False  # keep the rows (float32, CPU) for the harmless second moment
+    rows: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def add(self, acts: Mapping[str, torch.Tensor], mask: torch.Tensor, layers: Sequence[int],
             embed: bool, moe_layers: Sequence[int], num_experts: int) -> None:
@@ -81,6 +83,8 @@ class SetStats:
             site = EMBED if name == EMBED else resid_site(int(name))
             rows = acts[site].to(torch.float64).sum(dim=0)
             self.resid_sum[name] = self.resid_sum[name] + rows if name in self.resid_sum else rows
+            if self.keep_rows:
+                self.rows.setdefault(name, []).append(acts[site].detach().to("cpu", torch.float32))
         mask = mask.to("cpu").bool()
         for layer in moe_layers:
             chosen = acts[router_site(layer, "topk")][mask]  # [N, k]
@@ -91,8 +95,11 @@ class SetStats:
             self.n_tokens[layer] = self.n_tokens.get(layer, 0) + int(chosen.shape[0])
 
 
-def build_measurements(stats: Mapping[str, SetStats], meta: dict[str, Any]) -> Measurements:
-    """``harmful_mean``/``harmless_mean``/``direction`` (+ router stats) from two :class:`SetStats`."""
+def build_measurements(stats: Mapping[str, SetStats], meta: dict[str, Any], whiten_rank: int = 0) -> Measurements:
+    """``harmful_mean``/``harmless_mean``/``direction`` (+ router stats, + the harmless second
+    moment when ``whiten_rank > 0`` and the harmless stats kept their rows) from two :class:`SetStats`."""
+    from ..measure import moment_tensors
+
     harmful, harmless = stats["harmful"], stats["harmless"]
     tensors: dict[str, torch.Tensor] = {}
     for name in harmful.resid_sum:
@@ -101,12 +108,14 @@ def build_measurements(stats: Mapping[str, SetStats], meta: dict[str, Any]) -> M
         tensors[f"harmful_mean.{name}"] = h.to(torch.float32)
         tensors[f"harmless_mean.{name}"] = m.to(torch.float32)
         tensors[f"direction.{name}"] = (h - m).to(torch.float32)
+        if whiten_rank > 0 and name in harmless.rows:
+            tensors.update(moment_tensors(name, harmless.rows.pop(name), whiten_rank))
     for layer in harmful.expert_counts:
         for set_name, st in stats.items():
             counts = st.expert_counts[layer]
             tensors[f"router.{set_name}_freq.{layer}"] = (counts / counts.sum()).to(torch.float32)
             tensors[f"router.{set_name}_logits.{layer}"] = (st.logits_sum[layer] / st.n_tokens[layer]).to(torch.float32)
-    return Measurements(tensors=tensors, meta=meta)
+    return Measurements(tensors=tensors, meta={**meta, "whiten_rank": whiten_rank})
 
 
 def measurement_meta(model: Any, tokenizer: Any, library: str, harmful: Sequence[str], harmless: Sequence[str],

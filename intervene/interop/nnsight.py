@@ -142,7 +142,8 @@ def _last(output: Any) -> torch.Tensor:
 
 def capture_means(nn_model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
                   batch_size: int = 16, system_prompt: str | None = None, chat_template: bool = True,
-                  layers: Sequence[int] | None = None, embed: bool = True, router: bool = True) -> Measurements:
+                  layers: Sequence[int] | None = None, embed: bool = True, router: bool = True,
+                  whiten_rank: int = 64) -> Measurements:
     """:func:`intervene.measure.measure` through nnsight traces: same prompt formatting, batches,
     positions and float64 means; same keys and metadata (plus ``captured_with``)."""
     model = hf_model(nn_model)
@@ -152,7 +153,7 @@ def capture_means(nn_model: Any, tokenizer: Any, harmful: Sequence[str], harmles
     num_experts = arch_for_config(model.config).num_experts(text_config(model.config))
     stats: dict[str, _common.SetStats] = {}
     for set_name, prompts in (("harmful", harmful), ("harmless", harmless)):
-        st = stats[set_name] = _common.SetStats()
+        st = stats[set_name] = _common.SetStats(keep_rows=set_name == "harmless" and whiten_rank > 0)
         for enc in _common.prompt_batches(tokenizer, prompts, batch_size, system_prompt, chat_template,
                                           model_device(model)):
             mask = enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
@@ -160,7 +161,7 @@ def capture_means(nn_model: Any, tokenizer: Any, harmful: Sequence[str], harmles
             st.add(acts, mask, wanted, embed, moe_layers, num_experts)
     meta = _common.measurement_meta(model, tokenizer, LIBRARY, harmful, harmless, wanted, moe_layers, batch_size,
                                     system_prompt, chat_template, stats)
-    return _common.build_measurements(stats, meta)
+    return _common.build_measurements(stats, meta, whiten_rank)
 
 
 # ---- interventions -----------------------------------------------------------------------------
