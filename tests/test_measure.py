@@ -269,9 +269,14 @@ def test_smollm2_measure_end_to_end(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     m = load_measurements(out)
     assert m.layers == list(range(30)) and m.hidden_size == 576
-    assert set(m.tensors) == {f"{k}.{n}" for k in ("harmful_mean", "harmless_mean", "direction")
-                              for n in ["embed"] + [str(i) for i in range(30)]}
-    assert all(t.shape == (576,) and t.dtype == torch.float32 for t in m.tensors.values())
+    names = ["embed"] + [str(i) for i in range(30)]
+    means = {f"{k}.{n}" for k in ("harmful_mean", "harmless_mean", "direction") for n in names}
+    moments = {f"harmless_moment.{k}.{n}" for k in ("eigvals", "eigvecs", "trace") for n in names}
+    assert set(m.tensors) == means | moments
+    assert all(m.tensors[k].shape == (576,) and m.tensors[k].dtype == torch.float32 for k in means)
+    # 32 harmless prompts: the second moment has rank <= 32 (the embedding's: 1, one shared last token)
+    assert m.tensors["harmless_moment.eigvecs.15"].shape == (32, 576) and m.meta["whiten_rank"] == 64
+    assert m.tensors["harmless_moment.eigvecs.embed"].shape == (1, 576)
     meta = m.meta
     assert (meta["model"], meta["model_type"], meta["n_harmful"], meta["n_harmless"]) == ("smollm2", "llama", 32, 32)
     assert meta["chat_template"] is True and meta["moe_layers"] == [] and meta["harmful_source"] == "builtin:harmful:train"
