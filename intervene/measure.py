@@ -18,7 +18,7 @@ Harmless second moment (for ``whiten`` in configs, see ``intervene.maths.whiten`
 last-token position, for the embedding and every layer, when ``whiten_rank > 0``:
 
 * ``harmless_moment.eigvals.{L}`` [k], ``harmless_moment.eigvecs.{L}`` [k, H]: top-k eigenpairs of
-  ``M = XᵀX / N`` (X: the N harmless rows, uncentred), ``k = min(whiten_rank, N, H)``;
+  ``M = XᵀX / N`` (X: the N harmless rows, uncentred), ``k = min(whiten_rank, rank of X)``;
 * ``harmless_moment.trace.{L}`` [1]: ``tr(M)`` (the mean squared norm).
 
 These need the harmless rows kept until the end: ``N·H·(layers + 1)`` float32 on the CPU (300 prompts
