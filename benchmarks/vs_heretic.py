@@ -128,7 +128,7 @@ def run_intervene(model: Any, tokenizer: Any, judge: Judge, files: dict[str, Pat
     from intervene.hooks.live import apply_edits
     from intervene.measure import measure
     from intervene.search import SearchSettings, run_search
-    from intervene.search_space import WHITEN_RANGE, SearchSpace
+    from intervene.search_space import SearchSpace
 
     out = work / "intervene"
     if out.exists():
@@ -145,9 +145,8 @@ def run_intervene(model: Any, tokenizer: Any, judge: Judge, files: dict[str, Pat
                                 max_new_tokens=args.search_new_tokens, label="search",
                                 sources={"harmful": str(files["harmful_train"]),
                                          "harmless": str(files["harmless_train"])})
-    # as `intervene search` does by default: the whitening lambda is searched (measure stored the moments)
-    space = SearchSpace.default(arch_for_config(model.config), text_config(model.config), meas,
-                                whiten_range=WHITEN_RANGE)
+    # as `intervene search` does by default: the whitening lambda is searched when measure stored the moments
+    space = SearchSpace.default(arch_for_config(model.config), text_config(model.config), meas, whiten_range="auto")
     settings = SearchSettings(trials=args.trials, seed=args.seed, startup_trials=args.startup_trials,
                               full_eval_top=0)
     result = run_search(model, meas, space, objective, out, settings, model_spec=str(args.model_dir),
@@ -159,7 +158,8 @@ def run_intervene(model: Any, tokenizer: Any, judge: Judge, files: dict[str, Pat
     for rec in result.front:
         member = Member(rec.number, rec.refusals, rec.total, rec.kl,
                         detail=f"dir {rec.params['direction']:.2f}, window {rec.params['center']:.1f}"
-                               f"±{rec.params['width']:.1f}, {rec.params['method']}, whiten {rec.params['whiten']:.2f}")
+                               f"±{rec.params['width']:.1f}, {rec.params['method']}, "
+                               + (f"whiten {rec.params['whiten']:.2f}" if "whiten" in rec.params else "whiten off"))
         with apply_edits(model, resolve(rec.config(), spec, config, meas)):
             member.eval_refusals, member.eval_total, member.eval_kl = judge.score(model)
         run.members.append(member)

@@ -41,7 +41,7 @@ from . import maths
 from .arch import arch_for_config, text_config
 from .errors import InputError
 from .hooks.capture import EMBED, capture, resid_site, router_site
-from .measurements import Measurements
+from .measurements import MOMENT_PARTS, Measurements
 from .model import batches, encode, format_prompts, model_device, versions
 
 RESIDUAL_POSITION = "last prompt token (position -1, left padding)"
@@ -168,10 +168,8 @@ def measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequen
 def moment_tensors(name: str, rows: Sequence[torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
     """The ``harmless_moment.{eigvals,eigvecs,trace}.{name}`` tensors (float32) from the harmless
     last-token rows of one site, given as batches ``[B, H]``."""
-    eigvals, eigvecs, trace = maths.second_moment_eig(torch.cat(list(rows)), rank)
-    return {f"harmless_moment.eigvals.{name}": eigvals.to(torch.float32),
-            f"harmless_moment.eigvecs.{name}": eigvecs.to(torch.float32),
-            f"harmless_moment.trace.{name}": trace.to(torch.float32)}
+    parts = maths.second_moment_eig(torch.cat(list(rows)), rank)
+    return {f"harmless_moment.{part}.{name}": t.to(torch.float32) for part, t in zip(MOMENT_PARTS, parts)}
 
 
 def _measure_set(model: Any, tokenizer: Any, texts: list[str], batch_size: int, moe_layers: list[int],

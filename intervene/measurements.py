@@ -28,6 +28,7 @@ from .errors import InputError, MeasurementError
 from .maths import whiten
 
 META_KEY = "intervene"
+MOMENT_PARTS = ("eigvals", "eigvecs", "trace")  # harmless_moment.{part}.{L}, in this order
 SLOW_ENV = "INTERVENE_TEST_SLOW_MEASURE"  # tests only, see intervene.measure
 
 
@@ -66,7 +67,7 @@ class Measurements:
         return self._get("harmless_mean", layer)
 
     def has_moment(self, layer: int | str) -> bool:
-        return all(f"harmless_moment.{part}.{layer}" in self.tensors for part in ("eigvals", "eigvecs", "trace"))
+        return all(f"harmless_moment.{part}.{layer}" in self.tensors for part in MOMENT_PARTS)
 
     def harmless_moment(self, layer: int | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(eigvals [k], eigvecs [k, H], trace [1])`` of the harmless second moment at ``layer``."""
@@ -76,7 +77,7 @@ class Measurements:
                 f"measurements{where} have no 'harmless_moment.*.{layer}' (needed by 'whiten'); re-measure with "
                 "`intervene measure` (--whiten-rank > 0) to store them"
             )
-        return tuple(self.tensors[f"harmless_moment.{part}.{layer}"] for part in ("eigvals", "eigvecs", "trace"))
+        return tuple(self.tensors[f"harmless_moment.{part}.{layer}"] for part in MOMENT_PARTS)
 
     def whitened_direction(self, layer: int | str, lam: float) -> torch.Tensor:
         """``direction.{layer}`` whitened against the harmless second moment (``maths.whiten``)."""

@@ -47,7 +47,7 @@ import yaml
 from .config import InterventionConfig, parse_config, resolve
 from .errors import InputError
 from .measurements import Measurements
-from .search_space import WHITEN_RANGE, SearchSpace
+from .search_space import SearchSpace
 
 STUDY_NAME = "intervene-search"
 SAMPLERS = ("tpe", "nsga2")
@@ -447,13 +447,10 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
     loaded, tokenizer = load_model(model, dtype=dtype, device_map=device_map)
     config = text_config(loaded.config)
     meas.check_model(int(config.hidden_size), int(config.num_hidden_layers))
-    if whiten == "auto":
-        whiten = WHITEN_RANGE if all(meas.has_moment(layer) for layer in meas.layers) else None
-    elif isinstance(whiten, str):
-        raise InputError(f"whiten must be 'auto', None or a (low, high) range, got {whiten!r}")
     space = SearchSpace.default(arch_for_config(loaded.config), config, meas, targets=targets, router=router,
                                 methods=methods, whiten_range=whiten)
-    say("direction: " + (f"harmless-whitened, lambda searched in [{whiten[0]}, {whiten[1]}]" if whiten else
+    say("direction: " + (f"harmless-whitened, lambda searched in [{space.whiten.low}, {space.whiten.high}]"
+                         if space.whiten else
                          "raw difference of means (no harmless second moment in the measurements, or --whiten off)"))
     common = dict(batch_size=batch_size, system_prompt=system_prompt, chat_template=chat_template)
     say(f"baseline first-token scores on {len(prompt_sets['harmful'])} harmful / "

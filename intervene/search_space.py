@@ -92,12 +92,13 @@ class SearchSpace:
                 width_range: tuple[float, float] = (0.05, 0.6),
                 max_scale: tuple[float, float] = (0.6, 1.5),
                 min_fraction: tuple[float, float] = (0.0, 1.0),
-                whiten_range: tuple[float, float] | None = None) -> "SearchSpace":
+                whiten_range: tuple[float, float] | str | None = None) -> "SearchSpace":
         """Ranges given as fractions of the last layer index (``direction_range``,
         ``center_range``, ``width_range``) or absolute (scales, ``whiten_range``). ``direction_range``
         is clipped to the measured layers. ``whiten_range`` is searched (log-uniform) when the
         measurements hold the harmless second moment of every measured layer; ``None`` searches the
-        raw direction only."""
+        raw direction only; ``"auto"``: :data:`WHITEN_RANGE` when the measurements hold the moment,
+        else the raw direction."""
         num_layers = int(model_config.num_hidden_layers)
         last = max(num_layers - 1, 1)
         measured = measurements.layers
@@ -121,9 +122,14 @@ class SearchSpace:
         if lacking:
             raise InputError(f"target(s) {', '.join(lacking)} not present in this '{spec.name}' model; "
                              f"valid: {', '.join(present)}")
+        has_moment = all(measurements.has_moment(layer) for layer in measured)
+        if whiten_range == "auto":
+            whiten_range = WHITEN_RANGE if has_moment else None
+        elif isinstance(whiten_range, str):
+            raise InputError(f"whiten range must be 'auto', None or (low, high), got {whiten_range!r}")
         whiten = None
         if whiten_range is not None:
-            if not all(measurements.has_moment(layer) for layer in measured):
+            if not has_moment:
                 raise InputError(
                     f"measurements {measurements.path or ''} have no harmless second moment "
                     "('harmless_moment.*', stored by `intervene measure` with --whiten-rank > 0): re-measure, "

@@ -16,7 +16,7 @@ from intervene.errors import ConfigError, InputError, MeasurementError
 from intervene.measure import measure
 from intervene.measurements import Measurements, load_measurements
 from intervene.model import batches, encode
-from intervene.search_space import SearchSpace
+from intervene.search_space import Range, SearchSpace
 from intervene.testing import save_tiny, tiny_config, tiny_model, tiny_tokenizer
 from intervene.verify import verify
 
@@ -249,6 +249,9 @@ def test_search_space_samples_whiten_log_uniform_and_emits_it():
     bare = Measurements({k: v for k, v in meas.tensors.items() if not k.startswith("harmless_moment.")})
     with pytest.raises(InputError, match="no harmless second moment"):
         SearchSpace.default(spec, config, bare, whiten_range=(0.75, 4.0))
+    # "auto" (what `intervene search` and the benchmark use): the default range exactly when the moments are there
+    assert SearchSpace.default(spec, config, meas, whiten_range="auto").whiten == Range(0.75, 4.0, log=True)
+    assert SearchSpace.default(spec, config, bare, whiten_range="auto").whiten is None
 
 
 def test_cli_whiten_options_are_checked(capsys):
