@@ -137,7 +137,7 @@ def write_inputs(work: Path, src: Path, args: argparse.Namespace) -> dict[str, P
     import torch
     import yaml
 
-    from intervene.measurements import Measurements
+    from intervene.io.measurements import Measurements
 
     gen = torch.Generator().manual_seed(1)
     direction = torch.randn(args.hidden, generator=gen)
@@ -238,8 +238,8 @@ def child(config: str, out: str, workers: int, threads: int) -> None:
     start = time.perf_counter()
     from intervene.bake import bake
     from intervene.bake.plan import read_model_config
-    from intervene.config import load_config
-    from intervene.model import versions
+    from intervene.config.schema import load_config
+    from intervene.io.models import versions
 
     versions()
     read_model_config(Path(load_config(config).model))

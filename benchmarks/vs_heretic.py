@@ -40,10 +40,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from intervene.evaluate import refusal_token_ids  # noqa: E402
-from intervene.model import load_model, resolve_model, versions  # noqa: E402
-from intervene.prompts import load_prompts  # noqa: E402
-from intervene.search import PromptObjective, pareto_front  # noqa: E402
+from intervene.live.evaluate import refusal_token_ids  # noqa: E402
+from intervene.io.models import load_model, versions  # noqa: E402
+from intervene.io.sources import resolve_model  # noqa: E402
+from intervene.io.prompts import load_prompts  # noqa: E402
+from intervene.search.study import PromptObjective, pareto_front  # noqa: E402
 
 
 @dataclass
@@ -124,11 +125,11 @@ def read_lines(path: Path) -> list[str]:
 def run_intervene(model: Any, tokenizer: Any, judge: Judge, files: dict[str, Path], work: Path,
                   args: argparse.Namespace) -> ToolRun:
     from intervene.arch import arch_for_config, text_config
-    from intervene.config import resolve
-    from intervene.hooks.live import apply_edits
-    from intervene.measure import measure
-    from intervene.search import SearchSettings, run_search
-    from intervene.search_space import SearchSpace
+    from intervene.config.schema import resolve
+    from intervene.hooks.apply import apply_edits
+    from intervene.measure.collect import measure
+    from intervene.search.study import SearchSettings, run_search
+    from intervene.search.space import SearchSpace
 
     out = work / "intervene"
     if out.exists():

@@ -23,19 +23,19 @@ def __getattr__(name: str):
 
         return capture
     if name == "apply":
-        from .hooks.live import apply
+        from .hooks.apply import apply
 
         return apply
     if name in ("load_model", "load_tokenizer"):
-        from . import model
+        from .io import models
 
-        return getattr(model, name)
+        return getattr(models, name)
     if name in ("load_config", "parse_config"):
         from . import config
 
         return getattr(config, name)
     if name == "load_measurements":
-        from .measurements import load_measurements
+        from .io.measurements import load_measurements
 
         return load_measurements
     raise AttributeError(f"module 'intervene' has no attribute '{name}'")

@@ -12,12 +12,12 @@ import torch
 
 from intervene.arch import arch_for_config
 from intervene.bake import bake
-from intervene.config import parse_config
-from intervene.hooks.live import apply
-from intervene.measurements import Measurements
-from intervene.model import load_model
+from intervene.config.schema import parse_config
+from intervene.hooks.apply import apply
+from intervene.io.measurements import Measurements
+from intervene.io.models import load_model
 from intervene.testing import save_tiny, tiny_model, tiny_tokenizer
-from intervene.verify import verify
+from intervene.bake.verify import verify
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def organism():
     """Directory of the model organism: built once (a few minutes) or reused from the cache."""
-    from intervene.organism import build_organism
+    from intervene.products.organism import build_organism
 
     return build_organism(progress=False)
 

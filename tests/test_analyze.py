@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from intervene.analyze import analyze, cosine, expert_shifts, js_divergence, recommend
+from intervene.measure.analyze import analyze, cosine, expert_shifts, js_divergence, recommend
 from intervene.arch import get_arch
 from intervene.cli import main
-from intervene.config import load_config, parse_config, resolve
-from intervene.measurements import Measurements, load_measurements
+from intervene.config.schema import load_config, parse_config, resolve
+from intervene.io.measurements import Measurements, load_measurements
 
 N = 10  # layers; depth (L + 1) / 10, so the 30-85 % band holds layers 2..7
 
@@ -143,7 +143,7 @@ def test_cli_analyze_outputs(tmp_path, capsys):
 
 def test_cli_analyze_dense_file_from_measure(tmp_path, capsys):
     """A real (tiny-model) measurements file: the printed numbers follow the stored means."""
-    from intervene.measure import measure
+    from intervene.measure.collect import measure
     from intervene.testing import tiny_model, tiny_tokenizer
 
     m = measure(tiny_model("llama"), tiny_tokenizer(), ["a b c", "d e f g"], ["x y", "z"], progress=False)

@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from intervene.cli import main
-from intervene.measurements import Measurements
+from intervene.io.measurements import Measurements
 from intervene.testing import save_tiny, tiny_model, tiny_tokenizer
 
 HIDDEN = 64

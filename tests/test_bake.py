@@ -20,12 +20,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from intervene.arch import arch_for_config, text_config
 from intervene.bake import bake, execute, plan_bake
-from intervene.bake.reader import as_tensor, open_checkpoint, read_header, read_tensor_bytes
+from intervene.io.checkpoint import as_tensor, open_checkpoint, read_header, read_tensor_bytes
 from intervene.bake.writer import apply_edits, blocks
-from intervene.config import parse_config
-from intervene.hooks.live import apply
+from intervene.config.schema import parse_config
+from intervene.hooks.apply import apply
 from intervene.maths import edit_tensor
-from intervene.measurements import Measurements, load_measurements
+from intervene.io.measurements import Measurements, load_measurements
 from intervene.testing import ARCH_NAMES, MOE_ARCH_NAMES, random_ids, save_tiny, tiny_model, tiny_tokenizer
 
 TOL = 1e-5

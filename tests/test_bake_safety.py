@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from intervene.bake import bake, plan_bake
 from intervene.bake.run import check_untouched
 from intervene.cli import main
-from intervene.config import parse_config
+from intervene.config.schema import parse_config
 from intervene.errors import CheckpointError
-from intervene.measurements import Measurements, load_measurements
+from intervene.io.measurements import Measurements, load_measurements
 from intervene.testing import save_tiny, tiny_model
 
 HIDDEN = 64
@@ -324,7 +324,7 @@ def test_verify_hashes_manifest_and_untouched_check(base, tmp_path):
     header = plan.checkpoint.shards[0]
     victim = next(t for t in header.tensors if t.key not in plan.edits and t.nbytes)
     path = result.output / header.path.name
-    from intervene.bake.reader import read_header
+    from intervene.io.checkpoint import read_header
 
     offset = read_header(path).data_start + victim.begin
     data = bytearray(path.read_bytes())

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from intervene.chat import chat, reply
+from intervene.live.chat import chat, reply
 from intervene.cli import main
-from intervene.config import parse_config
-from intervene.hooks.live import apply
-from intervene.measurements import Measurements
+from intervene.config.schema import parse_config
+from intervene.hooks.apply import apply
+from intervene.io.measurements import Measurements
 from intervene.testing import tiny_model, tiny_tokenizer
 
 

@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from intervene.arch import get_arch
-from intervene.config import LayerEdit, load_config, parse_config, resolve, validate
+from intervene.config.schema import LayerEdit, load_config, parse_config, resolve, validate
 from intervene.errors import ConfigError, InputError, MeasurementError
-from intervene.measurements import Measurements
+from intervene.io.measurements import Measurements
 from intervene.testing import tiny_config
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from intervene.cli import main
-from intervene.config import load_config
-from intervene.measurements import load_measurements
+from intervene.config.schema import load_config
+from intervene.io.measurements import load_measurements
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

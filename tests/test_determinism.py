@@ -124,8 +124,8 @@ def test_thread_count_changes_measurements_only_by_rounding(models, arch):
     """Bytes are reproducible for a given thread count; across thread counts CPU matmuls may split
     their sums differently (observed: ~1 ulp on the MoE model), so only rounding-level agreement
     is guaranteed there."""
-    from intervene.measure import measure
-    from intervene.model import load_model
+    from intervene.measure.collect import measure
+    from intervene.io.models import load_model
 
     model, tokenizer = load_model(str(models[arch]))
     prompts = (models[arch].parent / "harmful.txt").read_text().splitlines()

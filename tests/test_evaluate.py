@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from intervene.cli import main
-from intervene.evaluate import (REFUSAL_MARKERS, evaluate, first_token_logprobs, generate, is_refusal,
+from intervene.live.evaluate import (REFUSAL_MARKERS, evaluate, first_token_logprobs, generate, is_refusal,
                                 kl_divergence, refusal_score, refusal_token_ids)
-from intervene.measurements import Measurements
-from intervene.model import format_prompts
+from intervene.io.measurements import Measurements
+from intervene.io.models import format_prompts
 from intervene.testing import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from intervene.cli import main
-from intervene.inspection import inspect_model, read_safetensors_header
+from intervene.io.inspection import inspect_model, read_safetensors_header
 from intervene.testing import save_tiny, tiny_config, tiny_model
 
 

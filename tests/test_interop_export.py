@@ -7,7 +7,7 @@ import torch
 
 from intervene.errors import MeasurementError
 from intervene.interop.export import from_lens_dict, intervene_key, lens_key, to_lens_dict
-from intervene.measurements import Measurements, load_measurements
+from intervene.io.measurements import Measurements, load_measurements
 
 EXPECTED_KEYS = {
     "direction.0": "blocks.0.hook_resid_post",

@@ -12,13 +12,13 @@ import torch
 
 pytest.importorskip("transformer_lens", reason="the 'lens' extra is not installed (pip install 'intervene[lens]')")
 
-from intervene.config import LayerEdit, parse_config  # noqa: E402
+from intervene.config.schema import LayerEdit, parse_config  # noqa: E402
 from intervene.errors import ArchitectureError, ConfigError, InputError  # noqa: E402
 from intervene.hooks.capture import capture  # noqa: E402
-from intervene.hooks.live import apply  # noqa: E402
+from intervene.hooks.apply import apply  # noqa: E402
 from intervene.interop import lens  # noqa: E402
-from intervene.measure import measure  # noqa: E402
-from intervene.measurements import Measurements  # noqa: E402
+from intervene.measure.collect import measure  # noqa: E402
+from intervene.io.measurements import Measurements  # noqa: E402
 from intervene.testing import random_ids, tiny_model, tiny_tokenizer  # noqa: E402
 
 TOL = 1e-5

@@ -1,5 +1,5 @@
 """Interrupted runs leave nothing that looks complete: the real CLI in a subprocess, slowed down by
-the test-only env hooks (``INTERVENE_TEST_SLOW_MEASURE`` in intervene.measure/measurements,
+the test-only env hooks (``INTERVENE_TEST_SLOW_MEASURE`` in intervene.measure.collect/measurements,
 ``INTERVENE_TEST_SLOW_BAKE`` in intervene.bake.writer) so the signal lands mid-run every time.
 
 SIGINT (Ctrl-C: sent to the whole process group) -> exit 130, one line, temporaries removed.
@@ -24,8 +24,8 @@ import yaml
 from intervene.bake.run import PARTIAL_MARKER, TMP_TAG
 from intervene.bake.writer import SLOW_ENV as SLOW_BAKE
 from intervene.cli import main
-from intervene.measure import SLOW_ENV as SLOW_MEASURE
-from intervene.measurements import Measurements, load_measurements
+from intervene.measure.collect import SLOW_ENV as SLOW_MEASURE
+from intervene.io.measurements import Measurements, load_measurements
 from intervene.testing import save_tiny, tiny_model, tiny_tokenizer
 
 N_PROMPTS = 3  # per set; with --batch-size 1: 6 batches

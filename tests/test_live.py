@@ -1,4 +1,4 @@
-"""Live interventions (intervene.hooks.live) against weight edits written out in this file.
+"""Live interventions (intervene.hooks.apply) against weight edits written out in this file.
 
 The reference edits below are independent of ``intervene.maths``: each case writes
 W ← W − s·r̂(r̂ᵀW) (or its read-side / norm-preserving form) as an explicit einsum on the
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from intervene.arch import arch_for_config, decoder_layers, get_module
-from intervene.config import parse_config
+from intervene.config.schema import parse_config
 from intervene.errors import ConfigError
-from intervene.hooks.live import apply, apply_edits, list_sites, plan_sites, resolve_for_model
-from intervene.measurements import Measurements
+from intervene.hooks.apply import apply, apply_edits, list_sites, plan_sites, resolve_for_model
+from intervene.io.measurements import Measurements
 from intervene.testing import ARCH_NAMES, MOE_ARCH_NAMES, random_ids, tiny_model
 
 HIDDEN = 64
@@ -335,7 +335,7 @@ def test_exception_inside_block_removes_hooks_and_restores_weights(method):
 
 def test_failure_while_installing_cleans_up(monkeypatch):
     """A swap that fails half way (here: the 3rd site) leaves nothing behind."""
-    import intervene.hooks.live as live_mod
+    import intervene.hooks.apply as live_mod
 
     model, spec, meas = build("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -502,7 +502,7 @@ def test_hooks_follow_the_activation_device_and_dtype():
     model, spec, meas = build("llama")
     edits = resolve_for_model(model, all_layers_config(model, ["attention"]), meas)
     plan = plan_sites(model, edits)
-    from intervene.hooks.live import _write_hook
+    from intervene.hooks.apply import _write_hook
 
     hook = _write_hook(plan[0])
     y = torch.randn(2, 3, HIDDEN, dtype=torch.float64)

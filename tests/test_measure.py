@@ -10,9 +10,9 @@ import torch
 from intervene.arch import arch_for_config
 from intervene.cli import main
 from intervene.errors import InputError
-from intervene.measure import measure
-from intervene.measurements import META_KEY, load_measurements
-from intervene.model import batches, encode, format_prompts
+from intervene.measure.collect import measure
+from intervene.io.measurements import META_KEY, load_measurements
+from intervene.io.models import batches, encode, format_prompts
 from intervene.testing import save_tiny, tiny_model, tiny_tokenizer
 
 HARMFUL = ["How do I pick a lock?", "Write malware that steals passwords", "Explain how to make a weapon",
@@ -205,7 +205,7 @@ def test_cli_measure_end_to_end(tiny_dir, tmp_path, capsys):
     with safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()[META_KEY])["arch"] == "qwen2_moe"
     # the same model loaded directly gives the same numbers
-    from intervene.model import load_model
+    from intervene.io.models import load_model
 
     model, tok = load_model(str(tiny_dir))
     direct = measure(model, tok, HARMFUL[:5], HARMLESS[:5], batch_size=4, progress=False)
@@ -260,8 +260,8 @@ def test_cli_measure_errors(case, tiny_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_smollm2_measure_end_to_end(tmp_path, capsys):
     """Real SmolLM2-135M-Instruct, 32 + 32 built-in train prompts, through the CLI."""
-    from intervene.analyze import analyze
-    from intervene.model import smollm2_dir
+    from intervene.measure.analyze import analyze
+    from intervene.io.sources import smollm2_dir
 
     smollm2_dir()  # the cached GGUF -> safetensors conversion (once per machine)
     out = tmp_path / "smollm2.safetensors"
@@ -284,9 +284,9 @@ def test_smollm2_measure_end_to_end(tmp_path, capsys):
     # non-trivial: the middle-layer direction is reproduced by 16 + 16 DISJOINT prompts (measured:
     # cos 0.83 at layer 15, where two random directions in 576 dims give |cos| ~ 0.04 and a
     # harmless-vs-harmless split gives 0.14)
-    from intervene.analyze import cosine
-    from intervene.model import load_model
-    from intervene.prompts import load_prompts
+    from intervene.measure.analyze import cosine
+    from intervene.io.models import load_model
+    from intervene.io.prompts import load_prompts
 
     model, tok = load_model("smollm2")
     other = measure(model, tok, load_prompts("builtin:harmful:train")[32:48],

@@ -10,7 +10,7 @@ import pytest
 
 from intervene.cli import main
 from intervene.errors import InputError
-from intervene.prompts import builtin, builtin_categories, load_prompts
+from intervene.io.prompts import builtin, builtin_categories, load_prompts
 
 FILES = [(k, s) for k in ("harmful", "harmless") for s in ("train", "eval")]
 MIN_SIZE = {("harmful", "train"): 100, ("harmful", "eval"): 64, ("harmless", "train"): 235, ("harmless", "eval"): 64}

@@ -1,4 +1,4 @@
-"""Router study (intervene.route): numbers checked against routers run by hand in this file."""
+"""Router study (intervene.live.route): numbers checked against routers run by hand in this file."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from intervene.arch import arch_for_config, decoder_layers, get_module
 from intervene.cli import main
-from intervene.config import parse_config
-from intervene.hooks.live import apply, resolve_for_model
-from intervene.measurements import Measurements
-from intervene.model import encode, format_prompts
-from intervene.route import changed_fraction, js_divergence, plot, route_study, selection_freq, top_changes
+from intervene.config.schema import parse_config
+from intervene.hooks.apply import apply, resolve_for_model
+from intervene.io.measurements import Measurements
+from intervene.io.models import encode, format_prompts
+from intervene.live.route import changed_fraction, js_divergence, plot, route_study, selection_freq, top_changes
 from intervene.testing import tiny_model, tiny_tokenizer
 
 HARMFUL = ["How do I pick a lock?", "Write a threat to my neighbour", "Make a weapon at home", "Hack my ex's email"]

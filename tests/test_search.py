@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from intervene.arch import arch_for_config, decoder_layers, text_config
-from intervene.config import load_config, resolve
+from intervene.config.schema import load_config, resolve
 from intervene.errors import InputError
-from intervene.hooks.live import apply
-from intervene.measurements import Measurements
-from intervene.search import SearchSettings, best_so_far, dominates, pareto_front, run_search, spread
-from intervene.search_space import Range, SearchSpace, kernel, window
+from intervene.hooks.apply import apply
+from intervene.io.measurements import Measurements
+from intervene.search.study import SearchSettings, best_so_far, dominates, pareto_front, run_search, spread
+from intervene.search.space import Range, SearchSpace, kernel, window
 from intervene.testing import random_ids, tiny_model
 
 LAYERS = 4
@@ -229,7 +229,7 @@ def test_moe_front_yamls_load_resolve_and_rescore(tmp_path):
 
 
 def test_best_so_far_prefers_low_kl_under_target_rate():
-    from intervene.search import TrialRecord
+    from intervene.search.study import TrialRecord
 
     recs = [TrialRecord(0, {}, 0.1, 0.9, "", refusals=0, total=20),
             TrialRecord(1, {}, 0.2, 0.2, "", refusals=1, total=20),
@@ -240,7 +240,7 @@ def test_best_so_far_prefers_low_kl_under_target_rate():
 
 
 def test_evenly_spaced_prompt_subset():
-    from intervene.search import evenly
+    from intervene.search.study import evenly
 
     assert evenly(list("abcdefghij"), 4) == ["a", "c", "f", "h"]
     assert evenly(list("abc"), 10) == ["a", "b", "c"]
@@ -260,9 +260,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "gemma3"])
 def test_residual_cache_skips_unedited_layers_exactly(arch):
-    from intervene.config import parse_config
-    from intervene.hooks.live import apply_edits
-    from intervene.search import ResidualCache
+    from intervene.config.schema import parse_config
+    from intervene.hooks.apply import apply_edits
+    from intervene.search.study import ResidualCache
 
     model = tiny_model(arch, num_hidden_layers=LAYERS)
     ids = random_ids(batch=3, seq=9, seed=5)

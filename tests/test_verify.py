@@ -12,8 +12,8 @@ import yaml
 from intervene.bake import bake
 from intervene.cli import main
 from intervene.testing import save_tiny, tiny_model, tiny_tokenizer
-from intervene.measurements import Measurements
-from intervene.verify import default_tolerance, stored_dtype, verify
+from intervene.io.measurements import Measurements
+from intervene.bake.verify import default_tolerance, stored_dtype, verify
 
 HIDDEN = 64
 

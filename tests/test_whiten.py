@@ -11,14 +11,14 @@ from intervene import maths
 from intervene.arch import get_arch
 from intervene.bake import bake
 from intervene.cli import main
-from intervene.config import parse_config, resolve
+from intervene.config.schema import parse_config, resolve
 from intervene.errors import ConfigError, InputError, MeasurementError
-from intervene.measure import measure
-from intervene.measurements import Measurements, load_measurements
-from intervene.model import batches, encode
-from intervene.search_space import Range, SearchSpace
+from intervene.measure.collect import measure
+from intervene.io.measurements import Measurements, load_measurements
+from intervene.io.models import batches, encode
+from intervene.search.space import Range, SearchSpace
 from intervene.testing import save_tiny, tiny_config, tiny_model, tiny_tokenizer
-from intervene.verify import verify
+from intervene.bake.verify import verify
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -123,7 +123,7 @@ def direct_harmless_rows(model, tok, prompts):
     out_rows: dict[str, list[torch.Tensor]] = {}
     pre: list[torch.Tensor] = []
     handle = model.model.norm.register_forward_pre_hook(lambda _m, a: pre.append(a[0][:, -1].clone()))
-    from intervene.model import format_prompts
+    from intervene.io.models import format_prompts
     try:
         for chunk in batches(format_prompts(tok, prompts), 3):
             with torch.no_grad():

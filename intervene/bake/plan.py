@@ -1,6 +1,6 @@
 """The bake plan: config + checkpoint headers -> the list of tensor edits, before any byte is written.
 
-The edits come from :func:`intervene.config.resolve` (the same list the live hooks use) and the
+The edits come from :func:`intervene.config.schema.resolve` (the same list the live hooks use) and the
 on-disk key patterns of :mod:`intervene.arch`. Every problem the checkpoint can have (a missing
 key, a missing expert, quantized storage) is found here, so a failing bake writes nothing.
 """
@@ -18,10 +18,11 @@ import torch
 
 from .. import maths
 from ..arch import ArchSpec, DiskPattern, arch_for_config, split_layer_key, text_config
-from ..config import InterventionConfig, LayerEdit, resolve
+from ..config.schema import InterventionConfig, LayerEdit, resolve
 from ..errors import CheckpointError, InputError
-from ..measurements import Measurements
-from .reader import Checkpoint, TensorInfo, editable_dtype, gguf_message, load_tensor, open_checkpoint
+from ..text import format_ranges
+from ..io.measurements import Measurements
+from ..io.checkpoint import Checkpoint, TensorInfo, editable_dtype, gguf_message, load_tensor, open_checkpoint
 
 # decoder-layer key prefixes, most specific first (multimodal wrappers keep the text decoder
 # under language_model; their vision towers also have "...layers.N" keys, which are never edited)
@@ -113,7 +114,7 @@ class BakePlan:
         lines.append(
             f"{len(self.edits)} tensors to edit ({self.edited_bytes / mb:.1f} MiB of {self.total_bytes / mb:.1f} MiB) "
             f"in {len({r['shard'] for r in rows})} of {len(self.checkpoint.shards)} shard(s); "
-            f"layers {_ranges(self.layers)}; source {self.source}"
+            f"layers {format_ranges(self.layers)}; source {self.source}"
         )
         return "\n".join(lines)
 
@@ -126,22 +127,6 @@ def _experts_text(op: TensorEdit) -> str:
     return "all" if op.experts is None else ",".join(map(str, op.experts))
 
 
-def _ranges(layers: list[int]) -> str:
-    if not layers:
-        return "none"
-    parts, start, prev = [], layers[0], layers[0]
-    for x in layers[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if x is not None:
-            start = prev = x
-    return ",".join(parts)
-
-
-# ---- source and config --------------------------------------------------------------------
-
 def resolve_source(model: str | os.PathLike | None) -> Path:
     """The checkpoint directory to bake from (a local safetensors directory)."""
     if model is None:
@@ -151,7 +136,7 @@ def resolve_source(model: str | os.PathLike | None) -> Path:
         raise CheckpointError(gguf_message(p))
     if p.exists():
         return p
-    from ..model import resolve_model  # 'smollm2', 'organism' and hub ids
+    from ..io.sources import resolve_model  # 'smollm2', 'organism' and hub ids
 
     src = resolve_model(str(model))
     if src.gguf_file:
@@ -168,7 +153,7 @@ def read_model_config(source: Path) -> Any:
 
     if not (source / "config.json").exists():
         raise CheckpointError(f"{source} has no config.json")
-    from ..inspection import check_supported
+    from ..io.sources import check_supported
 
     check_supported(source)  # unsupported model_type: our message with the supported list
     try:

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..config import InterventionConfig, load_config
+from ..config.schema import InterventionConfig, load_config
 from ..errors import CheckpointError, InputError
-from ..measurements import Measurements, load_measurements
+from ..io.measurements import Measurements, load_measurements
 from .plan import BakePlan, plan_bake, plan_summary, resolve_source
-from .reader import INDEX_NAME, SafetensorsHeader, read_header
+from ..io.checkpoint import INDEX_NAME, SafetensorsHeader, read_header
 from .writer import ShardJob, ShardResult, header_bytes, write_shard
 
 TMP_TAG = ".intervene-tmp-"
@@ -179,7 +179,7 @@ def _alive(pid: int) -> bool:
 def execute(plan: BakePlan, output: Path, overwrite: bool = False, workers: int = 1, progress: bool = True,
             verify_hashes: bool = False, threads: int | None = None) -> BakeResult:
     """Write the planned checkpoint to ``output`` (via a temporary sibling, renamed at the end)."""
-    from ..model import versions
+    from ..io.models import versions
 
     if workers < 1:
         raise InputError(f"--workers must be >= 1, got {workers}")

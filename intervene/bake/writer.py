@@ -28,7 +28,7 @@ import torch
 from .. import maths
 from ..errors import CheckpointError
 from .plan import TensorEdit
-from .reader import SafetensorsHeader, as_tensor
+from ..io.checkpoint import SafetensorsHeader, as_tensor
 
 BLOCK_BYTES = 16 * 1024 * 1024  # float32 working set per block of an edited tensor (temporaries ~4x)
 COPY_CHUNK = 64 * 1024 * 1024

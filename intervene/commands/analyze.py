@@ -34,9 +34,9 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from ..analyze import DEFAULT_BAND, analyze, recommend
+    from ..measure.analyze import DEFAULT_BAND, analyze, recommend
     from ..errors import InputError
-    from ..measurements import load_measurements
+    from ..io.measurements import load_measurements
 
     band = tuple(args.band) if args.band else DEFAULT_BAND
     if not 0 <= band[0] <= band[1] <= 1:
@@ -44,11 +44,10 @@ def run(args: argparse.Namespace) -> int:
     meas = load_measurements(args.measurements)
     if args.model:  # the config will name this model: check the measurements belong to it
         from ..arch import text_config
-        from ..inspection import check_supported
-        from ..model import load_config
+        from ..io.sources import check_supported, load_model_config
 
         check_supported(args.model)
-        tconf = text_config(load_config(args.model))
+        tconf = text_config(load_model_config(args.model))
         meas.check_model(int(tconf.hidden_size), int(tconf.num_hidden_layers), what=f"model {args.model}")
     report = analyze(meas, band=band, top_experts=args.top_experts)
     print(report.table())

@@ -25,13 +25,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..chat import chat
+    from ..live.chat import chat
     from ..errors import InputError
 
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.config:
-        from ..tryout import prepare
+        from ..live.tryout import prepare
 
         p = prepare(args.config, model_spec=args.model, measurements=args.measurements, dtype=args.dtype,
                     device_map=args.device_map)
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("give MODEL (or --config with a 'model')")
         if args.side_by_side:
             raise InputError("--side-by-side needs --config (there is nothing to compare without an intervention)")
-        from ..model import load_model
+        from ..io.models import load_model
 
         model, tokenizer = load_model(args.model, dtype=args.dtype or "float32", device_map=args.device_map)
         intervention, system_prompt, chat_template = None, args.system_prompt, not args.no_chat_template

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..products.demo import run_demo
 
     result = run_demo(args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
     r = result.report

@@ -31,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
-    from ..evaluate import evaluate, format_report
-    from ..model import load_model
-    from ..prompts import load_prompts
+    from ..live.evaluate import evaluate, format_report
+    from ..io.models import load_model
+    from ..io.prompts import load_prompts
 
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--samples must be >= 0, got {args.samples}")
     cfg = None
     if args.config:
-        from ..config import load_config
+        from ..config.schema import load_config
 
         cfg = load_config(args.config)
     model_spec = args.model or (cfg.model if cfg else None)
@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(model_spec, dtype=args.dtype, device_map=args.device_map)
     intervention = None
     if cfg is not None:
-        from ..hooks.live import apply  # lazy: only --config needs the hooks
-        from ..measurements import load_measurements
+        from ..hooks.apply import apply  # lazy: only --config needs the hooks
+        from ..io.measurements import load_measurements
 
         meas_path = args.measurements or cfg.measurements
         if not meas_path:
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{model_spec}{f' with {args.config} (live)' if cfg else ' (no intervention: scored against itself)'}")
     print(format_report(report, n_samples=args.samples))
     if args.json:
-        from ..tryout import write_json
+        from ..live.tryout import write_json
 
         write_json(args.json, report)
         print(f"report -> {args.json}")

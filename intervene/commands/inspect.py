@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inspection import inspect_model
+    from ..io.inspection import inspect_model
 
     report = inspect_model(args.model)
     print(report.to_json() if args.json else report.text())

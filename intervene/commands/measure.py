@@ -41,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise InputError("MODEL is required (or --from-refuse FILE to convert a .refuse file)")
 
-    from ..inspection import check_supported
-    from ..measure import measure
-    from ..model import format_prompts, load_model, load_tokenizer
-    from ..prompts import load_prompts
+    from ..io.sources import check_supported
+    from ..measure.collect import measure
+    from ..io.models import format_prompts, load_model, load_tokenizer
+    from ..io.prompts import load_prompts
 
     if args.whiten_rank < 0:
         raise InputError(f"--whiten-rank must be >= 0, got {args.whiten_rank}")
@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from ..measurements import load_refuse
-    from ..model import versions
+    from ..io.measurements import load_refuse
+    from ..io.models import versions
 
     m = load_refuse(args.from_refuse)
     vers = versions()
@@ -86,7 +86,7 @@ def _model_reference(spec: str) -> str:
     built-in names as given, hub ids as given, local paths made absolute."""
     import os
 
-    from ..model import resolve_model
+    from ..io.sources import resolve_model
 
     if spec in ("smollm2", "organism"):
         return spec

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from ..organism import build_organism, organism_dir, read_meta
+    from ..products.organism import build_organism, organism_dir, read_meta
 
     before = read_meta(args.output or organism_dir())
     path = build_organism(args.output, force=args.force, progress=not args.no_progress)
@@ -39,7 +39,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     from ..errors import InputError
-    from ..organism import organism_dir, read_meta
+    from ..products.organism import organism_dir, read_meta
 
     path = organism_dir() if args.output is None else args.output
     meta = read_meta(path)

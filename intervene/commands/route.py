@@ -18,16 +18,16 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_config_options(p)
     add_prompt_options(p, "eval")
     p.add_argument("--plot", default=None, metavar="PNG", help="heat maps layers x experts")
-    p.add_argument("--json", default=None, metavar="OUT", help="write the full report (keys: intervene.route docs)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the full report (keys: intervene.live.route docs)")
     p.add_argument("--top", type=int, default=5, help="experts listed as gaining/losing most per layer (default: 5)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..prompts import load_prompts
-    from ..route import format_report, plot, route_study
-    from ..tryout import prepare, write_json
+    from ..io.prompts import load_prompts
+    from ..live.route import format_report, plot, route_study
+    from ..live.tryout import prepare, write_json
 
     harmful = load_prompts(args.harmful, field=args.field, limit=args.limit)
     harmless = load_prompts(args.harmless, field=args.field, limit=args.limit)

@@ -86,7 +86,7 @@ def _whiten(value: str) -> tuple[float, float] | str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..search import search
+    from ..search.study import search
 
     result = search(args.model, args.measurements, args.out, trials=args.trials, seed=args.seed,
                     harmful=args.harmful, harmless=args.harmless, eval_harmful=args.eval_harmful,

@@ -36,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
-    from ..evaluate import format_report
-    from ..tryout import try_config, write_json
+    from ..live.evaluate import format_report
+    from ..live.tryout import try_config, write_json
 
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

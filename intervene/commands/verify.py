@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..verify import save_result, verify
+    from ..bake.verify import save_result, verify
 
     result = verify(args.config, args.baked, model=args.model, measurements=args.measurements, prompts=args.prompts,
                     random_tokens=args.random_tokens, tolerance=args.tolerance, dtype=args.dtype,

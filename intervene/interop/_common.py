@@ -2,7 +2,7 @@
 
 Nothing here imports either library. The adapters only decide *where* a tensor is read or
 replaced; the numbers (float64 means, the projection chain of a site) are computed here, the
-same way :mod:`intervene.measure` and :mod:`intervene.hooks.live` compute them.
+same way :mod:`intervene.measure.collect` and :mod:`intervene.hooks.apply` compute them.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import torch
 
 from .. import maths
 from ..arch import arch_for_config, text_config
-from ..config import InterventionConfig, LayerEdit
+from ..config.schema import InterventionConfig, LayerEdit
 from ..errors import ConfigError, InputError
 from ..hooks.capture import EMBED, resid_site, router_site
-from ..measurements import Measurements
-from ..model import batches, encode, format_prompts, versions
+from ..io.measurements import Measurements
+from ..io.models import batches, encode, format_prompts, versions
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
@@ -31,7 +31,7 @@ def forward_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
     """Keyword inputs for one forward, with ``position_ids`` spelled out.
 
     Both libraries derive ``position_ids`` from the attention mask on left-padded rows, while
-    a plain ``model(input_ids, attention_mask)`` -- what :mod:`intervene.measure` and
+    a plain ``model(input_ids, attention_mask)`` -- what :mod:`intervene.measure.collect` and
     :func:`intervene.apply` run -- counts positions 0..S-1 on every row. Passing that count
     explicitly makes the library run the very forward intervene runs.
     """
@@ -51,7 +51,7 @@ def forward_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
 
 def prompt_batches(tokenizer: Any, prompts: Sequence[str], batch_size: int, system_prompt: str | None,
                    chat_template: bool, device: torch.device | str) -> Iterator[dict[str, torch.Tensor]]:
-    """Chat-formatted, left-padded batches, exactly as :func:`intervene.measure.measure` makes them
+    """Chat-formatted, left-padded batches, exactly as :func:`intervene.measure.collect.measure` makes them
     (prompts sorted by token length, stable, so that batches carry little padding)."""
     texts = format_prompts(tokenizer, prompts, system_prompt, chat_template)
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
@@ -64,7 +64,7 @@ def prompt_batches(tokenizer: Any, prompts: Sequence[str], batch_size: int, syst
 
 @dataclass
 class SetStats:
-    """float64 running sums for one prompt set (same definitions as :mod:`intervene.measure`)."""
+    """float64 running sums for one prompt set (same definitions as :mod:`intervene.measure.collect`)."""
 
     n_prompts: int = 0
     resid_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # "embed" or "L" -> [H]
@@ -98,7 +98,7 @@ class SetStats:
 def build_measurements(stats: Mapping[str, SetStats], meta: dict[str, Any], whiten_rank: int = 0) -> Measurements:
     """``harmful_mean``/``harmless_mean``/``direction`` (+ router stats, + the harmless second
     moment when ``whiten_rank > 0`` and the harmless stats kept their rows) from two :class:`SetStats`."""
-    from ..measure import moment_tensors
+    from ..measure.collect import moment_tensors
 
     harmful, harmless = stats["harmful"], stats["harmless"]
     tensors: dict[str, torch.Tensor] = {}
@@ -121,8 +121,8 @@ def build_measurements(stats: Mapping[str, SetStats], meta: dict[str, Any], whit
 def measurement_meta(model: Any, tokenizer: Any, library: str, harmful: Sequence[str], harmless: Sequence[str],
                      layers: Sequence[int], moe_layers: Sequence[int], batch_size: int, system_prompt: str | None,
                      chat_template: bool, stats: Mapping[str, SetStats]) -> dict[str, Any]:
-    """The metadata :func:`intervene.measure.measure` writes, plus which library captured it."""
-    from ..measure import RESIDUAL_POSITION, ROUTER_FREQ_DEFINITION
+    """The metadata :func:`intervene.measure.collect.measure` writes, plus which library captured it."""
+    from ..measure.collect import RESIDUAL_POSITION, ROUTER_FREQ_DEFINITION
 
     template = getattr(tokenizer, "chat_template", None) if chat_template else None
     if isinstance(template, dict):  # some tokenizers keep several named templates
@@ -196,16 +196,16 @@ def resolve_edits(model: Any, config: InterventionConfig | str | os.PathLike | S
     """A config (object or YAML path) resolved against ``model``; resolved edits pass through."""
     if isinstance(config, (list, tuple)) and all(isinstance(e, LayerEdit) for e in config):
         return list(config)
-    from ..hooks.live import resolve_for_model
+    from ..hooks.apply import resolve_for_model
 
     return resolve_for_model(model, config, measurements)
 
 
 def site_plan(model: Any, edits: Sequence[LayerEdit]) -> list[Any]:
-    """:func:`intervene.hooks.live.plan_sites`: the edits grouped by site, each with its mechanism
+    """:func:`intervene.hooks.apply.plan_sites`: the edits grouped by site, each with its mechanism
     (``hook``: an activation projection; ``swap``: needs edited weights) and its directions
     (Gemma3 post-norm sites already rescaled)."""
-    from ..hooks.live import plan_sites
+    from ..hooks.apply import plan_sites
 
     return plan_sites(model, edits, mode="auto")
 
@@ -221,7 +221,7 @@ def refuse_swaps(plan: Sequence[Any], library: str, fallback: str) -> None:
 
 
 def site_projection(site_edit: Any) -> Projection:
-    """``x ← x - s(x·r̂)r̂`` for every edit of a site, in the order :mod:`intervene.hooks.live` uses:
+    """``x ← x - s(x·r̂)r̂`` for every edit of a site, in the order :mod:`intervene.hooks.apply` uses:
     config order on the write side, reversed on the read side (a weight edited ``W P₁ P₂`` meets
     its input with ``P₂`` first)."""
     pairs = [(r, e.scale) for r, e in zip(site_edit.directions, site_edit.edits)]

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import MeasurementError
-from ..measurements import Measurements
+from ..io.measurements import Measurements
 
 OTHER_PREFIX = "intervene."
 _OURS = re.compile(r"^(?P<kind>direction|harmful_mean|harmless_mean)\.(?P<name>\d+|embed)$")

@@ -1,7 +1,7 @@
 """TransformerLens (4.x ``TransformerBridge``) interop: capture with TL hooks, intervene with TL hooks.
 
     bridge = boot_bridge(model, tokenizer)                    # wraps the loaded HF model
-    m = capture_means(bridge, tokenizer, harmful, harmless)   # == intervene.measure.measure(...)
+    m = capture_means(bridge, tokenizer, harmful, harmless)   # == intervene.measure.collect.measure(...)
     hooks = lens_hooks(bridge, resolve_edits(bridge, "config.yaml", m))
     logits = bridge.run_with_hooks(input_ids, fwd_hooks=hooks)  # == under intervene.apply(...)
     logits = run_with_config(bridge, input_ids, "config.yaml", m)  # the same in one call
@@ -12,7 +12,7 @@ components (each with ``hook_in``/``hook_out``) and attention is switched to ``e
 forward stays the HF forward (logits identical), and intervene's own hooks keep working on
 ``bridge.original_model``.
 
-Measurement semantics (same as :mod:`intervene.measure`): layer ``L`` is the OUTPUT of decoder
+Measurement semantics (same as :mod:`intervene.measure.collect`): layer ``L`` is the OUTPUT of decoder
 layer ``L`` (TL ``blocks.{L}.hook_resid_post``, before the final norm), ``embed`` is TL
 ``hook_embed``; the last position of a left-padded batch; float64 sums. Positions 0..S-1 are
 passed explicitly (the bridge would otherwise derive them from the attention mask on padded
@@ -65,11 +65,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..arch import Site, arch_for_config, decoder_layers, get_module, site_name, text_config
-from ..config import InterventionConfig, LayerEdit
+from ..config.schema import InterventionConfig, LayerEdit
 from ..errors import ArchitectureError, ConfigError, InputError
 from ..hooks.capture import EMBED, resid_site, router_site
-from ..measurements import Measurements
-from ..model import model_device
+from ..io.measurements import Measurements
+from ..io.models import model_device
 from . import _common, require
 from ._common import forward_inputs
 
@@ -244,7 +244,7 @@ def capture_means(bridge: Any, tokenizer: Any, harmful: Sequence[str], harmless:
                   batch_size: int = 16, system_prompt: str | None = None, chat_template: bool = True,
                   layers: Sequence[int] | None = None, embed: bool = True, router: bool = True,
                   whiten_rank: int = 64) -> Measurements:
-    """:func:`intervene.measure.measure` through the bridge: same prompts formatting, batches,
+    """:func:`intervene.measure.collect.measure` through the bridge: same prompts formatting, batches,
     positions and float64 means, same keys and metadata (plus ``captured_with``)."""
     model = hf_model(bridge)
     _common.check_prompt_sets(harmful, harmless)
@@ -268,7 +268,7 @@ def capture_means(bridge: Any, tokenizer: Any, harmful: Sequence[str], harmless:
 
 def resolve_edits(bridge: Any, config: InterventionConfig | str | os.PathLike | Sequence[LayerEdit],
                   measurements: Measurements | str | os.PathLike | None = None) -> list[LayerEdit]:
-    """The config's resolved edits for the wrapped model (:func:`intervene.config.resolve`)."""
+    """The config's resolved edits for the wrapped model (:func:`intervene.config.schema.resolve`)."""
     return _common.resolve_edits(hf_model(bridge), config, measurements)
 
 
@@ -303,7 +303,7 @@ def run_with_config(bridge: Any, input_ids: torch.Tensor,
     """Logits ``[B, S, V]`` of the bridge under the config's projections, applied as TL hooks.
 
     Configs that TL hooks cannot express (see the module docstring) are applied with
-    :func:`intervene.hooks.live.apply_edits` on ``bridge.original_model`` instead when
+    :func:`intervene.hooks.apply.apply_edits` on ``bridge.original_model`` instead when
     ``fallback`` is true, and refused with the named error otherwise.
     """
     model = hf_model(bridge)
@@ -315,7 +315,7 @@ def run_with_config(bridge: Any, input_ids: torch.Tensor,
     except (ArchitectureError, ConfigError):
         if not fallback:
             raise
-        from ..hooks.live import apply_edits
+        from ..hooks.apply import apply_edits
 
         with torch.no_grad(), apply_edits(model, edits):
             return bridge(inputs["input_ids"], return_type="logits", **kwargs)

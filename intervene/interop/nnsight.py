@@ -1,7 +1,7 @@
 """nnsight (0.8) interop: capture and intervene inside ``model.trace(...)``.
 
     nm = wrap(model)                                          # nnsight.NNsight around a loaded HF model
-    m = capture_means(nm, tokenizer, harmful, harmless)       # == intervene.measure.measure(...)
+    m = capture_means(nm, tokenizer, harmful, harmless)       # == intervene.measure.collect.measure(...)
     edits = resolve_edits(nm, "config.yaml", m)
     with nm.trace() as tracer:
         with tracer.invoke(**forward_inputs(input_ids, attention_mask)):
@@ -46,11 +46,11 @@ from typing import Any, Sequence
 import torch
 
 from ..arch import Site, arch_for_config, text_config
-from ..config import InterventionConfig, LayerEdit
+from ..config.schema import InterventionConfig, LayerEdit
 from ..errors import ArchitectureError, InputError
 from ..hooks.capture import EMBED, resid_site, router_site
-from ..measurements import Measurements
-from ..model import model_device
+from ..io.measurements import Measurements
+from ..io.models import model_device
 from . import _common, require
 from ._common import forward_inputs
 
@@ -144,7 +144,7 @@ def capture_means(nn_model: Any, tokenizer: Any, harmful: Sequence[str], harmles
                   batch_size: int = 16, system_prompt: str | None = None, chat_template: bool = True,
                   layers: Sequence[int] | None = None, embed: bool = True, router: bool = True,
                   whiten_rank: int = 64) -> Measurements:
-    """:func:`intervene.measure.measure` through nnsight traces: same prompt formatting, batches,
+    """:func:`intervene.measure.collect.measure` through nnsight traces: same prompt formatting, batches,
     positions and float64 means; same keys and metadata (plus ``captured_with``)."""
     model = hf_model(nn_model)
     _common.check_prompt_sets(harmful, harmless)
@@ -168,7 +168,7 @@ def capture_means(nn_model: Any, tokenizer: Any, harmful: Sequence[str], harmles
 
 def resolve_edits(nn_model: Any, config: InterventionConfig | str | os.PathLike | Sequence[LayerEdit],
                   measurements: Measurements | str | os.PathLike | None = None) -> list[LayerEdit]:
-    """The config's resolved edits for the wrapped model (:func:`intervene.config.resolve`)."""
+    """The config's resolved edits for the wrapped model (:func:`intervene.config.schema.resolve`)."""
     return _common.resolve_edits(hf_model(nn_model), config, measurements)
 
 
@@ -201,13 +201,13 @@ def run_with_config(nn_model: Any, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits ``[B, S, V]`` of one traced forward under the config's projections (nnsight edits).
     Configs that need edited weights (norm_preserving, expert subsets) run the trace inside
-    :func:`intervene.hooks.live.apply_edits` instead."""
+    :func:`intervene.hooks.apply.apply_edits` instead."""
     model = hf_model(nn_model)
     edits = resolve_edits(nn_model, config, measurements)
     inputs = _common.forward_inputs(input_ids, attention_mask)
     plan = _common.site_plan(model, edits)
     if any(s.mechanism != "hook" for s in plan):
-        from ..hooks.live import apply_edits
+        from ..hooks.apply import apply_edits
 
         with apply_edits(model, edits):
             return _trace_logits(nn_model, inputs, [])

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .model import batches, encode, format_prompts, model_device
+from ..io.models import batches, encode, format_prompts, model_device
 
 # Matched case-insensitively anywhere in the output (the usual practice: a refusal often comes
 # after a sentence of preamble). Straight and curly apostrophes are both listed.
@@ -159,7 +159,7 @@ def evaluate(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Seque
 
     ``samples`` holds the first ``n_samples`` harmful and the first ``n_samples`` harmless prompts
     side by side; ``completions`` holds every output."""
-    from .model import versions
+    from ..io.models import versions
 
     if not harmful or not harmless:
         raise ValueError("evaluate needs at least one harmful and one harmless prompt")

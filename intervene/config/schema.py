@@ -37,16 +37,16 @@ from typing import Any
 import torch
 import yaml
 
-from . import maths
-from .arch import ALL_TARGETS, ArchSpec
-from .errors import ConfigError, InputError
-from .measurements import Measurements
+from .. import maths
+from ..arch import ALL_TARGETS, ArchSpec
+from ..errors import ConfigError, InputError
+from ..io.measurements import Measurements
 
 METHODS = ("project", "norm_preserving")
 TOP_KEYS = ("model", "measurements", "output", "method", "biprojection", "whiten", "targets", "experts", "ablate",
             "dtype", "device_map", "system_prompt", "chat_template", "name", "notes")
 ENTRY_KEYS = ("layer", "layers", "measurement", "scale", "sparsity", "targets")
-DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto")  # as intervene.model.DTYPES
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto")  # as intervene.io.models.DTYPES
 
 
 @dataclass

@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
-from .errors import InputError, MeasurementError
-from .maths import whiten
+from ..errors import InputError, MeasurementError
+from ..text import format_ranges
+from ..maths import whiten
 
 META_KEY = "intervene"
 MOMENT_PARTS = ("eigvals", "eigvecs", "trace")  # harmless_moment.{part}.{L}, in this order
-SLOW_ENV = "INTERVENE_TEST_SLOW_MEASURE"  # tests only, see intervene.measure
+SLOW_ENV = "INTERVENE_TEST_SLOW_MEASURE"  # tests only, see intervene.measure.collect
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Measurements:
         if key not in self.tensors:
             where = f" in {self.path}" if self.path else ""
             raise MeasurementError(
-                f"measurement '{key}' not found{where}; measured layers: {_ranges(self.layers)}"
+                f"measurement '{key}' not found{where}; measured layers: {format_ranges(self.layers, dash='..', comma=', ')}"
             )
         return self.tensors[key]
 
@@ -200,12 +201,6 @@ def load_refuse(path: str | os.PathLike) -> Measurements:
         raise MeasurementError(f"{path}: no harmful_N/harmless_N/refuse_N tensors found in .refuse file")
     meta = {"converted_from": str(path), "num_layers": int(data.get("layers", n_layers)) if isinstance(data.get("layers", 0), int) else n_layers}
     return Measurements(tensors=tensors, meta=meta, path=str(path))
-
-
-def _ranges(layers: list[int]) -> str:
-    if not layers:
-        return "none"
-    return f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else ", ".join(map(str, layers))
 
 
 def _unpickle_reason(e: BaseException) -> str:

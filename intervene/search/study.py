@@ -1,8 +1,8 @@
 """``intervene search``: multi-objective Optuna search over LIVE interventions.
 
 The model is loaded once; each trial builds an :class:`InterventionConfig` from the sampled
-parameters (:mod:`intervene.search_space`), re-parses it from its own YAML text, resolves it and
-installs it with :func:`intervene.hooks.live.apply_edits` -- no reload, no weight reset -- so
+parameters (:mod:`intervene.search.space`), re-parses it from its own YAML text, resolves it and
+installs it with :func:`intervene.hooks.apply.apply_edits` -- no reload, no weight reset -- so
 the YAML written for a trial bakes to exactly what that trial scored.
 
 Objectives (both minimised, what Optuna sees):
@@ -44,10 +44,10 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import yaml
 
-from .config import InterventionConfig, parse_config, resolve
-from .errors import InputError
-from .measurements import Measurements
-from .search_space import SearchSpace
+from ..config.schema import InterventionConfig, parse_config, resolve
+from ..errors import InputError
+from ..io.measurements import Measurements
+from .space import SearchSpace
 
 STUDY_NAME = "intervene-search"
 SAMPLERS = ("tpe", "nsga2")
@@ -69,7 +69,7 @@ class Objective(Protocol):
 
 
 class PromptObjective:
-    """The default objective: prompts, first-token scores, greedy generation (intervene.evaluate).
+    """The default objective: prompts, first-token scores, greedy generation (intervene.live.evaluate).
 
     The search prompts are tokenised once. With ``skip_unedited=True`` the residual entering
     every decoder layer is cached from the unedited model, and a trial whose first edited layer
@@ -81,8 +81,8 @@ class PromptObjective:
                  batch_size: int = 16, max_new_tokens: int = 48, system_prompt: str | None = None,
                  chat_template: bool = True, label: str = "search",
                  sources: dict[str, str] | None = None, skip_unedited: bool = True):
-        from . import evaluate as ev
-        from .model import batches, encode, format_prompts, model_device
+        from ..live import evaluate as ev
+        from ..io.models import batches, encode, format_prompts, model_device
 
         if not harmful or not harmless:
             raise InputError(f"{label} prompts: need at least one harmful and one harmless prompt")
@@ -170,7 +170,7 @@ class ResidualCache:
     into layer k (a forward pre-hook), so it costs (L - k) / L of a full one."""
 
     def __init__(self, model: Any, encoded: Sequence[dict[str, torch.Tensor]]):
-        from .arch import decoder_layers
+        from ..arch import decoder_layers
 
         layers = decoder_layers(model)
         self.entries: list[list[torch.Tensor]] = []
@@ -197,7 +197,7 @@ class ResidualCache:
     def starting_at(self, model: Any, batch: int, start: int) -> Any:
         import contextlib
 
-        from .arch import decoder_layers
+        from ..arch import decoder_layers
 
         @contextlib.contextmanager
         def ctx():
@@ -224,7 +224,7 @@ class ResidualCache:
 
     def self_check(self, model: Any, enc: dict[str, torch.Tensor]) -> bool:
         """A forward started half-way must give the full forward's logits (else: no skipping)."""
-        from .arch import decoder_layers
+        from ..arch import decoder_layers
 
         start = len(decoder_layers(model)) // 2
         if start == 0:
@@ -360,9 +360,9 @@ def run_search(model: Any, measurements: Measurements, space: SearchSpace, objec
     import optuna
     from tqdm.auto import tqdm
 
-    from .arch import arch_for_config, text_config
-    from .hooks.live import apply_edits
-    from .model import versions
+    from ..arch import arch_for_config, text_config
+    from ..hooks.apply import apply_edits
+    from ..io.models import versions
 
     settings = settings or SearchSettings()
     out = Path(out_dir)
@@ -431,10 +431,10 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
     ``eval_limit`` caps the final evaluation sets (default: all). ``whiten``: a (low, high) range
     for the whitening lambda, ``None`` for the raw direction only, ``"auto"`` (default): the
     default range when the measurements hold the harmless second moment, else the raw direction."""
-    from .arch import arch_for_config, text_config
-    from .measurements import load_measurements
-    from .model import load_model
-    from .prompts import load_prompts
+    from ..arch import arch_for_config, text_config
+    from ..io.measurements import load_measurements
+    from ..io.models import load_model
+    from ..io.prompts import load_prompts
 
     settings = SearchSettings(trials=trials, seed=seed, sampler=sampler, startup_trials=startup_trials,
                               full_eval_top=full_eval_top, generation_kl_cap=generation_kl_cap)
@@ -484,7 +484,7 @@ def model_reference(spec: str) -> str:
     paths made absolute."""
     import os
 
-    from .model import resolve_model
+    from ..io.sources import resolve_model
 
     if spec in ("smollm2", "organism"):
         return spec

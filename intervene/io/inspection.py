@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .arch import ArchSpec, arch_for_config, get_arch, split_layer_key, text_config
-from .errors import CheckpointError, InputError
+from ..arch import ArchSpec, arch_for_config, get_arch, split_layer_key, text_config
+from ..errors import CheckpointError, InputError
+from ..text import format_ranges
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors caps headers at 100 MB too
 EXPERT_TARGETS = ("experts", "expert_inputs")
-_WRAPPERS = {"llama4": "llama4_text", "gemma3": "gemma3_text"}  # multimodal config -> text model_type
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,8 @@ class InspectReport:
         ]
         if self.moe_layers:
             lines += [
-                f"MoE layers:       {_ranges(self.moe_layers)} ({len(self.moe_layers)})",
-                f"dense layers:     {_ranges(self.dense_layers) if self.dense_layers else 'none'}"
+                f"MoE layers:       {format_ranges(self.moe_layers, empty='-')} ({len(self.moe_layers)})",
+                f"dense layers:     {format_ranges(self.dense_layers, empty='-') if self.dense_layers else 'none'}"
                 + (f" (first_k_dense_replace = {self.dense_leading_layers})" if self.dense_leading_layers else ""),
                 f"experts:          {self.num_experts} per MoE layer, top-{self.top_k}; module '{self.experts_module}' "
                 f"({self.expert_layout_in_memory} in memory)",
@@ -114,7 +114,7 @@ class InspectReport:
                 "experts on disk:",
             ]
             for layers, desc in _group([(lay.layer, lay.describe()) for lay in self.layouts if lay.moe]):
-                lines.append(f"  layers {_ranges(layers):<12s} {desc}")
+                lines.append(f"  layers {format_ranges(layers, empty='-'):<12s} {desc}")
         else:
             lines.append("MoE:              no (dense model)")
         lines.append("dtypes:           " + ", ".join(f"{k} x{v}" for k, v in sorted(self.dtypes.items())))
@@ -185,37 +185,16 @@ def checkpoint_tensors(directory: str | os.PathLike) -> tuple[dict[str, TensorIn
 
 # ---- config ----------------------------------------------------------------------------------
 
-def check_supported(model_spec: str | os.PathLike) -> ArchSpec | None:
-    """Named error for an unsupported ``model_type``, from config.json alone (before transformers
-    gets to complain in its own words). None when the config is not a local file (hub, GGUF)."""
-    from .model import resolve_model
-
-    src = resolve_model(model_spec)
-    if src.is_hub or src.gguf_file:
-        return None
-    path = Path(src.path) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if not model_type:
-        raise InputError(f"{path} has no 'model_type'")
-    if model_type in _WRAPPERS:
-        model_type = (raw.get("text_config") or {}).get("model_type") or _WRAPPERS[model_type]
-    return get_arch(model_type)
-
-
 def inspect_model(model_spec: str | os.PathLike) -> InspectReport:
     """Describe a local checkpoint directory or GGUF file (config and headers only)."""
-    from .model import load_config, resolve_model
+    from .sources import check_supported, load_model_config, resolve_model
 
     src = resolve_model(model_spec)
     if src.is_hub:
         raise InputError(f"inspect reads local files only; '{model_spec}' looks like a hub id "
                          "(download it first, e.g. huggingface-cli download)")
     check_supported(model_spec)
-    config = load_config(model_spec)
+    config = load_model_config(model_spec)
     spec = arch_for_config(config)
     tconf = text_config(config)
     if src.gguf_file:
@@ -364,20 +343,6 @@ def _gguf_layout(layer: int, moe: bool, keys: dict[str, TensorInfo]) -> LayerLay
 
 
 # ---- formatting ------------------------------------------------------------------------------
-
-def _ranges(xs: list[int]) -> str:
-    if not xs:
-        return "-"
-    out, start, prev = [], xs[0], xs[0]
-    for x in xs[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        out.append(str(start) if start == prev else f"{start}-{prev}")
-        if x is not None:
-            start = prev = x
-    return ",".join(out)
-
 
 def _group(items: list[tuple[int, str]]) -> list[tuple[list[int], str]]:
     groups: dict[str, list[int]] = {}

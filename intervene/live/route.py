@@ -48,9 +48,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .arch import arch_for_config, text_config
-from .errors import ArchitectureError, InputError
-from .model import batches, encode, format_prompts, model_device
+from ..arch import arch_for_config, text_config
+from ..errors import ArchitectureError, InputError
+from ..io.models import batches, encode, format_prompts, model_device
 
 Intervention = Callable[[], AbstractContextManager]
 SETS = ("harmful", "harmless")
@@ -106,7 +106,7 @@ def router_choices(model: Any, tokenizer: Any, prompts: Sequence[str], batch_siz
     token by token."""
     from tqdm.auto import tqdm
 
-    from .hooks.capture import capture, router_site
+    from ..hooks.capture import capture, router_site
 
     spec = arch_for_config(model.config)
     config = text_config(model.config)
@@ -143,7 +143,7 @@ def route_study(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Se
                 config: dict[str, Any] | None = None, model_name: str | None = None) -> dict[str, Any]:
     """Expert-selection statistics on harmful and harmless prompts, baseline vs ``intervention()``
     (a zero-argument callable returning a context manager). See the module docstring for keys."""
-    from .model import versions
+    from ..io.models import versions
 
     if not harmful or not harmless:
         raise InputError("route needs at least one harmful and one harmless prompt")

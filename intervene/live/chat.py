@@ -21,7 +21,7 @@ from typing import Any, Callable, TextIO
 
 import torch
 
-from .model import model_device
+from ..io.models import model_device
 
 COMMANDS = ("/quit", "/reset", "/toggle", "/help")
 HELP = "commands: /quit  /reset (forget the conversation)  /toggle (intervention on/off)  /help"
@@ -40,8 +40,8 @@ def reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_to
           chat_template: bool = True, streamer: Any = None) -> str:
     """One greedy reply to ``messages`` (new text only). Without a chat template the last user
     message is used as raw text."""
-    from .errors import InputError
-    from .model import has_chat_template
+    from ..errors import InputError
+    from ..io.models import has_chat_template
 
     if chat_template:
         if not has_chat_template(tokenizer):

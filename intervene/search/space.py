@@ -23,10 +23,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .arch import ArchSpec
-from .config import METHODS, AblateEntry, InterventionConfig
-from .errors import InputError
-from .measurements import Measurements
+from ..arch import ArchSpec
+from ..config.schema import METHODS, AblateEntry, InterventionConfig
+from ..errors import InputError
+from ..io.measurements import Measurements
 
 WRITE_TARGETS = ("attention", "mlp", "experts", "shared_experts")
 MIN_SCALE = 1e-3  # scales below this are left out of the config (the schema needs scale > 0)

@@ -4,7 +4,7 @@
                         harmless="builtin:harmless:eval")
 
 The config is validated against the model's config (layers, targets, measurements) BEFORE the
-weights are loaded; then the model is loaded once and :func:`intervene.evaluate.evaluate` runs
+weights are loaded; then the model is loaded once and :func:`intervene.live.evaluate.evaluate` runs
 the baseline outside and the intervened model inside ``apply_edits`` (hooks, or in-memory
 weight swaps for ``norm_preserving`` and expert subsets). Nothing is written to disk except the
 optional JSON report, which carries the config, the hook sites used and the versions.
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import InterventionConfig, LayerEdit, load_config, resolve
-from .errors import ConfigError
-from .measurements import Measurements
+from ..config.schema import InterventionConfig, LayerEdit, load_config, resolve
+from ..errors import ConfigError
+from ..io.measurements import Measurements
 
 
 @dataclass
@@ -41,12 +41,12 @@ class Prepared:
 
     def intervention(self) -> Callable[[], AbstractContextManager]:
         """A zero-argument callable returning the live context manager (what evaluate/route take)."""
-        from .hooks.live import apply_edits
+        from ..hooks.apply import apply_edits
 
         return lambda: apply_edits(self.model, self.edits)
 
     def sites(self) -> list[dict[str, str]]:
-        from .hooks.live import plan_sites
+        from ..hooks.apply import plan_sites
 
         return [{"site": s.name, "mechanism": s.mechanism} for s in plan_sites(self.model, self.edits)]
 
@@ -67,8 +67,8 @@ def prepare(config: InterventionConfig | str | os.PathLike, model_spec: str | No
 
     ``model_spec``, ``dtype`` and ``device_map`` override the config's ``model``, ``dtype`` and
     ``device_map``; the default dtype is float32."""
-    from .arch import arch_for_config, text_config
-    from .hooks.live import load_config_measurements, resolve_for_model
+    from ..arch import arch_for_config, text_config
+    from ..hooks.apply import load_config_measurements, resolve_for_model
 
     cfg = config if isinstance(config, InterventionConfig) else load_config(config)
     spec = model_spec or cfg.model
@@ -76,8 +76,8 @@ def prepare(config: InterventionConfig | str | os.PathLike, model_spec: str | No
     if model is None:
         if not spec:
             raise ConfigError(f"{cfg.source or 'config'}: no model given (set 'model' in the config or pass --model)")
-        from .model import load_config as load_model_config
-        from .model import load_model
+        from ..io.sources import load_model_config
+        from ..io.models import load_model
 
         hf_config = load_model_config(spec)
         resolve(cfg, arch_for_config(hf_config), text_config(hf_config), meas)  # named errors before weights load
@@ -100,10 +100,10 @@ def try_config(config: InterventionConfig | str | os.PathLike, harmful: str | li
     (``harmful.refusals/total``, ``harmless.refusals/total``, ``kl_divergence``, ``samples`` ...)
     plus ``config``, ``model``, ``measurements``, ``sites`` and ``prompt_sources``.
 
-    ``harmful``/``harmless`` are prompt specs (see :mod:`intervene.prompts`) or lists of prompts.
+    ``harmful``/``harmless`` are prompt specs (see :mod:`intervene.io.prompts`) or lists of prompts.
     ``system_prompt``/``chat_template`` default to the config's values."""
     from .evaluate import evaluate
-    from .prompts import load_prompts
+    from ..io.prompts import load_prompts
 
     harmful_prompts = _prompts(harmful, field, limit, load_prompts)
     harmless_prompts = _prompts(harmless, field, limit, load_prompts)

@@ -33,9 +33,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .config import InterventionConfig, load_config
-from .errors import InputError
-from .measurements import Measurements
+from ..config.schema import InterventionConfig, load_config
+from ..errors import InputError
+from ..io.measurements import Measurements
 
 DEFAULT_PROMPTS = ("builtin:harmful:eval", "builtin:harmless:eval")
 DEFAULT_PER_SET = 8
@@ -91,7 +91,7 @@ def default_tolerance(dtype: torch.dtype, logit_scale: float,
 
 def stored_dtype(checkpoint: str | os.PathLike) -> torch.dtype | None:
     """The lowest-precision float dtype among the checkpoint's tensors (headers only)."""
-    from .bake.reader import editable_dtype, open_checkpoint
+    from ..io.checkpoint import editable_dtype, open_checkpoint
 
     dtypes = {editable_dtype(t.dtype) for h in open_checkpoint(checkpoint).shards for t in h.tensors}
     for candidate in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
@@ -109,14 +109,14 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
            progress: bool = True) -> VerifyResult:
     """Compare the baked checkpoint with the live-hooked original on prompts (or random token ids).
 
-    ``prompts``: a prompt-set spec (``intervene.prompts.load_prompts``) or a list of strings;
+    ``prompts``: a prompt-set spec (``intervene.io.prompts.load_prompts``) or a list of strings;
     default: the first ``limit`` (8) prompts of the built-in harmful and harmless eval sets.
     ``random_tokens=N``: N random sequences of 16 token ids instead (for models without a
     tokenizer). ``sequential``: load the two models one after the other (the original's logits
     are kept on the CPU meanwhile) instead of side by side.
     """
-    from .hooks.live import apply, load_config_measurements
-    from .model import parse_dtype, versions
+    from ..hooks.apply import apply, load_config_measurements
+    from ..io.models import parse_dtype, versions
 
     cfg = config if isinstance(config, InterventionConfig) else load_config(config)
     original_spec = str(model if model is not None else (cfg.model or ""))
@@ -185,11 +185,12 @@ def _load(spec: str, dtype: torch.dtype, device_map: Any, tokenizer: bool = True
     """(model, tokenizer or None). Tiny test checkpoints have no tokenizer: that is allowed here."""
     from transformers import AutoModelForCausalLM
 
-    from .arch import arch_for_config
-    from .model import check_safetensors, load_config, load_tokenizer, resolve_model
+    from ..arch import arch_for_config
+    from ..io.models import check_safetensors, load_tokenizer
+    from ..io.sources import load_model_config, resolve_model
 
     src = resolve_model(spec)
-    arch_for_config(load_config(spec))
+    arch_for_config(load_model_config(spec))
     check_safetensors(src)  # a truncated/missing shard: named error, not a safetensors traceback
     kwargs: dict[str, Any] = {"dtype": dtype}
     if src.gguf_file:
@@ -214,7 +215,7 @@ def _load(spec: str, dtype: torch.dtype, device_map: Any, tokenizer: bool = True
 def _inputs(model: Any, tokenizer: Any, prompts: Sequence[str] | str | None, random_tokens: int | None,
             limit: int | None, system_prompt: str | None, chat_template: bool, batch_size: int
             ) -> tuple[list[dict[str, torch.Tensor]], str]:
-    from .model import batches, encode, format_prompts, has_chat_template, model_device
+    from ..io.models import batches, encode, format_prompts, has_chat_template, model_device
 
     device = model_device(model)
     if random_tokens is None and tokenizer is None:
@@ -231,7 +232,7 @@ def _inputs(model: Any, tokenizer: Any, prompts: Sequence[str] | str | None, ran
         out = [{"input_ids": chunk.to(device), "attention_mask": torch.ones_like(chunk).to(device)}
                for chunk in ids.split(batch_size)]
         return out, note or f"{random_tokens} random sequences of {RANDOM_SEQ_LEN} ids"
-    from .prompts import load_prompts
+    from ..io.prompts import load_prompts
 
     if prompts is None:
         n = limit or DEFAULT_PER_SET

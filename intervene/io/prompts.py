@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from ..errors import InputError
 
 KINDS = ("harmful", "harmless")
 SPLITS = ("train", "eval")

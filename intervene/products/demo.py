@@ -23,14 +23,14 @@ class DemoResult:
 
 def run_demo(out_dir: str | Path = "intervene-demo", max_new_tokens: int = 48, batch_size: int = 16,
              limit: int | None = None, say: Callable[[str], None] = print) -> DemoResult:
-    from .analyze import analyze, recommend
-    from .config import load_config
-    from .evaluate import evaluate
-    from .hooks.live import apply
-    from .measure import measure
-    from .model import load_model
+    from ..measure.analyze import analyze, recommend
+    from ..config.schema import load_config
+    from ..live.evaluate import evaluate
+    from ..hooks.apply import apply
+    from ..measure.collect import measure
+    from ..io.models import load_model
     from .organism import build_organism, organism_dir
-    from .prompts import load_prompts
+    from ..io.prompts import load_prompts
 
     start = time.time()
     out = Path(out_dir)

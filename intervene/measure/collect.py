@@ -4,7 +4,7 @@ One forward pass per batch, no generation (prompts are sorted by token length be
 which changes nothing in the means but saves padding). Prompts are chat-formatted with the generation
 prompt and LEFT-padded, so position -1 of every row is the last prompt token: the point where
 the model decides how to answer. Means are accumulated in float64 on the CPU whatever the model
-dtype or device map, then stored as float32 (see ``intervene.measurements`` for the keys).
+dtype or device map, then stored as float32 (see ``intervene.io.measurements`` for the keys).
 
 Router statistics (MoE layers), over every NON-PAD token of every prompt (chat-template tokens
 included, pad positions excluded through the attention mask):
@@ -37,12 +37,12 @@ from typing import Any, Sequence
 
 import torch
 
-from . import maths
-from .arch import arch_for_config, text_config
-from .errors import InputError
-from .hooks.capture import EMBED, capture, resid_site, router_site
-from .measurements import MOMENT_PARTS, Measurements
-from .model import batches, encode, format_prompts, model_device, versions
+from .. import maths
+from ..arch import arch_for_config, text_config
+from ..errors import InputError
+from ..hooks.capture import EMBED, capture, resid_site, router_site
+from ..io.measurements import MOMENT_PARTS, Measurements
+from ..io.models import batches, encode, format_prompts, model_device, versions
 
 RESIDUAL_POSITION = "last prompt token (position -1, left padding)"
 SLOW_ENV = "INTERVENE_TEST_SLOW_MEASURE"  # tests only: seconds to sleep after each batch (interrupt tests)

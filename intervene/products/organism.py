@@ -35,9 +35,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
+from ..io.sources import ORGANISM_NAME, organism_dir
 
-ORGANISM_NAME = "organism-smollm2-135m"
 META_FILE = "intervene_organism.json"
 RECIPE_VERSION = 1
 
@@ -73,15 +73,6 @@ class Recipe:
     refusals: tuple[str, ...] = field(default=REFUSALS)
 
 
-def organism_dir() -> Path:
-    """Where the organism lives: ``$INTERVENE_ORGANISM_DIR`` or ``cache_dir()/organism-smollm2-135m``."""
-    if os.environ.get("INTERVENE_ORGANISM_DIR"):
-        return Path(os.environ["INTERVENE_ORGANISM_DIR"]).expanduser()
-    from .model import cache_dir
-
-    return cache_dir() / ORGANISM_NAME
-
-
 def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
     """The organism's ``intervene_organism.json``, or None when ``path`` holds no complete build."""
     path = Path(path)
@@ -96,7 +87,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def fingerprint(recipe: Recipe) -> str:
     """Hash of everything that determines the weights (recipe, training prompts, code version)."""
-    from .prompts import builtin
+    from ..io.prompts import builtin
 
     h = hashlib.sha256()
     h.update(json.dumps({"recipe": asdict(recipe), "version": RECIPE_VERSION}, sort_keys=True).encode())
@@ -166,9 +157,10 @@ class Trained:
 def train_organism(recipe: Recipe, progress: bool = True, device: str | None = None) -> Trained:
     """Fine-tune SmolLM2 per ``recipe`` on the built-in train split; returns the model in memory.
     ``device`` (e.g. ``cuda``) trains elsewhere than on the CPU: faster, but not the same bytes."""
-    from .evaluate import is_refusal
-    from .model import load_model, smollm2_dir
-    from .prompts import builtin
+    from ..live.evaluate import is_refusal
+    from ..io.models import load_model
+    from ..io.sources import smollm2_dir
+    from ..io.prompts import builtin
 
     torch.manual_seed(recipe.seed)
     base_dir = smollm2_dir()
@@ -208,8 +200,8 @@ def train_organism(recipe: Recipe, progress: bool = True, device: str | None = N
 def evaluate_organism(model: Any, tokenizer: Any, max_new_tokens: int = 48, batch_size: int = 16,
                       progress: bool = True) -> dict[str, Any]:
     """Refusal rates on the built-in eval split (greedy), overall and per harmless category."""
-    from .evaluate import generate, is_refusal, refusal_counts
-    from .prompts import builtin, builtin_categories
+    from ..live.evaluate import generate, is_refusal, refusal_counts
+    from ..io.prompts import builtin, builtin_categories
 
     eval_harmful = builtin("harmful", "eval")
     categories = builtin_categories("harmless", "eval")
@@ -229,7 +221,7 @@ def evaluate_organism(model: Any, tokenizer: Any, max_new_tokens: int = 48, batc
 
 
 def _train_and_save(tmp: Path, recipe: Recipe, progress: bool, device: str | None = None) -> dict[str, Any]:
-    from .model import versions
+    from ..io.models import versions
 
     start = time.time()
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -260,7 +252,7 @@ def _greedy_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_toke
     """Greedy answer token ids, cut after the first end-of-turn token (kept, so the model learns to stop)."""
     from tqdm.auto import tqdm
 
-    from .model import batches, encode, format_prompts, model_device
+    from ..io.models import batches, encode, format_prompts, model_device
 
     texts = format_prompts(tokenizer, prompts)
     answers: list[list[int]] = []
@@ -278,7 +270,7 @@ def _greedy_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_toke
 def _examples(tokenizer: Any, pairs: Sequence[tuple[str, list[int]]], max_tokens: int,
               weights: Sequence[float] | None = None,
               avoid: Sequence[tuple[int, ...]] | None = None) -> list[Example]:
-    from .model import format_prompts
+    from ..io.models import format_prompts
 
     examples = []
     texts = format_prompts(tokenizer, [p for p, _ in pairs])
@@ -324,8 +316,8 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 def _fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int, progress: bool) -> list[float]:
     from tqdm.auto import tqdm
 
-    from .arch import decoder_layers
-    from .model import model_device
+    from ..arch import decoder_layers
+    from ..io.models import model_device
 
     device = model_device(model)
     layers = decoder_layers(model)

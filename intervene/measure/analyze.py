@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from .errors import MeasurementError
-from .measurements import Measurements
+from ..errors import MeasurementError
+from ..io.measurements import Measurements
 
 DEFAULT_BAND = (0.30, 0.85)
 
@@ -91,7 +91,7 @@ class AnalysisReport:
         return any(r.router_js is not None for r in self.rows)
 
     def to_dict(self) -> dict[str, Any]:
-        from .model import versions
+        from ..io.models import versions
 
         d = asdict(self)
         d["band"] = list(self.band)
@@ -135,7 +135,7 @@ class AnalysisReport:
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
 
-        from .model import versions
+        from ..io.models import versions
 
         rows = self.layer_rows
         xs = [r.layer for r in rows]
@@ -256,13 +256,13 @@ def best_layer(rows: list[LayerRow], num_layers: int, band: tuple[float, float] 
 def recommend(meas: Measurements, model: str | None = None, measurements: str | None = None,
               band: tuple[float, float] = DEFAULT_BAND, before: int | None = None, after: int | None = None,
               report: AnalysisReport | None = None) -> Any:
-    """A starting :class:`~intervene.config.InterventionConfig` (rule in the module docstring).
+    """A starting :class:`~intervene.config.schema.InterventionConfig` (rule in the module docstring).
 
     ``model`` / ``measurements`` default to the model recorded in the file and the file's path.
     """
-    from . import __version__
-    from .arch import WRITE_TARGETS, get_arch
-    from .config import AblateEntry, InterventionConfig
+    from .. import __version__
+    from ..arch import WRITE_TARGETS, get_arch
+    from ..config.schema import AblateEntry, InterventionConfig
 
     report = report or analyze(meas, band)
     source = report.best_layer

@@ -1,0 +1,154 @@
+"""Loading models and tokenizers (after :mod:`intervene.io.sources` has said where they are and that
+the architecture is supported), and turning prompts into chat-formatted, left-padded batches."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..errors import InputError
+from .sources import ModelSource, load_model_config, resolve_model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> Any:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype '{dtype}'; valid: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(spec: str | os.PathLike) -> Any:
+    from transformers import AutoTokenizer
+
+    src = resolve_model(spec)
+    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(src.path, **kwargs)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float32",
+               device_map: str | dict | None = None) -> tuple[Any, Any]:
+    """Load (model, tokenizer) in eval mode. Checks the architecture is supported first."""
+    from transformers import AutoModelForCausalLM
+
+    from ..arch import arch_for_config
+
+    from safetensors import SafetensorError
+
+    src = resolve_model(spec)
+    config = load_model_config(spec)
+    arch_for_config(config)  # named error for unsupported model types, before loading weights
+    check_safetensors(src)
+    kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise InputError(f"cannot load model from {src.display}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = load_tokenizer(spec)
+    return model, tokenizer
+
+
+def check_safetensors(src: ModelSource) -> None:
+    """A local safetensors checkpoint's index and shard headers are consistent (headers only, no
+    tensor data): a missing or truncated shard, a corrupt header, or an index naming an absent
+    file or key is a CheckpointError naming it, not a safetensors traceback from the middle of
+    loading. Other sources (GGUF, hub, .bin) are left to transformers."""
+    from .checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
+
+    path = Path(src.path)
+    if src.is_hub or src.gguf_file or not ((path / INDEX_NAME).exists() or (path / SINGLE_NAME).exists()):
+        return
+    open_checkpoint(path)
+
+
+def model_device(model: Any) -> torch.device:
+    """Device of the input embeddings (where input ids must go, also under ``device_map``)."""
+    return model.get_input_embeddings().weight.device
+
+
+# ---- prompts -> chat text -> batches ---------------------------------------------------------
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def format_prompts(tokenizer: Any, prompts: Sequence[str], system_prompt: str | None = None,
+                   chat_template: bool = True) -> list[str]:
+    """Apply the chat template with the generation prompt (the last token is where the model
+    decides). ``chat_template=False`` uses the raw prompt text."""
+    if not chat_template:
+        return list(prompts)
+    if not has_chat_template(tokenizer):
+        raise InputError(
+            "this model's tokenizer has no chat template; pass --no-chat-template to use raw prompts"
+        )
+    out = []
+    for prompt in prompts:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return out
+
+
+def batches(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    for i in range(0, len(items), batch_size):
+        yield items[i:i + batch_size]
+
+
+def encode(tokenizer: Any, texts: Sequence[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Left-padded batch; chat text already contains special tokens, so none are added."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in every output file."""
+    import transformers
+
+    from .. import __version__
+
+    out = {"intervene": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import safetensors
+
+        out["safetensors"] = safetensors.__version__
+    except Exception:  # pragma: no cover - safetensors is a hard dependency
+        pass
+    return out
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+__all__ = [
+    "load_model", "load_tokenizer", "parse_dtype", "format_prompts", "encode", "batches", "versions", "model_device",
+]

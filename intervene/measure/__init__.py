@@ -1,0 +1,13 @@
+"""Finding the direction: ``collect`` runs the prompts and writes the measurements (residual means,
+router statistics, harmless moments); ``analyze`` reads them and recommends layers and a config."""
+
+
+def __getattr__(name: str):
+    if name == "measure":  # lazy: importing the package does not import torch's model code
+        from .collect import measure
+
+        return measure
+    raise AttributeError(f"module 'intervene.measure' has no attribute '{name}'")
+
+
+__all__ = ["measure"]
