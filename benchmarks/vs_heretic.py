@@ -44,7 +44,8 @@ from intervene.live.evaluate import refusal_token_ids  # noqa: E402
 from intervene.io.models import load_model, versions  # noqa: E402
 from intervene.io.sources import resolve_model  # noqa: E402
 from intervene.io.prompts import load_prompts  # noqa: E402
-from intervene.search.study import PromptObjective, pareto_front  # noqa: E402
+from intervene.search.objective import PromptObjective  # noqa: E402
+from intervene.search.pareto import pareto_front  # noqa: E402
 
 
 @dataclass
@@ -125,7 +126,7 @@ def read_lines(path: Path) -> list[str]:
 def run_intervene(model: Any, tokenizer: Any, judge: Judge, files: dict[str, Path], work: Path,
                   args: argparse.Namespace) -> ToolRun:
     from intervene.arch import arch_for_config, text_config
-    from intervene.config.schema import resolve
+    from intervene.config.resolve import resolve
     from intervene.hooks.apply import apply_edits
     from intervene.measure.collect import measure
     from intervene.search.study import SearchSettings, run_search

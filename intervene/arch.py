@@ -19,13 +19,23 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 
 from .errors import ArchitectureError
 
-WRITE_TARGETS = ("attention", "mlp", "experts", "shared_experts")
-READ_TARGETS = ("router", "expert_inputs")
-ALL_TARGETS = WRITE_TARGETS + READ_TARGETS
+if TYPE_CHECKING:  # the table itself stays torch-free (cheap to import)
+    import torch
+
+Target = Literal["attention", "mlp", "experts", "shared_experts", "router", "expert_inputs"]
+Side = Literal["write", "read"]  # write: the module's output is added to the residual; read: its input is it
+RouterOutput = Literal["topk", "llama4"]
+ExpertLayout = Literal["EHI", "EIH"]  # fused in-memory experts: down [E,H,I] / gate_up [E,2I,H], or the reverse
+
+WRITE_TARGETS: tuple[Target, ...] = ("attention", "mlp", "experts", "shared_experts")
+READ_TARGETS: tuple[Target, ...] = ("router", "expert_inputs")
+ALL_TARGETS: tuple[Target, ...] = WRITE_TARGETS + READ_TARGETS
+# what each router kind returns from its forward
+ROUTER_OUTPUTS: dict[RouterOutput, str] = {"topk": "(logits, weights, indices)", "llama4": "(scores, logits)"}
 
 
 @dataclass(frozen=True)
@@ -43,10 +53,10 @@ class TensorRef:
 class Site:
     """One hook point: a module whose output (write side) or input (read side) is projected."""
 
-    target: str  # one of ALL_TARGETS
+    target: Target
     module: str  # module path relative to the layer
     name: str  # stable printable suffix, e.g. "attn.out" -> "layers.12.attn.out"
-    side: str  # "write" (module output is added to the residual) or "read" (input is the residual)
+    side: Side
     tensors: tuple[TensorRef, ...]  # the parameters this hook is equivalent to editing
     post_norm: str | None = None  # Gemma-style norm applied to the output before the residual add
     output_index: int | None = None  # module returns a tuple: project this element
@@ -60,7 +70,7 @@ class DiskPattern:
     of the stored tensor; ``expert_axis`` is set for fused tensors.
     """
 
-    target: str
+    target: Target
     regex: str
     hidden_axis: int
     expert_axis: int | None = None
@@ -84,9 +94,9 @@ class ArchSpec:
     attn_out_bias: bool = False
     mlp_block: str = "mlp"  # dense MLP or MoE block
     router: str | None = None
-    router_output: str = "topk"  # "topk": (logits, weights, idx); "llama4": (scores, logits)
+    router_output: RouterOutput = "topk"  # see ROUTER_OUTPUTS
     experts: str | None = None
-    expert_layout: str | None = None  # "EHI" (down [E,H,I], gate_up [E,2I,H]) or "EIH"
+    expert_layout: ExpertLayout | None = None
     expert_biases: bool = False  # gpt-oss: down_proj_bias [E,H], gate_up_proj_bias [E,2I]
     shared_expert: str | None = None
     shared_expert_gate: str | None = None  # Qwen2-MoE: Linear(H -> 1) reading the residual
@@ -121,7 +131,7 @@ class ArchSpec:
             return 0
         return int(getattr(config, self.dense_leading_attr, 0) or 0)
 
-    def has_target(self, target: str) -> bool:
+    def has_target(self, target: Target) -> bool:
         if target in ("attention", "mlp"):
             return target == "attention" or self.has_dense_mlp_anywhere
         if target in ("experts", "router", "expert_inputs"):
@@ -130,17 +140,33 @@ class ArchSpec:
             return self.shared_expert is not None
         return False
 
+    def unpack_router_output(self, output: Any, top_k: int, layer: int | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(router logits, indices of the chosen experts) from what the router module returned.
+        Llama4 returns (scores, logits) and picks experts by top-k of the logits; the others
+        return (logits, top-k weights, top-k indices). A named error for anything else."""
+        expected = 2 if self.router_output == "llama4" else 3
+        if not isinstance(output, (tuple, list)) or len(output) != expected:
+            where = f"router of layer {layer}" if layer is not None else "router"
+            got = type(output).__name__ + (f" of {len(output)}" if isinstance(output, (tuple, list)) else "")
+            raise ArchitectureError(f"{where} ({self.name}) returned {got}; "
+                                    f"expected {ROUTER_OUTPUTS[self.router_output]}")
+        if self.router_output == "llama4":
+            logits = output[1]
+            return logits, logits.topk(top_k, dim=-1)[1]
+        return output[0], output[2]
+
     @property
     def has_dense_mlp_anywhere(self) -> bool:
         # dense models, and MoE families that can have dense layers
         return (not self.is_moe) or self.moe_layer_rule is not None
 
     @property
-    def targets(self) -> tuple[str, ...]:
+    def targets(self) -> tuple[Target, ...]:
         return tuple(t for t in ALL_TARGETS if self.has_target(t))
 
     # ---- in-memory sites -------------------------------------------------------------
-    def _expert_tensors(self, kind: str) -> tuple[TensorRef, ...]:
+    def _expert_tensors(self, kind: Literal["down", "in"]) -> tuple[TensorRef, ...]:
         """kind: 'down' (write) or 'in' (read). Fused in-memory parameters of the experts module."""
         assert self.experts is not None
         if self.expert_layout == "EHI":  # down [E,H,I], gate_up [E,2I,H]
@@ -231,7 +257,7 @@ class ArchSpec:
             pats.append(DiskPattern("expert_inputs", rf"{block_re}\.{esc(sg)}\.weight", 1))
         return pats
 
-    def _post_norm_key(self, target: str) -> str | None:
+    def _post_norm_key(self, target: Target) -> str | None:
         norm = self.post_norms.get(target)
         return f"{norm}.weight" if norm else None
 

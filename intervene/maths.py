@@ -163,3 +163,26 @@ def whiten(d: torch.Tensor, eigvals: torch.Tensor, eigvecs: torch.Tensor, trace:
     if not norm > EPS:
         raise MeasurementError("whitened direction has zero norm")
     return (f * (torch.linalg.vector_norm(dd) / norm)).to(torch.float32)
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen-Shannon divergence ``½KL(p‖m) + ½KL(q‖m)``, ``m = (p + q)/2``, in nats (0 ≤ JS ≤ ln 2).
+
+    ``p`` and ``q`` are 1-D weights of the same length, renormalised to sum 1 (float64); a zero
+    entry contributes nothing (0·log 0 = 0). NaN when either is not a distribution up to scale:
+    a zero sum (nothing counted), a negative or a non-finite entry."""
+    if p.shape != q.shape or p.ndim != 1:
+        raise ValueError(f"js_divergence needs two 1-D vectors of one length, "
+                         f"got {tuple(p.shape)} and {tuple(q.shape)}")
+    p, q = p.detach().to(torch.float64), q.detach().to(torch.float64)
+    for x in (p, q):
+        if not bool(torch.isfinite(x).all()) or bool((x < 0).any()) or not float(x.sum()) > 0:
+            return math.nan
+    p, q = p / p.sum(), q / q.sum()
+    mid = (p + q) / 2
+
+    def kl(a: torch.Tensor) -> float:
+        support = a > 0  # mid > 0 wherever a > 0
+        return float((a[support] * (a[support] / mid[support]).log()).sum())
+
+    return 0.5 * kl(p) + 0.5 * kl(q)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .io.measurements import Measurements
 
 COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, tie_word_embeddings=False)
@@ -124,6 +127,23 @@ def random_ids(batch: int = 3, seq: int = 9, vocab: int = 128, seed: int = 0) ->
     return torch.randint(0, vocab, (batch, seq), generator=gen)
 
 
+def make_measurements(num_layers: int, hidden: int = 64, seed: int = 1, path: str | None = None,
+                      harmless_first: bool = False) -> Measurements:
+    """Measurements of random means: per layer ``harmful_mean`` and ``harmless_mean`` drawn from
+    ``randn(hidden)`` with one seeded generator, and ``direction`` = their difference.
+    ``harmless_first`` draws each layer's harmless mean before its harmful one."""
+    from .io.measurements import Measurements
+
+    gen = torch.Generator().manual_seed(seed)
+    order = ("harmless", "harmful") if harmless_first else ("harmful", "harmless")
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(num_layers):
+        for name in order:
+            tensors[f"{name}_mean.{layer}"] = torch.randn(hidden, generator=gen)
+        tensors[f"direction.{layer}"] = tensors[f"harmful_mean.{layer}"] - tensors[f"harmless_mean.{layer}"]
+    return Measurements(tensors=tensors, path=path)
+
+
 def tiny_tokenizer() -> Any:
     """A character-level fast tokenizer (101 ids, fits the tiny models' vocab of 128) with a
     ChatML-like chat template, left padding and a pad token: prompt-level tests in milliseconds,
@@ -145,3 +165,53 @@ def tiny_tokenizer() -> Any:
     )
     tok.padding_side = "left"
     return tok
+
+
+class Pause:
+    """A hook that sleeps ``seconds`` whatever it is called with: the interrupt tests slow a run down
+    with it so that a signal lands mid-run every time. Picklable, so bake workers get it too."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, *args: Any) -> None:
+        import time
+
+        time.sleep(self.seconds)
+
+
+def main_with_pauses(argv: list[str], *, per_tensor: float = 0.0, per_batch: float = 0.0,
+                     before_save: float = 0.0) -> int:
+    """``intervene.cli.main(argv)`` with :class:`Pause` hooks injected for the duration: after each
+    tensor a bake writes (``bake(on_tensor=...)``), after each batch ``measure`` runs
+    (``on_batch``), and between writing a measurements file and renaming it into place
+    (``save_measurements(before_publish=...)``). Run it in a subprocess: :func:`paused_cli`."""
+    import functools
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from . import bake
+    from .cli import main
+    from .io import measurements
+    from .measure import collect
+
+    with ExitStack() as stack:
+        if per_tensor:
+            stack.enter_context(mock.patch.object(bake, "bake", functools.partial(bake.bake, on_tensor=Pause(per_tensor))))
+        if per_batch:
+            stack.enter_context(mock.patch.object(collect, "measure",
+                                                  functools.partial(collect.measure, on_batch=Pause(per_batch))))
+        if before_save:
+            stack.enter_context(mock.patch.object(measurements, "save_measurements", functools.partial(
+                measurements.save_measurements, before_publish=Pause(before_save))))
+        return main(argv)
+
+
+def paused_cli(argv: list[Any], **pauses: float) -> list[str]:
+    """The command line of a Python process running :func:`main_with_pauses` on ``argv`` (``pauses``
+    are its keyword arguments), in place of ``python -m intervene ARGV``."""
+    import sys
+
+    code = ("import sys; from intervene.testing import main_with_pauses; "
+            f"sys.exit(main_with_pauses(sys.argv[1:], **{pauses!r}))")
+    return [sys.executable, "-c", code, *map(str, argv)]

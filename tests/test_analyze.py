@@ -10,10 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from intervene.measure.analyze import analyze, cosine, expert_shifts, js_divergence, recommend
+from intervene.maths import js_divergence
+from intervene.measure.analyze import analyze, cosine, expert_shifts, recommend
 from intervene.arch import get_arch
 from intervene.cli import main
-from intervene.config.schema import load_config, parse_config, resolve
+from intervene.config.resolve import resolve
+from intervene.config.schema import load_config, parse_config
 from intervene.io.measurements import Measurements, load_measurements
 
 N = 10  # layers; depth (L + 1) / 10, so the 30-85 % band holds layers 2..7
@@ -91,6 +93,43 @@ def test_router_divergence_and_experts():
     assert js_divergence(v(1, 0), v(0.5, 0.5)) == pytest.approx(
         0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3) + 0.25 * math.log(2))
     assert cosine(v(1, 0), v(0, 0)) != cosine(v(1, 0), v(0, 0))  # nan for a zero vector
+
+
+def js_by_hand(p: list[float], q: list[float]) -> float:
+    """JS in nats from the definition, in plain floats: normalise, mix, two KLs with 0·log 0 = 0."""
+    p = [x / sum(p) for x in p]
+    q = [x / sum(q) for x in q]
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    return (0.5 * sum(a * math.log(a / c) for a, c in zip(p, m) if a > 0)
+            + 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m) if b > 0))
+
+
+@pytest.mark.parametrize("p, q", [
+    ([0.4, 0.3, 0.2, 0.1], [0.1, 0.3, 0.1, 0.5]),
+    ([1, 0, 0], [0, 0.5, 0.5]),  # disjoint supports: ln 2
+    ([3, 1, 0, 0], [0, 1, 1, 2]),  # counts, not frequencies: renormalised; zeros on both sides
+    ([1e-9, 1, 1], [1, 1e-9, 1]),
+    ([2, 2, 2], [1, 1, 1]),  # the same distribution at two scales: 0
+])
+def test_js_divergence_against_the_definition(p, q):
+    p64, q64 = torch.tensor(p, dtype=torch.float64), torch.tensor(q, dtype=torch.float64)
+    got = js_divergence(p64, q64)
+    assert got == pytest.approx(js_by_hand(p, q), rel=1e-12, abs=1e-15)
+    assert js_divergence(p64.float(), q64.float()) == pytest.approx(got, rel=1e-6, abs=1e-12)  # float32 in
+    assert js_divergence(q64, p64) == pytest.approx(got, rel=1e-12, abs=1e-15)  # symmetric
+    assert 0.0 <= got <= math.log(2) + 1e-12
+    assert js_divergence(p64, p64) == 0.0  # exactly, for identical routing
+
+
+def test_js_divergence_edge_cases():
+    assert js_divergence(v(1, 0), v(0, 1)) == pytest.approx(math.log(2))
+    # not a distribution up to scale: NaN, never a number that looks like an answer
+    for p, q in [(v(0, 0), v(0.5, 0.5)), (v(0.5, 0.5), v(0, 0)), (v(0, 0), v(0, 0)),  # nothing counted
+                 (v(1.5, -0.5), v(0.5, 0.5)),  # a negative weight
+                 (v(float("nan"), 1), v(0.5, 0.5)), (v(float("inf"), 1), v(0.5, 0.5))]:
+        assert math.isnan(js_divergence(p, q)) and math.isnan(js_divergence(q, p))
+    with pytest.raises(ValueError, match="1-D vectors of one length"):
+        js_divergence(v(1, 0, 0), v(1, 0))
 
 
 def test_recommendation_rule():

@@ -411,7 +411,7 @@ def test_disk_fills_up_midway_through_the_bake(base, tmp_path, capsys, monkeypat
     """Every write into the temporary output directory (header, edited tensors, kernel copies) is
     charged to a budget of about half the checkpoint; the write that exceeds it fails with ENOSPC,
     as on a full disk. Named error, nothing at the output path, temporary directory removed."""
-    from intervene.bake.run import TMP_TAG
+    from intervene.bake.publish import TMP_TAG
 
     budget = [150_000]  # bytes; the checkpoint has ~312 kB in 6 shards
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,12 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from intervene.bake import bake, plan_bake
-from intervene.bake.run import check_untouched
+from intervene.bake.outputs import check_untouched
 from intervene.cli import main
 from intervene.config.schema import parse_config
 from intervene.errors import CheckpointError
 from intervene.io.measurements import Measurements, load_measurements
-from intervene.testing import save_tiny, tiny_model
+from intervene.testing import paused_cli, save_tiny, tiny_model
 
 HIDDEN = 64
 
@@ -122,10 +121,10 @@ def _dead_pid() -> int:
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "two-renames"])
 def test_overwrite_replaces_in_place(base, tmp_path, monkeypatch, exchange):
-    import intervene.bake.run as run
+    import intervene.bake.publish as publish
 
     if not exchange:  # the fallback path of systems without renameat2(RENAME_EXCHANGE)
-        monkeypatch.setattr(run, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(publish, "_exchange", lambda a, b: False)
     src, meas = base
     cfg = write_config(tmp_path / "c.yaml", src, meas)
     out = tmp_path / "out"
@@ -137,7 +136,7 @@ def test_overwrite_replaces_in_place(base, tmp_path, monkeypatch, exchange):
 
 
 def test_atomic_exchange_swaps_two_directories(tmp_path):
-    from intervene.bake.run import _exchange
+    from intervene.bake.publish import _exchange
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -337,9 +336,8 @@ def test_verify_hashes_manifest_and_untouched_check(base, tmp_path):
 # ---- interruption -------------------------------------------------------------------------------------
 
 def _start_slow_bake(cfg: Path, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "INTERVENE_TEST_SLOW_BAKE": "0.05"}
-    return subprocess.Popen([sys.executable, "-m", "intervene", "bake", str(cfg), "-o", str(out), "--no-progress"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(paused_cli(["bake", cfg, "-o", out, "--no-progress"], per_tensor=0.05),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _wait_for_partial(parent: Path, out: Path, proc: subprocess.Popen, timeout: float = 60) -> Path:

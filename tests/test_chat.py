@@ -6,31 +6,19 @@ import io
 import sys
 
 import pytest
-import torch
 
 from intervene.live.chat import chat, reply
 from intervene.cli import main
 from intervene.config.schema import parse_config
 from intervene.hooks.apply import apply
-from intervene.io.measurements import Measurements
-from intervene.testing import tiny_model, tiny_tokenizer
-
-
-def make_measurements(hidden: int = 64) -> Measurements:
-    g = torch.Generator().manual_seed(7)
-    t = {}
-    for layer in range(2):
-        t[f"harmless_mean.{layer}"] = torch.randn(hidden, generator=g)
-        t[f"harmful_mean.{layer}"] = torch.randn(hidden, generator=g)
-        t[f"direction.{layer}"] = t[f"harmful_mean.{layer}"] - t[f"harmless_mean.{layer}"]
-    return Measurements(tensors=t, path="m.safetensors")
+from intervene.testing import make_measurements, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture()
 def parts():
     tokenizer = tiny_tokenizer()
     model = tiny_model("qwen2", vocab_size=len(tokenizer))
-    meas = make_measurements()
+    meas = make_measurements(2, seed=7, path="m.safetensors", harmless_first=True)
     cfg = parse_config({"ablate": [{"layers": "0:2", "measurement": 1, "scale": 1.0}]})
     return model, tokenizer, (lambda: apply(model, cfg, meas))
 
@@ -87,7 +75,7 @@ def test_chat_cli_unattended(tmp_path, monkeypatch, capsys):
     model = tiny_model("qwen2", vocab_size=len(tokenizer))
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    make_measurements().save(tmp_path / "m.safetensors")
+    make_measurements(2, seed=7, path="m.safetensors", harmless_first=True).save(tmp_path / "m.safetensors")
     (tmp_path / "c.yaml").write_text("measurements: m.safetensors\nablate: [{layers: '0:2', measurement: 1}]\n")
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
     rc = main(["chat", str(tmp_path / "model"), "--config", str(tmp_path / "c.yaml"), "--side-by-side",

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from intervene.arch import get_arch
-from intervene.config.schema import LayerEdit, load_config, parse_config, resolve, validate
+from intervene.config.resolve import LayerEdit, resolve, validate
+from intervene.config.schema import load_config, parse_config
 from intervene.errors import ConfigError, InputError, MeasurementError
 from intervene.io.measurements import Measurements
 from intervene.testing import tiny_config

@@ -146,7 +146,7 @@ def test_evaluate_without_intervention_has_zero_kl_and_exact_keys(tiny):
     model, tokenizer = tiny
     report = evaluate(model, tokenizer, HARMFUL, HARMLESS, max_new_tokens=4, batch_size=2, n_samples=2,
                       progress=False)
-    report = json.loads(json.dumps(report))  # JSON-serialisable
+    report = json.loads(json.dumps(report.to_dict()))  # JSON-serialisable
     for kind, prompts in (("harmful", HARMFUL), ("harmless", HARMLESS)):
         outputs = generate(model, tokenizer, prompts, max_new_tokens=4, batch_size=2, progress=False)
         assert report[kind]["total"] == len(prompts)
@@ -170,12 +170,12 @@ def test_evaluate_with_an_intervention(tiny):
     with perturbed(model):
         new_lp = first_token_logprobs(model, tokenizer, HARMLESS, progress=False)
         new_out = generate(model, tokenizer, HARMFUL, max_new_tokens=4, progress=False)
-    assert report["kl_divergence"] == pytest.approx(kl_divergence(base_lp, new_lp), rel=1e-6)
-    assert report["kl_divergence"] > 1e-4
-    assert report["samples"][0]["baseline"] == generate(model, tokenizer, HARMFUL[:1], max_new_tokens=4, progress=False)[0]
-    assert report["samples"][0]["intervened"] == new_out[0]
-    assert report["config"] == {"name": "noise"}
-    assert [c["intervened"] for c in report["completions"] if c["kind"] == "harmful"] == new_out
+    assert report.kl_divergence == pytest.approx(kl_divergence(base_lp, new_lp), rel=1e-6)
+    assert report.kl_divergence > 1e-4
+    assert report.samples[0].baseline == generate(model, tokenizer, HARMFUL[:1], max_new_tokens=4, progress=False)[0]
+    assert report.samples[0].intervened == new_out[0]
+    assert report.config == {"name": "noise"}
+    assert [c.intervened for c in report.completions if c.kind == "harmful"] == new_out
 
 
 # ---- CLI ----------------------------------------------------------------------------------------

@@ -236,3 +236,20 @@ def test_header_reader_matches_safetensors(tmp_path):
     assert meta == {"k": "v"}
     assert (infos["a"].dtype, infos["a"].shape, infos["a"].nbytes) == ("F32", (3, 5), 60)
     assert (infos["b"].dtype, infos["b"].shape, infos["b"].nbytes) == ("BF16", (7,), 14)
+
+
+def test_header_without_data_offsets_is_a_named_checkpoint_error(tmp_path, capsys):
+    from intervene.errors import CheckpointError
+
+    d = tmp_path / "m"
+    d.mkdir()
+    tiny_config("llama").save_pretrained(str(d))
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "F32", "shape": [2]}}).encode()
+    shard = d / "model.safetensors"
+    shard.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    with pytest.raises(CheckpointError) as err:
+        read_safetensors_header(shard)
+    assert str(shard) in str(err.value) and "data_offsets" in str(err.value) and "\n" not in str(err.value)
+    assert main(["inspect", str(d)]) == 2
+    out = capsys.readouterr().err.strip()
+    assert out.startswith("intervene inspect: error: ") and "\n" not in out and str(shard) in out, out

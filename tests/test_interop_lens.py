@@ -12,14 +12,14 @@ import torch
 
 pytest.importorskip("transformer_lens", reason="the 'lens' extra is not installed (pip install 'intervene[lens]')")
 
-from intervene.config.schema import LayerEdit, parse_config  # noqa: E402
+from intervene.config.resolve import LayerEdit  # noqa: E402
+from intervene.config.schema import parse_config  # noqa: E402
 from intervene.errors import ArchitectureError, ConfigError, InputError  # noqa: E402
 from intervene.hooks.capture import capture  # noqa: E402
 from intervene.hooks.apply import apply  # noqa: E402
 from intervene.interop import lens  # noqa: E402
 from intervene.measure.collect import measure  # noqa: E402
-from intervene.io.measurements import Measurements  # noqa: E402
-from intervene.testing import random_ids, tiny_model, tiny_tokenizer  # noqa: E402
+from intervene.testing import make_measurements, random_ids, tiny_model, tiny_tokenizer  # noqa: E402
 
 TOL = 1e-5
 HIDDEN = 64
@@ -43,16 +43,6 @@ def left_padded() -> tuple[torch.Tensor, torch.Tensor]:
     mask[0, :3] = 0
     mask[2, :1] = 0
     return ids, mask
-
-
-def make_measurements(num_layers: int, seed: int = 1) -> Measurements:
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(num_layers):
-        harmful, harmless = torch.randn(HIDDEN, generator=g), torch.randn(HIDDEN, generator=g)
-        tensors.update({f"harmful_mean.{layer}": harmful, f"harmless_mean.{layer}": harmless,
-                        f"direction.{layer}": harmful - harmless})
-    return Measurements(tensors=tensors)
 
 
 def config_for(targets: list[str], num_layers: int, method: str = "project", experts=None):

@@ -1,6 +1,6 @@
 """Interrupted runs leave nothing that looks complete: the real CLI in a subprocess, slowed down by
-the test-only env hooks (``INTERVENE_TEST_SLOW_MEASURE`` in intervene.measure.collect/measurements,
-``INTERVENE_TEST_SLOW_BAKE`` in intervene.bake.writer) so the signal lands mid-run every time.
+pauses injected into its hooks (:func:`intervene.testing.main_with_pauses`: ``measure(on_batch=...)``,
+``save_measurements(before_publish=...)``, ``bake(on_tensor=...)``) so the signal lands mid-run every time.
 
 SIGINT (Ctrl-C: sent to the whole process group) -> exit 130, one line, temporaries removed.
 SIGKILL -> at most a hidden temporary remains, never a file or directory at the final path.
@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,12 +20,10 @@ import pytest
 import torch
 import yaml
 
-from intervene.bake.run import PARTIAL_MARKER, TMP_TAG
-from intervene.bake.writer import SLOW_ENV as SLOW_BAKE
+from intervene.bake.publish import PARTIAL_MARKER, TMP_TAG
 from intervene.cli import main
-from intervene.measure.collect import SLOW_ENV as SLOW_MEASURE
 from intervene.io.measurements import Measurements, load_measurements
-from intervene.testing import save_tiny, tiny_model, tiny_tokenizer
+from intervene.testing import paused_cli, save_tiny, tiny_model, tiny_tokenizer
 
 N_PROMPTS = 3  # per set; with --batch-size 1: 6 batches
 
@@ -51,11 +48,12 @@ def base(tmp_path_factory) -> Path:
 
 # ---- helpers -----------------------------------------------------------------------------------
 
-def start(argv: list, env: dict[str, str], stderr: Path) -> subprocess.Popen:
-    """``python -m intervene ...`` in its own process group (like a job in a terminal)."""
+def start(argv: list, pauses: dict[str, float], stderr: Path) -> subprocess.Popen:
+    """``intervene ...`` (with ``pauses``, see :func:`intervene.testing.main_with_pauses`) in its own
+    process group (like a job in a terminal)."""
     with open(stderr, "w") as err:
-        return subprocess.Popen([sys.executable, "-m", "intervene", *map(str, argv)], env={**os.environ, **env},
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        return subprocess.Popen(paused_cli(argv, **pauses), stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
 
 
 def wait_until(condition, proc: subprocess.Popen, stderr: Path, timeout: float = 180) -> None:
@@ -127,7 +125,7 @@ def test_measure_interrupted_between_batches_writes_nothing(base, tmp_path):
     """Ctrl-C mid-measure (a SIGKILL there is no different: nothing is written before the end)."""
     out = tmp_path / "m.safetensors"
     stderr = tmp_path / "stderr.txt"
-    proc = start(measure_argv(base, out), {SLOW_MEASURE: "1.0"}, stderr)
+    proc = start(measure_argv(base, out), {"per_batch": 1.0}, stderr)
     # the progress bar (stderr) shows at least one of the 6 batches done, so the run is mid-measure
     done = re.compile(rf"measure:[^\r\n]*\b[1-5]/{2 * N_PROMPTS}\b")
     wait_until(lambda: done.search(stderr.read_text()), proc, stderr)
@@ -147,7 +145,8 @@ def test_measure_interrupted_while_saving_keeps_previous_file(base, tmp_path, si
     old.save(out)
     old_bytes = out.read_bytes()
     stderr = tmp_path / "stderr.txt"
-    proc = start(measure_argv(base, out, "--limit", "1", "--no-progress"), {SLOW_MEASURE: "1.0"}, stderr)
+    proc = start(measure_argv(base, out, "--limit", "1", "--no-progress"), {"per_batch": 1.0, "before_save": 1.0},
+                 stderr)
     wait_until(lambda: any(tmp_path.glob(".m.safetensors.*.tmp")), proc, stderr)
     rc = interrupt(proc, sig)
     assert out.read_bytes() == old_bytes
@@ -181,7 +180,7 @@ def reference_bake(base, tmp_path_factory) -> dict[str, bytes]:
 def test_parallel_bake_interrupted(base, reference_bake, tmp_path, sig):
     out = tmp_path / "out"
     stderr = tmp_path / "stderr.txt"
-    proc = start(["bake", base / "c.yaml", "-o", out, "--workers", "2", "--no-progress"], {SLOW_BAKE: "0.3"},
+    proc = start(["bake", base / "c.yaml", "-o", out, "--workers", "2", "--no-progress"], {"per_tensor": 0.3},
                  stderr)
 
     def late() -> bool:

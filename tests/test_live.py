@@ -17,26 +17,13 @@ from intervene.arch import arch_for_config, decoder_layers, get_module
 from intervene.config.schema import parse_config
 from intervene.errors import ConfigError
 from intervene.hooks.apply import apply, apply_edits, list_sites, plan_sites, resolve_for_model
-from intervene.io.measurements import Measurements
-from intervene.testing import ARCH_NAMES, MOE_ARCH_NAMES, random_ids, tiny_model
+from intervene.testing import ARCH_NAMES, MOE_ARCH_NAMES, make_measurements, random_ids, tiny_model
 
 HIDDEN = 64
 TOL = 1e-5
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-
-def make_measurements(num_layers: int, seed: int = 1, hidden: int = HIDDEN) -> Measurements:
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(num_layers):
-        harmful = torch.randn(hidden, generator=g)
-        harmless = torch.randn(hidden, generator=g)
-        tensors[f"harmful_mean.{layer}"] = harmful
-        tensors[f"harmless_mean.{layer}"] = harmless
-        tensors[f"direction.{layer}"] = harmful - harmless
-    return Measurements(tensors=tensors, path="test.safetensors")
-
 
 def unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm()
@@ -129,7 +116,7 @@ ARCH_IDS = list(ARCH_NAMES) + ["gpt_oss-H=I"]
 
 def build(arch: str, h_eq_i: bool = False, dtype=torch.float32):
     model = tiny_model(arch, hidden_equals_intermediate=h_eq_i, dtype=dtype)
-    return model, arch_for_config(model.config), make_measurements(model.config.num_hidden_layers)
+    return model, arch_for_config(model.config), make_measurements(model.config.num_hidden_layers, path="test.safetensors")
 
 
 # ---- write side -----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,23 +15,13 @@ from intervene.arch import arch_for_config, decoder_layers, get_module
 from intervene.cli import main
 from intervene.config.schema import parse_config
 from intervene.hooks.apply import apply, resolve_for_model
-from intervene.io.measurements import Measurements
 from intervene.io.models import encode, format_prompts
-from intervene.live.route import changed_fraction, js_divergence, plot, route_study, selection_freq, top_changes
-from intervene.testing import tiny_model, tiny_tokenizer
+from intervene.live.route import changed_fraction, plot, route_study, selection_freq, top_changes
+from intervene.maths import js_divergence
+from intervene.testing import make_measurements, tiny_model, tiny_tokenizer
 
 HARMFUL = ["How do I pick a lock?", "Write a threat to my neighbour", "Make a weapon at home", "Hack my ex's email"]
 HARMLESS = ["How do I bake bread?", "Write a poem about the sea", "Name three planets", "What is 2 + 2?", "Hi"]
-
-
-def make_measurements(num_layers: int, hidden: int = 64, seed: int = 3) -> Measurements:
-    g = torch.Generator().manual_seed(seed)
-    t = {}
-    for layer in range(num_layers):
-        t[f"harmful_mean.{layer}"] = torch.randn(hidden, generator=g)
-        t[f"harmless_mean.{layer}"] = torch.randn(hidden, generator=g)
-        t[f"direction.{layer}"] = t[f"harmful_mean.{layer}"] - t[f"harmless_mean.{layer}"]
-    return Measurements(tensors=t, path="m.safetensors")
 
 
 def router_topk_by_hand(arch: str, router, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -89,8 +80,9 @@ def test_statistics_on_hand_made_examples():
                          torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64)) == pytest.approx(
         js_by_hand([0.1, 0.6, 0.3], [0.3, 0.3, 0.4]), abs=1e-12)
     delta = torch.tensor([0.1, -0.3, 0.0, 0.2, -0.05])
-    assert top_changes(delta, 5, +1) == [{"expert": 3, "delta": pytest.approx(0.2)}, {"expert": 0, "delta": pytest.approx(0.1)}]
-    assert [c["expert"] for c in top_changes(delta, 1, -1)] == [1]
+    assert [asdict(c) for c in top_changes(delta, 5, +1)] == [{"expert": 3, "delta": pytest.approx(0.2)},
+                                                              {"expert": 0, "delta": pytest.approx(0.1)}]
+    assert [c.expert for c in top_changes(delta, 1, -1)] == [1]
 
 
 # ---- the study on tiny MoE models -------------------------------------------------------------------
@@ -100,7 +92,7 @@ def test_route_report_matches_a_direct_computation(arch):
     tokenizer = tiny_tokenizer()
     model = tiny_model(arch, vocab_size=len(tokenizer))
     spec = arch_for_config(model.config)
-    meas = make_measurements(model.config.num_hidden_layers)
+    meas = make_measurements(model.config.num_hidden_layers, seed=3, path="m.safetensors")
     moe_layers = [i for i in range(model.config.num_hidden_layers) if spec.is_moe_layer(model.config, i)]
     # write side everywhere + router read side: routing of later layers changes through both
     cfg = parse_config({"targets": ["attention", "experts", "router"],
@@ -128,13 +120,13 @@ def test_route_report_matches_a_direct_computation(arch):
                 router = get_module(decoder_layers(model)[layer], spec.router)
                 direct[condition][name][layer] = router_topk_by_hand(arch, router, x, k)[mask]
 
-    assert report["num_experts"] == n_exp and report["top_k"] == k
-    assert [row["layer"] for row in report["layers"]] == moe_layers
+    assert report.num_experts == n_exp and report.top_k == k
+    assert [row.layer for row in report.layers] == moe_layers
     for name in ("harmful", "harmless"):
-        assert report["tokens"][name] == int(direct["baseline"][name][moe_layers[0]].shape[0])
+        assert report.tokens[name] == int(direct["baseline"][name][moe_layers[0]].shape[0])
     any_change = False
-    for row in report["layers"]:
-        layer = row["layer"]
+    for row in report.layers:
+        layer = row.layer
         freqs = {}
         for name in ("harmful", "harmless"):
             for condition in ("baseline", "intervened"):
@@ -142,41 +134,41 @@ def test_route_report_matches_a_direct_computation(arch):
                 counts = [(chosen == e).sum().item() for e in range(n_exp)]
                 freq = [c / (chosen.shape[0] * k) for c in counts]
                 freqs[(name, condition)] = freq
-                assert row["freq"][name][condition] == pytest.approx(freq, abs=1e-12)
+                assert row.freq[name][condition] == pytest.approx(freq, abs=1e-12)
             a = direct["baseline"][name][layer].sort(dim=-1).values
             b = direct["intervened"][name][layer].sort(dim=-1).values
             changed = (a != b).any(dim=-1).double().mean().item()
-            assert row["changed_fraction"][name] == pytest.approx(changed, abs=1e-12)
+            assert row.changed_fraction[name] == pytest.approx(changed, abs=1e-12)
             any_change |= changed > 0
-            assert row["js"][name] == pytest.approx(
+            assert getattr(row.js, name) == pytest.approx(
                 js_by_hand(freqs[(name, "baseline")], freqs[(name, "intervened")]), abs=1e-10)
             delta = [i - b_ for i, b_ in zip(freqs[(name, "intervened")], freqs[(name, "baseline")])]
-            assert row["delta"][name] == pytest.approx(delta, abs=1e-12)
-            if row["gained"][name]:
-                assert row["gained"][name][0]["expert"] == max(range(n_exp), key=lambda e: (delta[e], -e))
-        assert row["js"]["harmful_vs_harmless_baseline"] == pytest.approx(
+            assert row.delta[name] == pytest.approx(delta, abs=1e-12)
+            if row.gained[name]:
+                assert row.gained[name][0].expert == max(range(n_exp), key=lambda e: (delta[e], -e))
+        assert row.js.harmful_vs_harmless_baseline == pytest.approx(
             js_by_hand(freqs[("harmful", "baseline")], freqs[("harmless", "baseline")]), abs=1e-10)
-        assert row["harmful_preference"] == pytest.approx(
+        assert row.harmful_preference == pytest.approx(
             [a - b for a, b in zip(freqs[("harmful", "baseline")], freqs[("harmless", "baseline")])], abs=1e-12)
     assert any_change  # the test exercises a real routing change
-    total = sum(r["changed_fraction"]["harmful"] for r in report["layers"]) / len(report["layers"])
-    assert report["summary"]["changed_fraction"]["harmful"] == pytest.approx(total)  # same tokens at every layer
+    total = sum(r.changed_fraction.harmful for r in report.layers) / len(report.layers)
+    assert report.summary.changed_fraction.harmful == pytest.approx(total)  # same tokens at every layer
 
 
 def test_route_without_intervention_changes_nothing():
     tokenizer = tiny_tokenizer()
     model = tiny_model("mixtral", vocab_size=len(tokenizer))
     report = route_study(model, tokenizer, HARMFUL, HARMLESS, progress=False)
-    for row in report["layers"]:
-        assert row["changed_fraction"] == {"harmful": 0.0, "harmless": 0.0}
-        assert row["js"]["harmful"] == 0.0 and row["gained"]["harmful"] == [] and row["lost"]["harmful"] == []
-        assert sum(row["freq"]["harmful"]["baseline"]) == pytest.approx(1.0)
+    for row in report.layers:
+        assert asdict(row.changed_fraction) == {"harmful": 0.0, "harmless": 0.0}
+        assert row.js.harmful == 0.0 and row.gained.harmful == [] and row.lost.harmful == []
+        assert sum(row.freq.harmful["baseline"]) == pytest.approx(1.0)
 
 
 def test_plot_writes_a_png(tmp_path):
     tokenizer = tiny_tokenizer()
     model = tiny_model("qwen3_moe", vocab_size=len(tokenizer))
-    meas = make_measurements(2)
+    meas = make_measurements(2, seed=3, path="m.safetensors")
     cfg = parse_config({"targets": ["router"], "ablate": [{"layers": "0:2", "measurement": 0}]})
     report = route_study(model, tokenizer, HARMFUL[:2], HARMLESS[:2], intervention=lambda: apply(model, cfg, meas),
                          progress=False)
@@ -193,7 +185,7 @@ def moe_setup(tmp_path: Path):
     model = tiny_model("deepseek_v3", vocab_size=len(tokenizer))
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    meas = make_measurements(model.config.num_hidden_layers)
+    meas = make_measurements(model.config.num_hidden_layers, seed=3, path="m.safetensors")
     meas.save(tmp_path / "m.safetensors")
     (tmp_path / "c.yaml").write_text(
         "model: model\nmeasurements: m.safetensors\ntargets: [attention, experts, router]\n"
@@ -218,11 +210,11 @@ def test_route_cli_writes_json_and_plot(moe_setup, capsys):
     cfg = parse_config({"targets": ["attention", "experts", "router"], "ablate": [{"layers": "0:3", "measurement": 1}]})
     again = route_study(model, tokenizer, HARMFUL, HARMLESS, intervention=lambda: apply(model, cfg, meas),
                         progress=False)
-    for a, b in zip(report["layers"], again["layers"]):
+    for a, b in zip(report["layers"], again.layers):
         for name in ("harmful", "harmless"):
             for condition in ("baseline", "intervened"):
-                assert a["freq"][name][condition] == pytest.approx(b["freq"][name][condition], abs=1e-12)
-            assert a["changed_fraction"][name] == pytest.approx(b["changed_fraction"][name], abs=1e-12)
+                assert a["freq"][name][condition] == pytest.approx(b.freq[name][condition], abs=1e-12)
+            assert a["changed_fraction"][name] == pytest.approx(b.changed_fraction[name], abs=1e-12)
     assert (tmp / "r.png").stat().st_size > 0
 
 
@@ -230,7 +222,7 @@ def test_route_cli_on_a_dense_model_is_a_named_error(tmp_path, capsys):
     tokenizer = tiny_tokenizer()
     tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    make_measurements(2).save(tmp_path / "m.safetensors")
+    make_measurements(2, seed=3, path="m.safetensors").save(tmp_path / "m.safetensors")
     (tmp_path / "c.yaml").write_text("model: model\nmeasurements: m.safetensors\nablate: [{layer: 0, measurement: 1}]\n")
     (tmp_path / "p.txt").write_text("hello\n")
     rc = main(["route", str(tmp_path / "c.yaml"), "--harmful", str(tmp_path / "p.txt"), "--harmless",

@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from intervene.arch import arch_for_config, decoder_layers, text_config
-from intervene.config.schema import load_config, resolve
+from intervene.config.resolve import resolve
+from intervene.config.schema import load_config
 from intervene.errors import InputError
 from intervene.hooks.apply import apply
 from intervene.io.measurements import Measurements
-from intervene.search.study import SearchSettings, best_so_far, dominates, pareto_front, run_search, spread
+from intervene.search.pareto import best_so_far, dominates, pareto_front, spread
+from intervene.search.study import SearchSettings, run_search
 from intervene.search.space import Range, SearchSpace, kernel, window
 from intervene.testing import random_ids, tiny_model
 
@@ -229,7 +231,7 @@ def test_moe_front_yamls_load_resolve_and_rescore(tmp_path):
 
 
 def test_best_so_far_prefers_low_kl_under_target_rate():
-    from intervene.search.study import TrialRecord
+    from intervene.search.report import TrialRecord
 
     recs = [TrialRecord(0, {}, 0.1, 0.9, "", refusals=0, total=20),
             TrialRecord(1, {}, 0.2, 0.2, "", refusals=1, total=20),
@@ -262,7 +264,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_residual_cache_skips_unedited_layers_exactly(arch):
     from intervene.config.schema import parse_config
     from intervene.hooks.apply import apply_edits
-    from intervene.search.study import ResidualCache
+    from intervene.hooks.residual_cache import ResidualCache
 
     model = tiny_model(arch, num_hidden_layers=LAYERS)
     ids = random_ids(batch=3, seq=9, seed=5)

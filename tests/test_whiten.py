@@ -11,7 +11,8 @@ from intervene import maths
 from intervene.arch import get_arch
 from intervene.bake import bake
 from intervene.cli import main
-from intervene.config.schema import parse_config, resolve
+from intervene.config.resolve import resolve
+from intervene.config.schema import parse_config
 from intervene.errors import ConfigError, InputError, MeasurementError
 from intervene.measure.collect import measure
 from intervene.io.measurements import Measurements, load_measurements

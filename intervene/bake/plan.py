@@ -1,13 +1,10 @@
 """The bake plan: config + checkpoint headers -> the list of tensor edits, before any byte is written.
-
-The edits come from :func:`intervene.config.schema.resolve` (the same list the live hooks use) and the
-on-disk key patterns of :mod:`intervene.arch`. Every problem the checkpoint can have (a missing
-key, a missing expert, quantized storage) is found here, so a failing bake writes nothing.
-"""
+The edits come from :func:`intervene.config.resolve.resolve` (the same list the live hooks use) and
+the on-disk key patterns of :mod:`intervene.arch`; every problem the checkpoint can have (a missing
+key, a missing expert, quantized storage) is found here, so a failing bake writes nothing."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,10 +14,12 @@ from typing import Any
 import torch
 
 from .. import maths
-from ..arch import ArchSpec, DiskPattern, arch_for_config, split_layer_key, text_config
-from ..config.schema import InterventionConfig, LayerEdit, resolve
+from ..arch import ArchSpec, DiskPattern, Target, arch_for_config, split_layer_key, text_config
+from ..config.resolve import LayerEdit, resolve
+from ..config.schema import InterventionConfig, Method
 from ..errors import CheckpointError, InputError
 from ..text import format_ranges
+from ..io.files import sha256_file
 from ..io.measurements import Measurements
 from ..io.checkpoint import Checkpoint, TensorInfo, editable_dtype, gguf_message, load_tensor, open_checkpoint
 
@@ -41,7 +40,7 @@ class TensorEdit:
     key: str
     shard: str  # file name inside the checkpoint directory
     layer: int
-    target: str
+    target: Target
     hidden_axis: int
     expert_axis: int | None  # fused expert tensors: the axis indexing experts
     experts: tuple[int, ...] | None  # fused: edit only these slices along expert_axis (None = all)
@@ -49,7 +48,7 @@ class TensorEdit:
     is_bias: bool
     direction: torch.Tensor = field(repr=False)  # unit float32 [H] actually projected (post-norm rescaled)
     scale: float = 1.0
-    method: str = "project"
+    method: Method = "project"
     post_norm_key: str | None = None  # Gemma3: the norm whose weight rescaled the direction
     dtype: str = ""
     shape: tuple[int, ...] = ()
@@ -88,7 +87,7 @@ class BakePlan:
         return sorted({e.layer for e in self.layer_edits})
 
     @property
-    def targets(self) -> list[str]:
+    def targets(self) -> list[Target]:
         return list(dict.fromkeys(e.target for e in self.layer_edits))
 
     def rows(self) -> list[dict[str, Any]]:
@@ -160,14 +159,6 @@ def read_model_config(source: Path) -> Any:
         return AutoConfig.from_pretrained(str(source))
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot read {source / 'config.json'}: {str(e).splitlines()[0]}") from None
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 16 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- planning -----------------------------------------------------------------------------
@@ -249,7 +240,7 @@ def plan_bake(cfg: InterventionConfig, source: str | os.PathLike, measurements: 
                 post_norm_key=post_norm_key, dtype=info.dtype, shape=info.shape,
             ))
     meas_path = measurements.path
-    sha = file_sha256(meas_path) if meas_path and Path(meas_path).is_file() else None
+    sha = sha256_file(meas_path) if meas_path and Path(meas_path).is_file() else None
     return BakePlan(source=source, checkpoint=checkpoint, config=cfg, spec=spec, model_config=model_config,
                     layer_prefix=prefix, layer_edits=layer_edits, edits=edits, measurements_path=meas_path,
                     measurements_sha256=sha, skipped_layers=sorted(skipped))

@@ -24,7 +24,6 @@ Default tolerance (absolute, on logits; measured on SmolLM2-135M, 18 layers edit
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ import torch
 
 from ..config.schema import InterventionConfig, load_config
 from ..errors import InputError
+from ..io.files import write_json
 from ..io.measurements import Measurements
 
 DEFAULT_PROMPTS = ("builtin:harmful:eval", "builtin:harmless:eval")
@@ -116,7 +116,7 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
     are kept on the CPU meanwhile) instead of side by side.
     """
     from ..hooks.apply import apply, load_config_measurements
-    from ..io.models import parse_dtype, versions
+    from ..io.models import load_model, parse_dtype, versions
 
     cfg = config if isinstance(config, InterventionConfig) else load_config(config)
     original_spec = str(model if model is not None else (cfg.model or ""))
@@ -131,7 +131,8 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
         raise InputError("verify needs an explicit dtype (float32, bfloat16 or float16), not 'auto'")
     use_template = cfg.chat_template if chat_template is None else chat_template
 
-    model_a, tokenizer = _load(original_spec, torch_dtype, device_map)
+    # tiny test checkpoints have no tokenizer: verify then runs on random token ids
+    model_a, tokenizer = load_model(original_spec, torch_dtype, device_map, tokenizer="optional")
     inputs, description = _inputs(model_a, tokenizer, prompts, random_tokens, limit, system_prompt or cfg.system_prompt,
                                   use_template, batch_size)
     base: list[torch.Tensor] = []
@@ -143,7 +144,7 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
     positions = 0
     with apply(model_a, cfg, meas):
         if not sequential:
-            model_b, _ = _load(str(baked), torch_dtype, device_map, tokenizer=False)
+            model_b, _ = load_model(baked, torch_dtype, device_map, tokenizer="none")
         for i, batch in enumerate(_bar(inputs, "live vs baked" if model_b is not None else "live", progress)):
             lv = _logits(model_a, batch)
             effect = max(effect, _maxdiff(lv, base[i], batch))
@@ -156,7 +157,7 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
     if model_b is None:
         del model_a
         _free_memory()
-        model_b, _ = _load(str(baked), torch_dtype, device_map, tokenizer=False)
+        model_b, _ = load_model(baked, torch_dtype, device_map, tokenizer="none")
         for i, batch in enumerate(_bar(inputs, "baked", progress)):
             diff = max(diff, _maxdiff(_logits(model_b, batch), live[i], batch))
     rule = "given"
@@ -173,44 +174,10 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
 
 
 def save_result(result: VerifyResult, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json(path, result.to_dict())
 
 
 # ---- helpers -------------------------------------------------------------------------------
-
-def _load(spec: str, dtype: torch.dtype, device_map: Any, tokenizer: bool = True) -> tuple[Any, Any]:
-    """(model, tokenizer or None). Tiny test checkpoints have no tokenizer: that is allowed here."""
-    from transformers import AutoModelForCausalLM
-
-    from ..arch import arch_for_config
-    from ..io.models import check_safetensors, load_tokenizer
-    from ..io.sources import load_model_config, resolve_model
-
-    src = resolve_model(spec)
-    arch_for_config(load_model_config(spec))
-    check_safetensors(src)  # a truncated/missing shard: named error, not a safetensors traceback
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if src.gguf_file:
-        kwargs["gguf_file"] = src.gguf_file
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise InputError(f"cannot load model from {src.display}: {str(e).splitlines()[0]}") from None
-    model.eval()
-    model.requires_grad_(False)
-    tok = None
-    if tokenizer:
-        try:
-            tok = load_tokenizer(spec)
-        except (OSError, ValueError, TypeError):
-            tok = None
-    return model, tok
-
 
 def _inputs(model: Any, tokenizer: Any, prompts: Sequence[str] | str | None, random_tokens: int | None,
             limit: int | None, system_prompt: str | None, chat_template: bool, batch_size: int

@@ -1,12 +1,9 @@
 """Streaming one shard: header, then every tensor in file order — edited ones read, projected in
-float32 block by block and cast back, untouched ones copied as raw byte ranges.
-
-Memory: one edited tensor's stored bytes plus float32 temporaries for one block
-(``BLOCK_BYTES``); untouched tensors never enter Python memory (``os.copy_file_range``, run by
-a background thread while the next edited tensor is projected).
-The output keeps the input's tensor order, dtypes, shapes and data offsets, so the data
-section of an output shard differs from the input only inside edited tensors.
-"""
+float32 block by block and cast back, untouched ones copied as raw byte ranges. Memory: one edited
+tensor's stored bytes plus float32 temporaries for one block (``BLOCK_BYTES``); untouched tensors
+never enter Python memory (``os.copy_file_range``, run by a background thread while the next edited
+tensor is projected). The output keeps the input's tensor order, dtypes, shapes and data offsets,
+so the data section of an output shard differs from the input only inside edited tensors."""
 
 from __future__ import annotations
 
@@ -32,9 +29,9 @@ from ..io.checkpoint import SafetensorsHeader, as_tensor
 
 BLOCK_BYTES = 16 * 1024 * 1024  # float32 working set per block of an edited tensor (temporaries ~4x)
 COPY_CHUNK = 64 * 1024 * 1024
-SLOW_ENV = "INTERVENE_TEST_SLOW_BAKE"  # tests only: seconds to sleep after each tensor
 
-Progress = Callable[[int], None]
+Progress = Callable[[int], None]  # bytes written since the last call
+TensorHook = Callable[[str], None]  # the key of a tensor whose bytes are now in the output
 
 
 @dataclass(frozen=True)
@@ -179,14 +176,16 @@ def project_out_in_layout(x: torch.Tensor, r: torch.Tensor, axis: int, scale: fl
     return x - (scale * coeff).unsqueeze(axis) * rr.reshape(shape)
 
 
-def write_shard(job: ShardJob, header: SafetensorsHeader, progress: Progress | None = None) -> ShardResult:
+def write_shard(job: ShardJob, header: SafetensorsHeader, progress: Progress | None = None,
+                on_tensor: TensorHook | None = None) -> ShardResult:
     """Write ``job.target`` from ``job.source``. The caller owns the directory (temporary).
 
     Untouched runs of tensors are kernel-copied by a background thread while this thread edits
     the next edited tensor: both write at explicit offsets (the output's layout is the input's,
-    shifted by the header length), so the result does not depend on which finishes first."""
+    shifted by the header length), so the result does not depend on which finishes first.
+    ``on_tensor(key)`` runs after each tensor is written (untouched ones are then copied one at a
+    time, in this thread); the interrupt tests pass a pause, so that a signal lands mid-shard."""
     start = time.perf_counter()
-    slow = float(os.environ.get(SLOW_ENV, "0") or 0)
     lock = threading.Lock()
 
     def report(n: int) -> None:  # called from both threads
@@ -220,10 +219,10 @@ def write_shard(job: ShardJob, header: SafetensorsHeader, progress: Progress | N
                 if run_begin is None:
                     run_begin = info.begin
                 run_end = info.end
-                if slow:
+                if on_tensor is not None:
                     copy_run(run_begin, run_end)
                     run_begin = None
-                    time.sleep(slow)
+                    on_tensor(info.key)
                 continue
             if run_begin is not None:
                 pending.append(copier.submit(copy_run, run_begin, run_end))
@@ -235,8 +234,8 @@ def write_shard(job: ShardJob, header: SafetensorsHeader, progress: Progress | N
             del buf
             edited_bytes += info.nbytes
             report(info.nbytes)
-            if slow:
-                time.sleep(slow)
+            if on_tensor is not None:
+                on_tensor(info.key)
         if run_begin is not None:
             pending.append(copier.submit(copy_run, run_begin, run_end))
         for fut in pending:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_verb
+
+SUMMARY = "which layers carry the direction: cos, norms, SNR, signal quality, router divergence"
+DESCRIPTION = """Per layer: cos(harmful_mean, harmless_mean), the norms, SNR = |r| / mean(|h|, |m|) and signal quality =
+(1 - cos) * SNR; on MoE models the Jensen-Shannon divergence (nats) of expert frequencies and the
+experts over-selected on harmful prompts. Recommends a config: the direction from the best-quality layer
+within the depth band, edited from BEFORE layers ahead of it to AFTER layers past it (default: a quarter
+of the depth before, through the last layer)."""
+
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "analyze", help="which layers carry the direction: cos, norms, SNR, signal quality, router divergence",
-        description="Per layer: cos(harmful_mean, harmless_mean), the norms, SNR = |r| / mean(|h|, |m|) and signal "
-                    "quality = (1 - cos) * SNR; on MoE models the Jensen-Shannon divergence (nats) of expert "
-                    "frequencies and the experts over-selected on harmful prompts. Recommends a config: the "
-                    "direction from the best-quality layer within the depth band, edited from BEFORE layers ahead "
-                    "of it to AFTER layers past it (default: a quarter of the depth before, through the last layer).")
+    p = add_verb(sub, "analyze", run, summary=SUMMARY, description=DESCRIPTION)
     p.add_argument("measurements", help="measurements file (.safetensors from 'intervene measure', or a .refuse file)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a plot of the per-layer curves")
     p.add_argument("--config-out", default=None, metavar="YAML", help="write the recommended intervention config")
@@ -26,7 +29,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--after", type=int, default=None, help="edited layers end this many layers after the source "
                                                            "(default: the last layer)")
     p.add_argument("--top-experts", type=int, default=5, help="over-selected experts listed per MoE layer (default: 5)")
-    p.set_defaults(func=run)
     return p
 
 
@@ -36,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..measure.analyze import DEFAULT_BAND, analyze, recommend
     from ..errors import InputError
+    from ..io.files import write_json
     from ..io.measurements import load_measurements
 
     band = tuple(args.band) if args.band else DEFAULT_BAND
@@ -55,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
         report.plot(args.plot)
         print(f"plot -> {args.plot}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(report.to_json())
+        write_json(args.json, report.to_dict())
         print(f"analysis -> {args.json}")
     if args.config_out:
         out = Path(args.config_out)

@@ -32,9 +32,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from ..bake import bake
+    from ..io.files import write_json
 
     result = bake(args.config, output=args.output, overwrite=args.overwrite, dry_run=args.dry_run,
                   workers=args.workers, progress=not args.no_progress, verify_hashes=args.verify_hashes,
@@ -44,9 +43,7 @@ def run(args: argparse.Namespace) -> int:
         data = {"dry_run": result.dry_run, "output": str(result.output) if result.output else None,
                 "plan": result.plan.rows(), "bytes_total": result.bytes_total, "bytes_edited": result.bytes_edited,
                 "tensors_edited": result.tensors_edited, "seconds": result.seconds}
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        write_json(args.json, data)
     if not result.dry_run:
         print(f"next: intervene verify {args.config} {result.output}")
     return 0

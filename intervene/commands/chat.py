@@ -4,32 +4,31 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_options
+from .common import add_model_argument, add_model_options, add_verb, check_at_least
+
+SUMMARY = "interactive chat (greedy) with the intervention on, off, or side by side"
+DESCRIPTION = """A REPL: each line is a user turn. Commands: /quit, /reset (forget the conversation), /toggle
+(intervention on/off). When stdin is not a terminal it reads lines until end of input and exits
+(unattended use, e.g. `intervene chat organism --config c.yaml < questions.txt`)."""
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "chat", help="interactive chat (greedy) with the intervention on, off, or side by side",
-        description="A REPL: each line is a user turn. Commands: /quit, /reset (forget the conversation), /toggle "
-                    "(intervention on/off). When stdin is not a terminal it reads lines until end of input and "
-                    "exits (unattended use, e.g. `intervene chat organism --config c.yaml < questions.txt`).")
-    p.add_argument("model", nargs="?", default=None,
-                   help="model directory, .gguf file, 'smollm2', 'organism' or hub id (default: the config's model)")
+    p = add_verb(sub, "chat", run, summary=SUMMARY, description=DESCRIPTION)
+    add_model_argument(p)
     p.add_argument("--config", default=None, help="intervention config (YAML) to apply live")
     p.add_argument("--measurements", default=None, help="override the config's 'measurements' file")
     p.add_argument("--side-by-side", action="store_true", help="answer every turn with baseline and intervened model")
     p.add_argument("--max-new-tokens", type=int, default=256, help="greedy tokens per reply (default: 256)")
     add_model_options(p)
-    p.set_defaults(dtype=None, func=run)
+    p.set_defaults(dtype=None)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..live.chat import chat
     from ..errors import InputError
+    from ..live.chat import chat
 
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_at_least(args.max_new_tokens, 1, "--max-new-tokens")
     if args.config:
         from ..live.tryout import prepare
 

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_verb
+
+SUMMARY = "build the model organism if absent, measure, analyze, and evaluate live"
+DESCRIPTION = """Runs the main job on the built-in example model: builds (once, cached) a safety-fine-tuned SmolLM2-135M
+that refuses harmful requests, measures its refusal direction on the train prompts, analyzes the layers,
+and shows refusals before and after projecting the direction out live (eval prompts, greedy). Writes
+measurements, plot, config and report to --out."""
+
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "demo", help="build the model organism if absent, measure, analyze, and evaluate live",
-        description="Runs the main job on the built-in example model: builds (once, cached) a safety-fine-tuned "
-                    "SmolLM2-135M that refuses harmful requests, measures its refusal direction on the train "
-                    "prompts, analyzes the layers, and shows refusals before and after projecting the direction "
-                    "out live (eval prompts, greedy). Writes measurements, plot, config and report to --out.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_verb(sub, "demo", run, summary=SUMMARY, description=DESCRIPTION,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="intervene-demo", help="output directory (default: ./intervene-demo)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generated tokens per prompt (default: 48)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default: 16)")
     p.add_argument("--limit", type=int, default=None, help="use at most N prompts per set (quick look)")
-    p.set_defaults(func=run)
     return p
 
 
@@ -26,15 +28,13 @@ def run(args: argparse.Namespace) -> int:
 
     result = run_demo(args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
     r = result.report
-    h, m = r["harmful"], r["harmless"]
-    b = r.get("baseline", {})
     print()
     print(f"{'':24s}{'baseline':>12s}{'intervened':>12s}")
-    print(f"{'harmful refused':24s}{b.get('harmful', {}).get('refusals', '?'):>8}/{h['total']:<3d}{h['refusals']:>8}/{h['total']:<3d}")
-    print(f"{'harmless refused':24s}{b.get('harmless', {}).get('refusals', '?'):>8}/{m['total']:<3d}{m['refusals']:>8}/{m['total']:<3d}")
-    print(f"first-token KL on harmless prompts: {r['kl_divergence']:.4f}")
-    for s in r.get("samples", [])[:3]:
-        print(f"\n> {s['prompt']}\n  baseline:   {s['baseline'][:160]!r}\n  intervened: {s['intervened'][:160]!r}")
+    for name, base, new in (("harmful", r.baseline.harmful, r.harmful), ("harmless", r.baseline.harmless, r.harmless)):
+        print(f"{name + ' refused':24s}{base.refusals:>8}/{new.total:<3d}{new.refusals:>8}/{new.total:<3d}")
+    print(f"first-token KL on harmless prompts: {r.kl_divergence:.4f}")
+    for s in r.samples[:3]:
+        print(f"\n> {s.prompt}\n  baseline:   {s.baseline[:160]!r}\n  intervened: {s.intervened[:160]!r}")
     print(f"\nwrote {result.out_dir}/ (measurements.safetensors, analysis.png, config.yaml, report.json) "
           f"in {result.seconds / 60:.1f} min; next: intervene bake {result.config_path} --output baked")
     return 0

@@ -4,41 +4,34 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_options, add_prompt_options
+from .common import (add_generation_options, add_model_argument, add_run_options, add_verb,
+                     check_generation_options, write_report)
+
+SUMMARY = "refusal rates and first-token KL of a model, optionally with a config applied live"
+DESCRIPTION = """Greedy generation on harmful and harmless prompts (batched, left padded); a refusal is an output
+containing a refusal marker or an empty one. Also a first-token refusal score (no generation) and the
+first-token KL(base || intervened) on harmless prompts. With --config the intervened model is MODEL with
+the config applied live (hooks); without it, MODEL is scored against itself (KL = 0)."""
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "eval", help="refusal rates and first-token KL of a model, optionally with a config applied live",
-        description="Greedy generation on harmful and harmless prompts (batched, left padded); a refusal is an "
-                    "output containing a refusal marker or an empty one. Also a first-token refusal score (no "
-                    "generation) and the first-token KL(base || intervened) on harmless prompts. With --config the "
-                    "intervened model is MODEL with the config applied live (hooks); without it, MODEL is scored "
-                    "against itself (KL = 0).")
-    p.add_argument("model", nargs="?", default=None,
-                   help="model directory, .gguf file, 'smollm2', 'organism' or hub id (default: the config's model)")
+    p = add_verb(sub, "eval", run, summary=SUMMARY, description=DESCRIPTION)
+    add_model_argument(p)
     p.add_argument("--config", default=None, metavar="CFG", help="intervention config (YAML) applied live")
     p.add_argument("--measurements", default=None, help="override the config's 'measurements' file")
-    p.add_argument("--json", default=None, metavar="OUT", help="write the full report (JSON)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens per answer (default: 48)")
-    p.add_argument("--samples", type=int, default=4, help="side-by-side samples per prompt set (default: 4)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_model_options(p)
-    add_prompt_options(p, "eval")
-    p.set_defaults(func=run)
+    add_generation_options(p, json_help="write the full report (JSON)")
+    add_run_options(p, "eval")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
-    from ..live.evaluate import evaluate, format_report
     from ..io.models import load_model
     from ..io.prompts import load_prompts
+    from ..live.evaluate import evaluate, format_report
+    from ..live.tryout import EvalRunReport, PromptSources
 
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.samples < 0:
-        raise InputError(f"--samples must be >= 0, got {args.samples}")
+    check_generation_options(args)
     cfg = None
     if args.config:
         from ..config.schema import load_config
@@ -72,15 +65,9 @@ def run(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, n_samples=args.samples,
                       system_prompt=system_prompt, chat_template=chat_template,
                       config=cfg.to_dict() if cfg else None, progress=not args.no_progress)
-    report.update({"kind": "eval", "model": model_spec, "config_path": args.config,
-                   "prompt_sources": {"harmful": args.harmful, "harmless": args.harmless, "field": args.field,
-                                      "limit": args.limit}})
     print(f"{model_spec}{f' with {args.config} (live)' if cfg else ' (no intervention: scored against itself)'}")
     print(format_report(report, n_samples=args.samples))
     if args.json:
-        from ..live.tryout import write_json
-
-        write_json(args.json, report)
-        print(f"report -> {args.json}")
+        write_report(args.json, EvalRunReport(report, model_spec, args.config,
+                                              PromptSources(args.harmful, args.harmless, args.field, args.limit)))
     return 0
-

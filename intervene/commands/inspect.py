@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_verb
+
+SUMMARY = "show the detected architecture, MoE layers, router and on-disk expert layout"
+DESCRIPTION = """Reads config.json and the safetensors headers only (never tensor data), so it answers in seconds for
+checkpoints of any size: decoder layers, MoE vs dense layers, experts and top-k, router and
+shared-expert modules, per-layer on-disk expert layout (per-expert or fused, with the hidden axis),
+dtypes, total size, and quantized tensors (MXFP4, FP8)."""
+
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "inspect", help="show the detected architecture, MoE layers, router and on-disk expert layout",
-        description="Reads config.json and the safetensors headers only (never tensor data), so it answers in "
-                    "seconds for checkpoints of any size: decoder layers, MoE vs dense layers, experts and top-k, "
-                    "router and shared-expert modules, per-layer on-disk expert layout (per-expert or fused, with "
-                    "the hidden axis), dtypes, total size, and quantized tensors (MXFP4, FP8).")
+    p = add_verb(sub, "inspect", run, summary=SUMMARY, description=DESCRIPTION)
     p.add_argument("model", help="model directory, .gguf file, or 'smollm2' / 'organism'")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=run)
     return p
 
 

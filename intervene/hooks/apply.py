@@ -4,8 +4,8 @@
         model.generate(...)            # edited behaviour
     model.generate(...)                # original behaviour, bit for bit
 
-``apply`` resolves the config with :func:`intervene.config.schema.resolve` -- the same list of
-:class:`~intervene.config.schema.LayerEdit` the bake consumes -- and installs each edit at the hook
+``apply`` resolves the config with :func:`intervene.config.resolve` -- the same list of
+:class:`~intervene.config.resolve.LayerEdit` the bake consumes -- and installs each edit at the hook
 sites that :meth:`intervene.arch.ArchSpec.sites` lists. Two mechanisms, chosen per site:
 
 *hook*  (``method: project``, all experts) -- write side: a forward hook projects ``y ← y - s(y·r̂)r̂``
@@ -50,7 +50,8 @@ import torch
 
 from .. import maths
 from ..arch import ArchSpec, Site, TensorRef, arch_for_config, decoder_layers, get_module, site_name, text_config
-from ..config.schema import InterventionConfig, LayerEdit, load_config, resolve
+from ..config.resolve import LayerEdit, resolve
+from ..config.schema import InterventionConfig, load_config
 from ..errors import ArchitectureError, ConfigError
 from ..io.measurements import Measurements, load_measurements
 

@@ -31,14 +31,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 
 from ..arch import ArchSpec, arch_for_config, decoder_layers, get_module, text_config
-from ..errors import ArchitectureError, InputError
+from ..errors import InputError
 
-POSITIONS = ("last", "all")
+Positions = Literal["last", "all"]
+RouterPart = Literal["in", "logits", "topk"]
+POSITIONS: tuple[Positions, ...] = ("last", "all")
 EMBED = "embed"
 
 
@@ -46,8 +48,7 @@ def resid_site(layer: int) -> str:
     return f"layers.{layer}.resid_out"
 
 
-def router_site(layer: int, kind: str) -> str:
-    """``kind``: ``in``, ``logits`` or ``topk``."""
+def router_site(layer: int, kind: RouterPart) -> str:
     return f"layers.{layer}.router.{kind}"
 
 
@@ -69,7 +70,7 @@ def capture_sites(model_or_config: Any, layers: Iterable[int] | None = None, emb
 class Captured:
     """What a :func:`capture` block recorded. ``acts[site]`` → tensor (calls concatenated)."""
 
-    positions: str
+    positions: Positions
     data: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     masks: list[torch.Tensor] = field(default_factory=list)  # one [B, S] bool per forward call
 
@@ -111,7 +112,7 @@ class Captured:
 
 @contextmanager
 def capture(model: Any, layers: Iterable[int] | None = None, embed: bool = False, router: bool = True,
-            positions: str = "last") -> Iterator[Captured]:
+            positions: Positions = "last") -> Iterator[Captured]:
     """Record residuals (and router data on MoE layers) of ``layers`` (default: all) during the
     forward calls made inside the block. See the module docstring for sites and shapes."""
     if positions not in POSITIONS:
@@ -199,16 +200,7 @@ def _router_in_hook(record, keep, shapes, layer: int):
 
 def _router_out_hook(record, shapes, layer: int, spec: ArchSpec, top_k: int):
     def hook(_module, _args, output):
-        if spec.router_output == "llama4":  # (scores, logits); top-k chosen on the logits
-            logits = output[1]
-            topk = torch.topk(logits, top_k, dim=-1)[1]
-        elif isinstance(output, tuple) and len(output) == 3:  # (logits, top-k weights, top-k indices)
-            logits, topk = output[0], output[2]
-        else:
-            raise ArchitectureError(
-                f"router of layer {layer} ({spec.name}) returned {type(output).__name__}"
-                f"{'' if not isinstance(output, tuple) else f' of {len(output)}'}; expected (logits, weights, indices)"
-            )
+        logits, topk = spec.unpack_router_output(output, top_k, layer)
         b, s = shapes[layer]
         record(router_site(layer, "logits"), logits.detach().reshape(b, s, -1).to("cpu", copy=True))
         record(router_site(layer, "topk"), topk.detach().reshape(b, s, -1).to("cpu", copy=True))

@@ -11,7 +11,7 @@ Both modules offer the same functions, with the same semantics as intervene's ow
 ``capture_means``    :func:`intervene.measure.collect.measure` done through the library: a
                      :class:`~intervene.io.measurements.Measurements` with the same keys and numbers
 ``resolve_edits``    a config (+ measurements) -> the resolved list of ``LayerEdit`` that live
-                     hooks and the bake consume (:func:`intervene.config.schema.resolve`)
+                     hooks and the bake consume (:func:`intervene.config.resolve`)
 ``run_with_config``  logits under a config's projections, applied through the library
 ``lens_hooks`` / ``nnsight_edits``  the projections as the library's own interventions
 

@@ -1,26 +1,24 @@
-"""What the TransformerLens and nnsight adapters share: inputs, mean accumulation, edit plans.
-
+"""What the TransformerLens and nnsight adapters share: inputs, the capture-means loop, edit plans.
 Nothing here imports either library. The adapters only decide *where* a tensor is read or
-replaced; the numbers (float64 means, the projection chain of a site) are computed here, the
-same way :mod:`intervene.measure.collect` and :mod:`intervene.hooks.apply` compute them.
-"""
+replaced; the numbers are intervene's own: float64 means, router statistics and metadata from
+:mod:`intervene.measure.accumulate` (as :mod:`intervene.measure.collect` uses them), the projection
+chain of a site as :mod:`intervene.hooks.apply` computes it."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from .. import maths
 from ..arch import arch_for_config, text_config
-from ..config.schema import InterventionConfig, LayerEdit
+from ..config.resolve import LayerEdit
+from ..config.schema import InterventionConfig
 from ..errors import ConfigError, InputError
-from ..hooks.capture import EMBED, resid_site, router_site
 from ..io.measurements import Measurements
-from ..io.models import batches, encode, format_prompts, versions
+from ..io.models import batches, encode, format_prompts, model_device
+from ..measure.accumulate import SetStats, build_measurements, check_prompt_sets, measurement_meta
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
@@ -62,113 +60,30 @@ def prompt_batches(tokenizer: Any, prompts: Sequence[str], batch_size: int, syst
 
 # ---- means -------------------------------------------------------------------------------------
 
-@dataclass
-class SetStats:
-    """float64 running sums for one prompt set (same definitions as :mod:`intervene.measure.collect`)."""
-
-    n_prompts: int = 0
-    resid_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # "embed" or "L" -> [H]
-    n_tokens: dict[int, int] = field(default_factory=dict)  # MoE layer -> non-pad tokens
-    expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E]
-    logits_sum: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E]
-    keep_rows: bool = False  # keep the rows (float32, CPU) for the harmless second moment
-    rows: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-
-    def add(self, acts: Mapping[str, torch.Tensor], mask: torch.Tensor, layers: Sequence[int],
-            embed: bool, moe_layers: Sequence[int], num_experts: int) -> None:
-        """Add one batch captured by an adapter's ``capture_batch``."""
-        self.n_prompts += int(mask.shape[0])
-        names = ([EMBED] if embed else []) + [str(layer) for layer in layers]
-        for name in names:
-            site = EMBED if name == EMBED else resid_site(int(name))
-            rows = acts[site].to(torch.float64).sum(dim=0)
-            self.resid_sum[name] = self.resid_sum[name] + rows if name in self.resid_sum else rows
-            if self.keep_rows:
-                self.rows.setdefault(name, []).append(acts[site].detach().to("cpu", torch.float32))
-        mask = mask.to("cpu").bool()
-        for layer in moe_layers:
-            chosen = acts[router_site(layer, "topk")][mask]  # [N, k]
-            picked = acts[router_site(layer, "logits")][mask].to(torch.float64)  # [N, E]
-            counts = torch.bincount(chosen.reshape(-1), minlength=num_experts).to(torch.float64)
-            self.expert_counts[layer] = self.expert_counts.get(layer, 0) + counts
-            self.logits_sum[layer] = self.logits_sum.get(layer, 0) + picked.sum(dim=0)
-            self.n_tokens[layer] = self.n_tokens.get(layer, 0) + int(chosen.shape[0])
+CaptureBatch = Callable[[torch.Tensor, torch.Tensor, Sequence[int], bool, bool], Mapping[str, torch.Tensor]]
 
 
-def build_measurements(stats: Mapping[str, SetStats], meta: dict[str, Any], whiten_rank: int = 0) -> Measurements:
-    """``harmful_mean``/``harmless_mean``/``direction`` (+ router stats, + the harmless second
-    moment when ``whiten_rank > 0`` and the harmless stats kept their rows) from two :class:`SetStats`."""
-    from ..measure.collect import moment_tensors
-
-    harmful, harmless = stats["harmful"], stats["harmless"]
-    tensors: dict[str, torch.Tensor] = {}
-    for name in harmful.resid_sum:
-        h = harmful.resid_sum[name] / harmful.n_prompts
-        m = harmless.resid_sum[name] / harmless.n_prompts
-        tensors[f"harmful_mean.{name}"] = h.to(torch.float32)
-        tensors[f"harmless_mean.{name}"] = m.to(torch.float32)
-        tensors[f"direction.{name}"] = (h - m).to(torch.float32)
-        if whiten_rank > 0 and name in harmless.rows:
-            tensors.update(moment_tensors(name, harmless.rows.pop(name), whiten_rank))
-    for layer in harmful.expert_counts:
-        for set_name, st in stats.items():
-            counts = st.expert_counts[layer]
-            tensors[f"router.{set_name}_freq.{layer}"] = (counts / counts.sum()).to(torch.float32)
-            tensors[f"router.{set_name}_logits.{layer}"] = (st.logits_sum[layer] / st.n_tokens[layer]).to(torch.float32)
-    return Measurements(tensors=tensors, meta={**meta, "whiten_rank": whiten_rank})
-
-
-def measurement_meta(model: Any, tokenizer: Any, library: str, harmful: Sequence[str], harmless: Sequence[str],
-                     layers: Sequence[int], moe_layers: Sequence[int], batch_size: int, system_prompt: str | None,
-                     chat_template: bool, stats: Mapping[str, SetStats]) -> dict[str, Any]:
-    """The metadata :func:`intervene.measure.collect.measure` writes, plus which library captured it."""
-    from ..measure.collect import RESIDUAL_POSITION, ROUTER_FREQ_DEFINITION
-
-    template = getattr(tokenizer, "chat_template", None) if chat_template else None
-    if isinstance(template, dict):  # some tokenizers keep several named templates
-        template = template.get("default") or next(iter(template.values()), None)
-    config = text_config(model.config)
-    spec = arch_for_config(model.config)
-    vers = versions()
-    name, _, version = library.partition(" ")
-    vers[name] = version
-    return {
-        "kind": "measurements",
-        "captured_with": library,
-        "model": getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None),
-        "model_type": config.model_type,
-        "arch": spec.name,
-        "hidden_size": int(config.hidden_size),
-        "num_layers": int(config.num_hidden_layers),
-        "layers": list(layers),
-        "moe_layers": list(moe_layers),
-        "num_experts": spec.num_experts(config),
-        "top_k": spec.top_k(config),
-        "dense_leading_layers": spec.dense_leading_layers(config),
-        "n_harmful": len(harmful),
-        "n_harmless": len(harmless),
-        "harmful_sha256": sha256_lines(harmful),
-        "harmless_sha256": sha256_lines(harmless),
-        "chat_template": bool(chat_template),
-        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
-        "system_prompt": system_prompt,
-        "batch_size": batch_size,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "position": RESIDUAL_POSITION,
-        "router_freq": ROUTER_FREQ_DEFINITION if moe_layers else None,
-        "router_tokens": {set_name: {str(k): v for k, v in st.n_tokens.items()} for set_name, st in stats.items()}
-        if moe_layers else None,
-        "intervene_version": vers["intervene"],
-        "versions": vers,
-    }
-
-
-def sha256_lines(prompts: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for p in prompts:
-        h.update(p.encode("utf-8"))
-        h.update(b"\n")
-    return h.hexdigest()
+def capture_means(model: Any, capture_batch: CaptureBatch, library: str, tokenizer: Any, harmful: Sequence[str],
+                  harmless: Sequence[str], batch_size: int, system_prompt: str | None, chat_template: bool,
+                  layers: Sequence[int] | None, embed: bool, router: bool, whiten_rank: int) -> Measurements:
+    """:func:`intervene.measure.collect.measure` with an adapter's forward: ``capture_batch(input_ids,
+    attention_mask, layers, embed, router)`` captures one batch, :mod:`intervene.measure.accumulate`
+    sums it and builds the file (same keys, numbers and metadata, plus ``captured_with``)."""
+    check_prompt_sets(harmful, harmless)
+    wanted, moe_layers = layer_selection(model, layers)
+    moe_layers = moe_layers if router else []
+    num_experts = arch_for_config(model.config).num_experts(text_config(model.config))
+    stats: dict[str, SetStats] = {}
+    for set_name, prompts in (("harmful", harmful), ("harmless", harmless)):
+        st = stats[set_name] = SetStats(keep_rows=set_name == "harmless" and whiten_rank > 0)
+        for enc in prompt_batches(tokenizer, prompts, batch_size, system_prompt, chat_template, model_device(model)):
+            mask = enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
+            acts = capture_batch(enc["input_ids"], mask, wanted, embed, bool(moe_layers))
+            st.add_batch(acts, mask, wanted, embed, moe_layers, num_experts)
+    meta = measurement_meta(model, tokenizer, harmful, harmless, moe_layers=moe_layers, batch_size=batch_size,
+                            system_prompt=system_prompt, chat_template=chat_template, whiten_rank=whiten_rank,
+                            stats=stats, library=library, layers=wanted)
+    return build_measurements(stats, meta, whiten_rank)
 
 
 def layer_selection(model: Any, layers: Sequence[int] | None) -> tuple[list[int], list[int]]:
@@ -181,12 +96,6 @@ def layer_selection(model: Any, layers: Sequence[int] | None) -> tuple[list[int]
     if bad:
         raise InputError(f"layer {bad[0]} out of range; the model has layers 0..{n - 1}")
     return wanted, [x for x in wanted if spec.is_moe_layer(config, x)]
-
-
-def check_prompt_sets(harmful: Sequence[str], harmless: Sequence[str]) -> None:
-    for what, prompts in (("harmful", harmful), ("harmless", harmless)):
-        if not prompts:
-            raise InputError(f"the {what} prompt set is empty")
 
 
 # ---- edits -------------------------------------------------------------------------------------

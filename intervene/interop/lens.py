@@ -59,13 +59,15 @@ DeepSeek-V2, where booting alone changes the model's logits by rounding (1.5e-7,
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..arch import Site, arch_for_config, decoder_layers, get_module, site_name, text_config
-from ..config.schema import InterventionConfig, LayerEdit
+from ..arch import ArchSpec, Site, arch_for_config, decoder_layers, get_module, site_name, text_config
+from ..config.resolve import LayerEdit
+from ..config.schema import InterventionConfig
 from ..errors import ArchitectureError, ConfigError, InputError
 from ..hooks.capture import EMBED, resid_site, router_site
 from ..io.measurements import Measurements
@@ -226,14 +228,10 @@ def capture_batch(bridge: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     return acts
 
 
-def _router_tuple_hook(acts: dict[str, torch.Tensor], layer: int, spec: Any, top_k: int, batch: int,
+def _router_tuple_hook(acts: dict[str, torch.Tensor], layer: int, spec: ArchSpec, top_k: int, batch: int,
                        seq: int) -> Callable:
     def hook(_module: Any, _args: Any, output: Any) -> None:
-        if spec.router_output == "llama4":  # (scores, logits); experts chosen by top-k of the logits
-            logits = output[1]
-            topk = torch.topk(logits, top_k, dim=-1)[1]
-        else:  # (logits, top-k weights, top-k indices)
-            logits, topk = output[0], output[2]
+        logits, topk = spec.unpack_router_output(output, top_k, layer)
         acts[router_site(layer, "logits")] = logits.detach().reshape(batch, seq, -1).to("cpu", copy=True)
         acts[router_site(layer, "topk")] = topk.detach().reshape(batch, seq, -1).to("cpu", copy=True)
 
@@ -246,29 +244,16 @@ def capture_means(bridge: Any, tokenizer: Any, harmful: Sequence[str], harmless:
                   whiten_rank: int = 64) -> Measurements:
     """:func:`intervene.measure.collect.measure` through the bridge: same prompts formatting, batches,
     positions and float64 means, same keys and metadata (plus ``captured_with``)."""
-    model = hf_model(bridge)
-    _common.check_prompt_sets(harmful, harmless)
-    wanted, moe_layers = _common.layer_selection(model, layers)
-    moe_layers = moe_layers if router else []
-    num_experts = arch_for_config(model.config).num_experts(text_config(model.config))
-    stats: dict[str, _common.SetStats] = {}
-    for set_name, prompts in (("harmful", harmful), ("harmless", harmless)):
-        st = stats[set_name] = _common.SetStats(keep_rows=set_name == "harmless" and whiten_rank > 0)
-        for enc in _common.prompt_batches(tokenizer, prompts, batch_size, system_prompt, chat_template,
-                                          model_device(model)):
-            mask = enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
-            acts = capture_batch(bridge, enc["input_ids"], mask, wanted, embed=embed, router=bool(moe_layers))
-            st.add(acts, mask, wanted, embed, moe_layers, num_experts)
-    meta = _common.measurement_meta(model, tokenizer, LIBRARY, harmful, harmless, wanted, moe_layers, batch_size,
-                                    system_prompt, chat_template, stats)
-    return _common.build_measurements(stats, meta, whiten_rank)
+    return _common.capture_means(hf_model(bridge), functools.partial(capture_batch, bridge), LIBRARY, tokenizer,
+                                 harmful, harmless, batch_size, system_prompt, chat_template, layers, embed,
+                                 router, whiten_rank)
 
 
 # ---- interventions -----------------------------------------------------------------------------
 
 def resolve_edits(bridge: Any, config: InterventionConfig | str | os.PathLike | Sequence[LayerEdit],
                   measurements: Measurements | str | os.PathLike | None = None) -> list[LayerEdit]:
-    """The config's resolved edits for the wrapped model (:func:`intervene.config.schema.resolve`)."""
+    """The config's resolved edits for the wrapped model (:func:`intervene.config.resolve`)."""
     return _common.resolve_edits(hf_model(bridge), config, measurements)
 
 

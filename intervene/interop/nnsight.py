@@ -40,17 +40,18 @@ under every target equal intervene's own hooks bit for bit on all 13 architectur
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Sequence
 
 import torch
 
 from ..arch import Site, arch_for_config, text_config
-from ..config.schema import InterventionConfig, LayerEdit
+from ..config.resolve import LayerEdit
+from ..config.schema import InterventionConfig
 from ..errors import ArchitectureError, InputError
 from ..hooks.capture import EMBED, resid_site, router_site
 from ..io.measurements import Measurements
-from ..io.models import model_device
 from . import _common, require
 from ._common import forward_inputs
 
@@ -123,12 +124,7 @@ def capture_batch(nn_model: Any, input_ids: torch.Tensor, attention_mask: torch.
                 if layer in moe_layers:
                     router_envoy = envoy(nn_model, f"{spec.layers_path}.{layer}.{spec.router}")
                     acts[router_site(layer, "in")] = router_envoy.input.reshape(batch, seq, -1)[:, -1].save()
-                    output = router_envoy.output
-                    if spec.router_output == "llama4":  # (scores, logits); chosen by top-k of the logits
-                        logits = output[1]
-                        chosen = torch.topk(logits, top_k, dim=-1)[1]
-                    else:  # (logits, top-k weights, top-k indices)
-                        logits, chosen = output[0], output[2]
+                    logits, chosen = spec.unpack_router_output(router_envoy.output, top_k, layer)
                     acts[router_site(layer, "logits")] = logits.reshape(batch, seq, -1).save()
                     acts[router_site(layer, "topk")] = chosen.reshape(batch, seq, -1).save()
                 acts[resid_site(layer)] = _last(envoy(nn_model, f"{spec.layers_path}.{layer}").output).save()
@@ -146,29 +142,16 @@ def capture_means(nn_model: Any, tokenizer: Any, harmful: Sequence[str], harmles
                   whiten_rank: int = 64) -> Measurements:
     """:func:`intervene.measure.collect.measure` through nnsight traces: same prompt formatting, batches,
     positions and float64 means; same keys and metadata (plus ``captured_with``)."""
-    model = hf_model(nn_model)
-    _common.check_prompt_sets(harmful, harmless)
-    wanted, moe_layers = _common.layer_selection(model, layers)
-    moe_layers = moe_layers if router else []
-    num_experts = arch_for_config(model.config).num_experts(text_config(model.config))
-    stats: dict[str, _common.SetStats] = {}
-    for set_name, prompts in (("harmful", harmful), ("harmless", harmless)):
-        st = stats[set_name] = _common.SetStats(keep_rows=set_name == "harmless" and whiten_rank > 0)
-        for enc in _common.prompt_batches(tokenizer, prompts, batch_size, system_prompt, chat_template,
-                                          model_device(model)):
-            mask = enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
-            acts = capture_batch(nn_model, enc["input_ids"], mask, wanted, embed=embed, router=bool(moe_layers))
-            st.add(acts, mask, wanted, embed, moe_layers, num_experts)
-    meta = _common.measurement_meta(model, tokenizer, LIBRARY, harmful, harmless, wanted, moe_layers, batch_size,
-                                    system_prompt, chat_template, stats)
-    return _common.build_measurements(stats, meta, whiten_rank)
+    return _common.capture_means(hf_model(nn_model), functools.partial(capture_batch, nn_model), LIBRARY, tokenizer,
+                                 harmful, harmless, batch_size, system_prompt, chat_template, layers, embed,
+                                 router, whiten_rank)
 
 
 # ---- interventions -----------------------------------------------------------------------------
 
 def resolve_edits(nn_model: Any, config: InterventionConfig | str | os.PathLike | Sequence[LayerEdit],
                   measurements: Measurements | str | os.PathLike | None = None) -> list[LayerEdit]:
-    """The config's resolved edits for the wrapped model (:func:`intervene.config.schema.resolve`)."""
+    """The config's resolved edits for the wrapped model (:func:`intervene.config.resolve`)."""
     return _common.resolve_edits(hf_model(nn_model), config, measurements)
 
 

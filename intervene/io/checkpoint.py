@@ -74,9 +74,11 @@ class SafetensorsHeader:
         return {t.key: t for t in self.tensors}
 
 
-def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+def read_header(path: str | os.PathLike, require_data: bool = True) -> SafetensorsHeader:
     """Parse and check a safetensors header; a named CheckpointError for anything malformed
-    (truncated file, corrupt JSON, offsets outside the file, holes or overlaps)."""
+    (truncated file, corrupt JSON, missing fields, holes or overlaps between tensors, offsets
+    outside the file). ``require_data=False`` (inspect, which reads headers only) accepts a file
+    whose data section is cut or absent; everything else is still checked."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -86,12 +88,15 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(f"{path}: corrupt safetensors header (declared header length {n}, file size {size})")
+                raise CheckpointError(f"{path} is not a safetensors file "
+                                      f"(corrupt header: declared length {n}, file size {size})")
             raw = f.read(n)
     except FileNotFoundError:
         raise CheckpointError(f"shard not found: {path}") from None
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a directory, expected a safetensors file") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -108,7 +113,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             dtype = str(entry["dtype"])
             shape = tuple(int(s) for s in entry["shape"])
             begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        except KeyError as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for '{key}' (no {e})") from None
+        except (TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for '{key}'") from None
         tensors.append(TensorInfo(key, dtype, shape, begin, end))
         if dtype in DTYPES:
@@ -126,7 +133,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         if t.begin != pos or t.end < t.begin:
             raise CheckpointError(f"{path}: corrupt safetensors header (tensor '{t.key}' at bytes {t.begin}..{t.end}, expected to start at {pos})")
         pos = t.end
-    if 8 + n + pos != size:
+    if 8 + n + pos != size and (require_data or 8 + n + pos < size):
         what = "truncated" if 8 + n + pos > size else "has trailing bytes"
         raise CheckpointError(f"{path}: {what}: header describes {8 + n + pos} bytes, file has {size}")
     return SafetensorsHeader(path, n, {str(k): str(v) for k, v in metadata.items()}, tuple(tensors), tuple(entries))
@@ -190,9 +197,10 @@ class Checkpoint:
         return sum(s.data_start + s.data_size for s in self.shards)
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, require_data: bool = True) -> Checkpoint:
     """Read the index (or the single ``model.safetensors``) and every shard header; checks that
-    each key the index names exists in its shard. Reads no tensor data."""
+    each key the index names exists in its shard. Reads no tensor data (``require_data``: see
+    :func:`read_header`)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf" or (path.is_dir() and not (path / INDEX_NAME).exists()
                                                       and not (path / SINGLE_NAME).exists() and any(path.glob("*.gguf"))):
@@ -214,7 +222,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 raise CheckpointError(f"{index_path}: shard name '{name}' is not a plain file name")
             if not (path / name).exists():
                 raise CheckpointError(f"{index_path} names shard '{name}', which does not exist in {path}")
-        shards = tuple(read_header(path / name) for name in names)
+        shards = tuple(read_header(path / name, require_data) for name in names)
         present = {s.path.name: set(s.by_key()) for s in shards}
         for key, name in weight_map.items():
             if key not in present[name]:
@@ -222,7 +230,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         return Checkpoint(path, index, shards, dict(weight_map))
     single = path / SINGLE_NAME
     if single.exists():
-        header = read_header(single)
+        header = read_header(single, require_data)
         return Checkpoint(path, None, (header,), {t.key: SINGLE_NAME for t in header.tensors})
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
         raise CheckpointError(f"{path} holds PyTorch pickle weights (.bin/.pt), not safetensors; "

@@ -1,30 +1,30 @@
 """``intervene inspect``: what the architecture table detects in a checkpoint, from headers only.
-
-Reads ``config.json`` and the JSON header at the front of each ``.safetensors`` file (8-byte
-length + JSON: names, dtypes, shapes, byte offsets), never tensor data, so it answers in seconds
-for a checkpoint of any size. A GGUF file is described from its metadata and tensor table.
-"""
+Reads ``config.json`` and the header of each ``.safetensors`` file through the one checked reader
+(:mod:`intervene.io.checkpoint`: names, dtypes, shapes, byte offsets), never tensor data, so it
+answers in seconds for a checkpoint of any size. A GGUF file is described from its metadata and
+tensor table."""
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..arch import ArchSpec, arch_for_config, get_arch, split_layer_key, text_config
+from ..arch import ROUTER_OUTPUTS, ArchSpec, arch_for_config, split_layer_key, text_config
 from ..errors import CheckpointError, InputError
 from ..text import format_ranges
+from .checkpoint import INDEX_NAME, SINGLE_NAME, SafetensorsHeader, open_checkpoint, read_header
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors caps headers at 100 MB too
 EXPERT_TARGETS = ("experts", "expert_inputs")
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class TensorSummary:
+    """One tensor as inspect reports it, from a safetensors header or a GGUF tensor table."""
+
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
@@ -108,8 +108,7 @@ class InspectReport:
                 + (f" (first_k_dense_replace = {self.dense_leading_layers})" if self.dense_leading_layers else ""),
                 f"experts:          {self.num_experts} per MoE layer, top-{self.top_k}; module '{self.experts_module}' "
                 f"({self.expert_layout_in_memory} in memory)",
-                f"router:           '{self.router}' returns "
-                f"{'(scores, logits)' if self.router_output == 'llama4' else '(logits, weights, indices)'}",
+                f"router:           '{self.router}' returns {ROUTER_OUTPUTS[self.router_output or 'topk']}",
                 f"shared experts:   {self._shared()}",
                 "experts on disk:",
             ]
@@ -132,55 +131,35 @@ class InspectReport:
 
 # ---- safetensors headers ---------------------------------------------------------------------
 
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """(tensors, metadata) from the header of one .safetensors file; reads no tensor data."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path} is not a safetensors file (header length {n} is implausible)")
-            raw = f.read(n)
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path} is not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a safetensors file (header is not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
-    tensors = {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        tensors[name] = TensorInfo(info["dtype"], tuple(info["shape"]), int(end) - int(start), path.name)
-    return tensors, meta
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorSummary], dict[str, str]]:
+    """(tensors in header order, metadata) of one .safetensors file, from the checked header reader
+    :func:`intervene.io.checkpoint.read_header`; reads no tensor data (and needs none on disk)."""
+    header = read_header(path, require_data=False)
+    return _summaries(header), header.metadata
 
 
-def checkpoint_tensors(directory: str | os.PathLike) -> tuple[dict[str, TensorInfo], int, int | None]:
-    """(tensors, number of files, total_size from the index if it has one) of a checkpoint dir."""
+def _summaries(header: SafetensorsHeader) -> dict[str, TensorSummary]:
+    infos = header.by_key()
+    return {key: TensorSummary(infos[key].dtype, infos[key].shape, infos[key].nbytes, header.path.name)
+            for key, _ in header.raw_entries}
+
+
+def checkpoint_tensors(directory: str | os.PathLike) -> tuple[dict[str, TensorSummary], int, int | None]:
+    """(tensors, number of files, total_size from the index if it has one) of a checkpoint dir.
+    A directory with an index or a ``model.safetensors`` is read by :func:`open_checkpoint` (index
+    and headers checked); otherwise every ``*.safetensors`` file in it is."""
     directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    total_size = None
-    if index.exists():
-        try:
-            data = json.loads(index.read_text())
-            files = sorted(set(data["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError):
-            raise CheckpointError(f"{index} is not a valid safetensors index (no 'weight_map')") from None
-        total_size = (data.get("metadata") or {}).get("total_size")
-        missing = [f for f in files if not (directory / f).exists()]
-        if missing:
-            raise CheckpointError(f"{index} lists shard {missing[0]} which is missing from {directory}")
+    if (directory / INDEX_NAME).exists() or (directory / SINGLE_NAME).exists():
+        ckpt = open_checkpoint(directory, require_data=False)
+        headers = ckpt.shards
+        total_size = ((ckpt.index or {}).get("metadata") or {}).get("total_size")
     else:
-        files = sorted(p.name for p in directory.glob("*.safetensors"))
-    tensors: dict[str, TensorInfo] = {}
-    for f in files:
-        tensors.update(read_safetensors_header(directory / f)[0])
-    return tensors, len(files), int(total_size) if total_size is not None else None
+        headers = tuple(read_header(f, require_data=False) for f in sorted(directory.glob("*.safetensors")))
+        total_size = None
+    tensors: dict[str, TensorSummary] = {}
+    for header in headers:
+        tensors.update(_summaries(header))
+    return tensors, len(headers), int(total_size) if total_size is not None else None
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -206,12 +185,12 @@ def inspect_model(model_spec: str | os.PathLike) -> InspectReport:
     return _report(src.display, "safetensors", config, spec, tconf, tensors, n_files, total)
 
 
-def _report(source: str, fmt: str, config: Any, spec: ArchSpec, tconf: Any, tensors: dict[str, TensorInfo],
+def _report(source: str, fmt: str, config: Any, spec: ArchSpec, tconf: Any, tensors: dict[str, TensorSummary],
             n_files: int, total_size: int | None) -> InspectReport:
     num_layers = int(tconf.num_hidden_layers)
     hidden = int(tconf.hidden_size)
     moe = [i for i in range(num_layers) if spec.is_moe_layer(tconf, i)]
-    by_layer: dict[int, dict[str, TensorInfo]] = {}
+    by_layer: dict[int, dict[str, TensorSummary]] = {}
     prefixes: Counter[str] = Counter()
     for key, info in tensors.items():
         split = split_layer_key(key)
@@ -254,7 +233,7 @@ def _memory_layout(spec: ArchSpec) -> str | None:
     return None
 
 
-def _layer_layout(spec: ArchSpec, config: Any, layer: int, moe: bool, keys: dict[str, TensorInfo],
+def _layer_layout(spec: ArchSpec, config: Any, layer: int, moe: bool, keys: dict[str, TensorSummary],
                   hidden: int) -> LayerLayout:
     if not moe:
         return LayerLayout(layer, False, "dense")
@@ -305,7 +284,7 @@ def _quant_kind(key: str, dtype: str) -> str | None:
     return None
 
 
-def _quantized(tensors: dict[str, TensorInfo], fmt: str) -> dict[str, int]:
+def _quantized(tensors: dict[str, TensorSummary], fmt: str) -> dict[str, int]:
     if fmt == "gguf":
         kinds = Counter(f"gguf:{t.dtype}" for t in tensors.values() if t.dtype not in ("F32", "F16", "BF16"))
     else:
@@ -315,7 +294,7 @@ def _quantized(tensors: dict[str, TensorInfo], fmt: str) -> dict[str, int]:
 
 # ---- GGUF --------------------------------------------------------------------------------------
 
-def _gguf_tensors(path: Path) -> tuple[dict[str, TensorInfo], int, int]:
+def _gguf_tensors(path: Path) -> tuple[dict[str, TensorSummary], int, int]:
     """Tensor table of a GGUF file (memory-mapped; only the table is parsed)."""
     try:
         from gguf import GGUFReader
@@ -327,11 +306,11 @@ def _gguf_tensors(path: Path) -> tuple[dict[str, TensorInfo], int, int]:
         # llama.cpp names: blk.N.ffn_down_exps.weight -> layers.N.<rest> for grouping
         name = t.name.replace("blk.", "layers.", 1) if t.name.startswith("blk.") else t.name
         shape = tuple(int(x) for x in reversed(list(t.shape)))  # GGUF lists dims fastest-first
-        tensors[name] = TensorInfo(t.tensor_type.name, shape, int(t.n_bytes), path.name)
+        tensors[name] = TensorSummary(t.tensor_type.name, shape, int(t.n_bytes), path.name)
     return tensors, 1, path.stat().st_size
 
 
-def _gguf_layout(layer: int, moe: bool, keys: dict[str, TensorInfo]) -> LayerLayout:
+def _gguf_layout(layer: int, moe: bool, keys: dict[str, TensorSummary]) -> LayerLayout:
     if not moe:
         return LayerLayout(layer, False, "dense")
     exps = {k: v for k, v in keys.items() if "_exps" in k}

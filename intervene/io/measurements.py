@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..errors import InputError, MeasurementError
+from .files import atomic_write
 from ..text import format_ranges
 from ..maths import whiten
 
 META_KEY = "intervene"
 MOMENT_PARTS = ("eigvals", "eigvecs", "trace")  # harmless_moment.{part}.{L}, in this order
-SLOW_ENV = "INTERVENE_TEST_SLOW_MEASURE"  # tests only, see intervene.measure.collect
 
 
 @dataclass
@@ -108,32 +106,20 @@ class Measurements:
         save_measurements(self, path)
 
 
-def save_measurements(m: Measurements, path: str | os.PathLike) -> None:
-    """Write atomically: a temporary file in the same directory, then rename."""
+def save_measurements(m: Measurements, path: str | os.PathLike,
+                      before_publish: Callable[[Path], None] | None = None) -> None:
+    """Write atomically (:func:`intervene.io.files.atomic_write`: a temporary file in the same
+    directory, then rename); ``before_publish(tmp)`` runs once the temporary file is complete."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in sorted(m.tensors.items())}
     meta = {META_KEY: json.dumps(m.meta, sort_keys=True, default=str)}
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise MeasurementError(f"cannot write measurements {path}: {e.strerror or e}") from None
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        slow = float(os.environ.get(SLOW_ENV, "0") or 0)
-        if slow:  # tests only: a window in which the complete temporary file exists (interrupt tests)
-            time.sleep(slow)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, (OSError, SafetensorError)):  # disk full, permissions: one line naming the file
-            raise MeasurementError(f"writing measurements {path} failed: {_first_line(e)}") from None
-        raise
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), before_publish)
+    except (OSError, SafetensorError) as e:  # disk full, permissions: one line naming the file
+        raise MeasurementError(f"writing measurements {path} failed: {_first_line(e)}") from None
 
 
 def load_measurements(path: str | os.PathLike) -> Measurements:

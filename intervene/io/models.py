@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
@@ -39,14 +39,18 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
     return tok
 
 
+TokenizerNeed = Literal["required", "optional", "none"]
+
+
 def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float32",
-               device_map: str | dict | None = None) -> tuple[Any, Any]:
-    """Load (model, tokenizer) in eval mode. Checks the architecture is supported first."""
+               device_map: str | dict | None = None, tokenizer: TokenizerNeed = "required") -> tuple[Any, Any]:
+    """Load (model, tokenizer) in eval mode. Checks the architecture is supported and the
+    safetensors headers are sound first. ``tokenizer``: ``"optional"`` gives None where the
+    checkpoint has none (tiny test checkpoints), ``"none"`` does not load one."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     from ..arch import arch_for_config
-
-    from safetensors import SafetensorError
 
     src = resolve_model(spec)
     config = load_model_config(spec)
@@ -59,12 +63,18 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-    except (OSError, ValueError, SafetensorError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise InputError(f"cannot load model from {src.display}: {str(e).splitlines()[0]}") from None
     model.eval()
     model.requires_grad_(False)
-    tokenizer = load_tokenizer(spec)
-    return model, tokenizer
+    if tokenizer == "none":
+        return model, None
+    try:
+        return model, load_tokenizer(spec)
+    except (OSError, ValueError, TypeError):
+        if tokenizer == "optional":
+            return model, None
+        raise
 
 
 def check_safetensors(src: ModelSource) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..arch import ArchSpec, get_arch
 from ..errors import InputError
+from .files import atomic_directory
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ORGANISM_NAME = "organism-smollm2-135m"
@@ -74,20 +75,9 @@ def organism_dir() -> Path:
 
 
 def _atomic_save(model: Any, tokenizer: Any, out: Path) -> None:
-    import shutil
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -168,5 +158,14 @@ def load_model_config(spec: str | os.PathLike) -> Any:
 
 def describe_source(spec: str | os.PathLike) -> str:
     return resolve_model(spec).display
+
+
+def model_reference(spec: str) -> str:
+    """What an output (measurements, a config) records as the model: the built-in names and hub
+    ids as given, local paths made absolute."""
+    if spec in ("smollm2", "organism"):
+        return spec
+    src = resolve_model(spec)
+    return src.display if src.is_hub else os.path.abspath(src.display)
 
 

@@ -1,15 +1,9 @@
-"""``intervene chat``: a small REPL to talk to a model with an intervention on, off, or both.
-
-Each input line is one user turn; replies are greedy. Commands:
-
-    /quit      leave (end of input does the same)
-    /reset     forget the conversation
-    /toggle    switch the intervention on/off (needs a config)
-
-With ``side_by_side`` every turn is answered twice, by the baseline and by the intervened model,
-each continuing its own conversation. Without it, replies stream token by token when the
-output is a terminal. When stdin is not a terminal the REPL runs unattended: it reads lines
-until end of input, prints no prompt, and exits 0.
+"""``intervene chat``: a small REPL to talk to a model with an intervention on, off, or both. Each
+input line is one greedy user turn; the commands are ``/quit`` (end of input does the same),
+``/reset`` (forget the conversation), ``/toggle`` (the intervention on/off; needs a config) and
+``/help``. With ``side_by_side`` every turn is answered by the baseline and by the intervened model,
+each continuing its own conversation; without it, replies stream token by token to a terminal.
+When stdin is not a terminal it runs unattended: no prompt, lines until end of input, exit 0.
 """
 
 from __future__ import annotations
@@ -17,13 +11,16 @@ from __future__ import annotations
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, Literal, TextIO
 
 import torch
 
 from ..io.models import model_device
+from .evaluate import Intervention
 
-COMMANDS = ("/quit", "/reset", "/toggle", "/help")
+Command = Literal["/quit", "/reset", "/toggle", "/help"]
+COMMANDS: tuple[Command, ...] = ("/quit", "/reset", "/toggle", "/help")
+Side = Literal["baseline", "intervened", "single"]  # "single": one conversation, intervention toggled
 HELP = "commands: /quit  /reset (forget the conversation)  /toggle (intervention on/off)  /help"
 
 
@@ -68,7 +65,7 @@ def _streamer(tokenizer: Any, output: TextIO) -> Any:
     return _To(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def chat(model: Any, tokenizer: Any, intervention: Callable[[], Any] | None = None, side_by_side: bool = False,
+def chat(model: Any, tokenizer: Any, intervention: Intervention | None = None, side_by_side: bool = False,
          input: TextIO | None = None, output: TextIO | None = None, max_new_tokens: int = 256,
          system_prompt: str | None = None, chat_template: bool = True, stream: bool | None = None) -> int:
     """Run the REPL until ``/quit`` or end of input; returns the number of user turns answered.
@@ -80,7 +77,7 @@ def chat(model: Any, tokenizer: Any, intervention: Callable[[], Any] | None = No
     interactive = _isatty(input)
     stream = (_isatty(output) and not side_by_side) if stream is None else stream
     enabled = intervention is not None
-    sides = ["baseline", "intervened"] if (side_by_side and intervention is not None) else ["single"]
+    sides: list[Side] = ["baseline", "intervened"] if (side_by_side and intervention is not None) else ["single"]
     conversations = {side: Conversation() for side in sides}
     for c in conversations.values():
         c.reset(system_prompt)

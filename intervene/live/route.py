@@ -1,60 +1,112 @@
-"""Router study: what an intervention does to expert selection, layer by layer.
-
-    report = route_study(model, tokenizer, harmful, harmless,
-                         intervention=lambda: intervene.apply(model, cfg))
-
-Forward passes only (no generation). Every NON-PAD token of every chat-formatted prompt counts
-(left padding; pad positions are excluded through the attention mask). For each MoE layer the
-router's top-k choice is recorded per token, once on the model as is ("baseline") and once
-inside ``intervention()`` ("intervened"), on the same tokens.
-
-Definitions (natural logarithms throughout):
-
-* ``freq[e]``  fraction of top-k token-slots that chose expert e: ``count(e) / (n_tokens · k)``.
-  It sums to 1 over experts (uniform routing: 1/E); the same definition as the
-  ``router.*_freq`` tensors of a measurements file.
-* ``changed_fraction``  fraction of tokens whose top-k SET (order ignored) differs between
-  baseline and intervened.
-* ``js``  Jensen-Shannon divergence ``½KL(p‖m) + ½KL(q‖m)``, ``m = (p+q)/2``, between two
-  ``freq`` vectors; 0 for identical routing, at most ln 2 ≈ 0.693.
-* ``delta[e]``  intervened minus baseline ``freq[e]``; ``gained``/``lost`` list the experts with
-  the largest positive/negative delta.
-* ``harmful_preference[e]``  harmful minus harmless baseline ``freq[e]``: experts the model
-  routes harmful prompts to more often (candidates for ``experts:`` subsets).
-
-JSON report keys::
-
-    kind: "route"; model; config; versions; num_experts; top_k
-    prompts: {harmful: n, harmless: n}      tokens: {harmful: N, harmless: N}
-    layers: [ {layer,                                  decoder layer index
-               freq: {harmful: {baseline: [E], intervened: [E]}, harmless: {...}},
-               changed_fraction: {harmful, harmless},
-               js: {harmful, harmless,                  baseline vs intervened, per prompt set
-                    harmful_vs_harmless_baseline, harmful_vs_harmless_intervened},
-               delta: {harmful: [E], harmless: [E]},
-               gained: {harmful: [{expert, delta}], harmless: [...]},  lost: {...},
-               harmful_preference: [E]} ]
-    summary: {changed_fraction: {harmful, harmless},   token-weighted over layers
-              js: {harmful, harmless, harmful_vs_harmless_baseline, harmful_vs_harmless_intervened},
-              most_changed_layer}                       layer with the largest harmful js
+"""Router study: what an intervention does to expert selection, layer by layer. Forward passes
+only; every non-pad token of every chat-formatted prompt counts, and each MoE layer's top-k choice
+is recorded once on the model as is ("baseline") and once inside ``intervention()``
+("intervened"), on the same tokens. The statistics (natural logarithms) are defined on
+:class:`LayerRouting`; ``route_study(...).to_dict()`` is the JSON report (``intervene route --json``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, Sequence
 
 import torch
 
 from ..arch import arch_for_config, text_config
+from ..config.schema import InterventionConfig
 from ..errors import ArchitectureError, InputError
+from ..io.measurements import Measurements
 from ..io.models import batches, encode, format_prompts, model_device
+from ..maths import js_divergence
+from .evaluate import SETS, Intervention, PerSet
+from .tryout import Prepared, PromptSources, prepare_run
 
-Intervention = Callable[[], AbstractContextManager]
-SETS = ("harmful", "harmless")
-CONDITIONS = ("baseline", "intervened")
+Condition = Literal["baseline", "intervened"]
+CONDITIONS: tuple[Condition, Condition] = ("baseline", "intervened")
+
+
+@dataclass
+class ExpertChange:
+    expert: int
+    delta: float  # intervened minus baseline selection frequency
+
+
+@dataclass
+class RoutingJS:
+    """Jensen-Shannon divergences (nats) between ``freq`` vectors."""
+
+    harmful: float  # baseline vs intervened, harmful prompts
+    harmless: float  # baseline vs intervened, harmless prompts
+    harmful_vs_harmless_baseline: float
+    harmful_vs_harmless_intervened: float
+
+
+@dataclass
+class LayerRouting:
+    """One MoE layer.
+
+    * ``freq[set][condition][e]``  fraction of top-k token-slots that chose expert e,
+      ``count(e) / (n_tokens · k)``; sums to 1 over experts (uniform routing: 1/E), as the
+      ``router.*_freq`` tensors of a measurements file.
+    * ``changed_fraction``  fraction of tokens whose top-k SET (order ignored) differs between
+      baseline and intervened.
+    * ``js``  Jensen-Shannon divergence ``½KL(p‖m) + ½KL(q‖m)``, ``m = (p+q)/2``, between two
+      ``freq`` vectors (:func:`intervene.maths.js_divergence`); 0 for identical routing, at most ln 2.
+    * ``delta[e]``  intervened minus baseline ``freq[e]``; ``gained``/``lost`` list the experts with
+      the largest positive/negative delta.
+    * ``harmful_preference[e]``  harmful minus harmless baseline ``freq[e]``: experts the model
+      routes harmful prompts to more often (candidates for ``experts:`` subsets).
+    """
+
+    layer: int  # decoder layer index
+    freq: PerSet[dict[Condition, list[float]]]
+    changed_fraction: PerSet[float]
+    js: RoutingJS
+    delta: PerSet[list[float]]
+    gained: PerSet[list[ExpertChange]]
+    lost: PerSet[list[ExpertChange]]
+    harmful_preference: list[float]
+
+
+@dataclass
+class RoutingSummary:
+    changed_fraction: PerSet[float]  # token-weighted over layers
+    js: RoutingJS  # mean over layers
+    most_changed_layer: int | None  # the layer with the largest harmful js
+
+
+@dataclass
+class RouteReport:
+    """What :func:`route_study` found; :func:`route_config` adds the measurements, hook sites and
+    prompt sources of the config it ran."""
+
+    num_experts: int
+    top_k: int
+    tokens: PerSet[int]  # non-pad tokens per prompt set
+    layers: list[LayerRouting]
+    summary: RoutingSummary
+    model: str | None = None
+    config: dict[str, Any] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    prompts: PerSet[int] | None = None  # prompts per set
+    intervened: bool = False
+    measurements: str | None = None
+    sites: list[dict[str, str]] | None = None
+    prompt_sources: PromptSources | None = None  # the last three are in the JSON when this is set
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report (key order as written)."""
+        d = asdict(self)
+        d = {k: d[k] for k in ("num_experts", "top_k", "tokens", "layers", "summary")} | {"kind": "route"} | {
+            k: d[k] for k in ("model", "config", "versions", "prompts", "intervened")}
+        if self.prompt_sources is not None:
+            d |= {"measurements": self.measurements, "sites": [dict(s) for s in self.sites or []],
+                  "prompt_sources": self.prompt_sources.to_dict()}
+        return d
 
 
 # ---- pure statistics ------------------------------------------------------------------------------
@@ -76,22 +128,10 @@ def changed_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(differ.to(torch.float64).mean())
 
 
-def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
-    """Jensen-Shannon divergence (natural log) of two distributions (renormalised to sum 1)."""
-    p = p.to(torch.float64) / p.sum()
-    q = q.to(torch.float64) / q.sum()
-    m = (p + q) / 2
-
-    def kl(x: torch.Tensor) -> torch.Tensor:
-        return torch.where(x > 0, x * (x.log() - m.log()), torch.zeros_like(x)).sum()
-
-    return float(0.5 * kl(p) + 0.5 * kl(q))
-
-
-def top_changes(delta: torch.Tensor, n: int, sign: int) -> list[dict[str, Any]]:
-    """The ``n`` experts with the largest ``sign·delta`` (strictly > 0), as [{expert, delta}]."""
+def top_changes(delta: torch.Tensor, n: int, sign: Literal[1, -1]) -> list[ExpertChange]:
+    """The ``n`` experts with the largest ``sign·delta`` (strictly > 0)."""
     order = torch.argsort(sign * delta, descending=True, stable=True)
-    return [{"expert": int(e), "delta": float(delta[e])} for e in order[:n] if sign * float(delta[e]) > 0]
+    return [ExpertChange(int(e), float(delta[e])) for e in order[:n] if sign * float(delta[e]) > 0]
 
 
 # ---- capture ------------------------------------------------------------------------------------
@@ -140,9 +180,9 @@ def _forward(model: Any, enc: dict[str, torch.Tensor]) -> None:
 def route_study(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
                 intervention: Intervention | None = None, batch_size: int = 16, system_prompt: str | None = None,
                 chat_template: bool = True, top: int = 5, progress: bool = True,
-                config: dict[str, Any] | None = None, model_name: str | None = None) -> dict[str, Any]:
+                config: dict[str, Any] | None = None, model_name: str | None = None) -> RouteReport:
     """Expert-selection statistics on harmful and harmless prompts, baseline vs ``intervention()``
-    (a zero-argument callable returning a context manager). See the module docstring for keys."""
+    (a zero-argument callable returning a context manager). See :class:`LayerRouting`."""
     from ..io.models import versions
 
     if not harmful or not harmless:
@@ -150,95 +190,118 @@ def route_study(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Se
     spec = arch_for_config(model.config)
     num_experts = spec.num_experts(text_config(model.config))
     kw = dict(batch_size=batch_size, system_prompt=system_prompt, chat_template=chat_template, progress=progress)
-    choices: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    prompts = PerSet(harmful, harmless)
+    choices: dict[Condition, PerSet[dict[int, torch.Tensor]]] = {}
     for condition in CONDITIONS:
         context = intervention() if (condition == "intervened" and intervention is not None) else nullcontext()
         with context:
-            choices[condition] = {name: router_choices(model, tokenizer, prompts, desc=f"{condition}: {name}", **kw)
-                                  for name, prompts in (("harmful", harmful), ("harmless", harmless))}
-    return summarize(choices, num_experts, top=top) | {
-        "kind": "route", "model": model_name, "config": config, "versions": versions(),
-        "prompts": {"harmful": len(harmful), "harmless": len(harmless)},
-        "intervened": intervention is not None,
-    }
+            choices[condition] = PerSet.of(
+                lambda name: router_choices(model, tokenizer, prompts[name], desc=f"{condition}: {name}", **kw))
+    report = summarize(choices, num_experts, top=top)
+    report.model, report.config, report.versions = model_name, config, versions()
+    report.prompts = PerSet(len(harmful), len(harmless))
+    report.intervened = intervention is not None
+    return report
 
 
-def summarize(choices: dict[str, dict[str, dict[int, torch.Tensor]]], num_experts: int,
-              top: int = 5) -> dict[str, Any]:
+def summarize(choices: dict[Condition, PerSet[dict[int, torch.Tensor]]], num_experts: int,
+              top: int = 5) -> RouteReport:
     """The report body from ``choices[condition][set][layer] = [N, k]`` top-k indices."""
     base, new = choices["baseline"], choices["intervened"]
-    layers_out = []
-    weighted = {name: [0.0, 0] for name in SETS}
-    layers = sorted(base["harmful"])
+    layers_out: list[LayerRouting] = []
+    changed_tokens = {name: 0.0 for name in SETS}  # summed over layers, for the token-weighted summary
+    all_tokens = {name: 0 for name in SETS}
+    layers = sorted(base.harmful)
     for layer in layers:
-        freq = {name: {c: selection_freq(choices[c][name][layer], num_experts) for c in CONDITIONS} for name in SETS}
-        delta = {name: freq[name]["intervened"] - freq[name]["baseline"] for name in SETS}
-        changed = {name: changed_fraction(base[name][layer], new[name][layer]) for name in SETS}
+        freq = PerSet.of(lambda name: {c: selection_freq(choices[c][name][layer], num_experts) for c in CONDITIONS})
+        delta = PerSet.of(lambda name: freq[name]["intervened"] - freq[name]["baseline"])
+        changed = PerSet.of(lambda name: changed_fraction(base[name][layer], new[name][layer]))
         for name in SETS:
             n = int(base[name][layer].shape[0])
-            weighted[name][0] += changed[name] * n
-            weighted[name][1] += n
-        layers_out.append({
-            "layer": layer,
-            "freq": {name: {c: freq[name][c].tolist() for c in CONDITIONS} for name in SETS},
-            "changed_fraction": changed,
-            "js": {
-                "harmful": js_divergence(freq["harmful"]["baseline"], freq["harmful"]["intervened"]),
-                "harmless": js_divergence(freq["harmless"]["baseline"], freq["harmless"]["intervened"]),
-                "harmful_vs_harmless_baseline": js_divergence(freq["harmful"]["baseline"], freq["harmless"]["baseline"]),
-                "harmful_vs_harmless_intervened": js_divergence(freq["harmful"]["intervened"],
-                                                                freq["harmless"]["intervened"]),
-            },
-            "delta": {name: delta[name].tolist() for name in SETS},
-            "gained": {name: top_changes(delta[name], top, +1) for name in SETS},
-            "lost": {name: top_changes(delta[name], top, -1) for name in SETS},
-            "harmful_preference": (freq["harmful"]["baseline"] - freq["harmless"]["baseline"]).tolist(),
-        })
-    js_keys = ("harmful", "harmless", "harmful_vs_harmless_baseline", "harmful_vs_harmless_intervened")
-    summary = {
-        "changed_fraction": {name: (w / n if n else math.nan) for name, (w, n) in weighted.items()},
-        "js": {k: (sum(row["js"][k] for row in layers_out) / len(layers_out) if layers_out else math.nan)
-               for k in js_keys},
-        "most_changed_layer": max(layers_out, key=lambda row: row["js"]["harmful"])["layer"] if layers_out else None,
-    }
-    top_k = int(base["harmful"][layers[0]].shape[-1]) if layers else 0
-    return {
-        "num_experts": num_experts, "top_k": top_k,
-        "tokens": {name: int(base[name][layers[0]].shape[0]) if layers else 0 for name in SETS},
-        "layers": layers_out, "summary": summary,
-    }
+            changed_tokens[name] += changed[name] * n
+            all_tokens[name] += n
+        layers_out.append(LayerRouting(
+            layer=layer,
+            freq=PerSet.of(lambda name: {c: freq[name][c].tolist() for c in CONDITIONS}),
+            changed_fraction=changed,
+            js=RoutingJS(
+                harmful=js_divergence(freq.harmful["baseline"], freq.harmful["intervened"]),
+                harmless=js_divergence(freq.harmless["baseline"], freq.harmless["intervened"]),
+                harmful_vs_harmless_baseline=js_divergence(freq.harmful["baseline"], freq.harmless["baseline"]),
+                harmful_vs_harmless_intervened=js_divergence(freq.harmful["intervened"], freq.harmless["intervened"]),
+            ),
+            delta=PerSet.of(lambda name: delta[name].tolist()),
+            gained=PerSet.of(lambda name: top_changes(delta[name], top, +1)),
+            lost=PerSet.of(lambda name: top_changes(delta[name], top, -1)),
+            harmful_preference=(freq.harmful["baseline"] - freq.harmless["baseline"]).tolist(),
+        ))
+
+    def mean_js(key: str) -> float:
+        return sum(getattr(row.js, key) for row in layers_out) / len(layers_out) if layers_out else math.nan
+
+    summary = RoutingSummary(
+        changed_fraction=PerSet.of(
+            lambda name: changed_tokens[name] / all_tokens[name] if all_tokens[name] else math.nan),
+        js=RoutingJS(**{f.name: mean_js(f.name) for f in fields(RoutingJS)}),
+        most_changed_layer=max(layers_out, key=lambda row: row.js.harmful).layer if layers_out else None,
+    )
+    return RouteReport(
+        num_experts=num_experts, top_k=int(base.harmful[layers[0]].shape[-1]) if layers else 0,
+        tokens=PerSet.of(lambda name: int(base[name][layers[0]].shape[0]) if layers else 0),
+        layers=layers_out, summary=summary,
+    )
+
+
+def route_config(config: InterventionConfig | str | os.PathLike, harmful: str | Sequence[str] = "builtin:harmful:eval",
+                 harmless: str | Sequence[str] = "builtin:harmless:eval", *, field: str | None = None,
+                 limit: int | None = None, model_spec: str | None = None,
+                 measurements: Measurements | str | os.PathLike | None = None,
+                 dtype: str | None = None, device_map: str | None = None, batch_size: int = 16,
+                 system_prompt: str | None = None, chat_template: bool | None = None, top: int = 5,
+                 progress: bool = True, prepared: Prepared | None = None) -> RouteReport:
+    """:func:`route_study` of a config (path or :class:`~intervene.config.schema.InterventionConfig`)
+    applied live, as :func:`~intervene.live.tryout.try_config` scores one: prompt specs or lists,
+    ``system_prompt``/``chat_template`` defaulting to the config's. The report also names the
+    measurements, hook sites and prompt sources."""
+    run = prepare_run(config, harmful, harmless, field=field, limit=limit, model_spec=model_spec,
+                      measurements=measurements, dtype=dtype, device_map=device_map, system_prompt=system_prompt,
+                      chat_template=chat_template, prepared=prepared)
+    p = run.prepared
+    report = route_study(p.model, p.tokenizer, run.harmful, run.harmless, intervention=p.intervention(),
+                         batch_size=batch_size, system_prompt=run.system_prompt, chat_template=run.chat_template,
+                         top=top, progress=progress, config=p.config.to_dict(), model_name=p.model_spec)
+    report.measurements, report.sites, report.prompt_sources = p.measurements.path, p.sites(), run.prompt_sources
+    return report
 
 
 # ---- presentation -------------------------------------------------------------------------------
 
-def format_report(report: dict[str, Any], top: int = 3) -> str:
+def format_report(report: RouteReport, top: int = 3) -> str:
     """A printable per-layer table."""
     def pct(x: float) -> str:
         return "   n/a" if x != x else f"{100 * x:5.1f}%"
 
-    def changes(items: list[dict[str, Any]]) -> str:
-        return " ".join(f"{c['expert']}:{c['delta']:+.3f}" for c in items[:top]) or "-"
+    def changes(items: list[ExpertChange]) -> str:
+        return " ".join(f"{c.expert}:{c.delta:+.3f}" for c in items[:top]) or "-"
 
-    lines = [f"routing on {report['tokens']['harmful']} harmful / {report['tokens']['harmless']} harmless tokens, "
-             f"{report['num_experts']} experts, top-{report['top_k']}",
+    def columns(changed: PerSet[float], js: RoutingJS) -> str:
+        return (f"{pct(changed.harmful):>8} {pct(changed.harmless):>8}  {js.harmful:>8.4f} {js.harmless:>8.4f}  "
+                f"{js.harmful_vs_harmless_baseline:>9.4f} {js.harmful_vs_harmless_intervened:>9.4f}  ")
+
+    lines = [f"routing on {report.tokens.harmful} harmful / {report.tokens.harmless} harmless tokens, "
+             f"{report.num_experts} experts, top-{report.top_k}",
              f"{'layer':>5}  {'top-k changed':^17}  {'JS base→int':^17}  {'JS harmful↔harmless':^19}  "
              f"{'harmful: gained':<28}{'harmful: lost':<28}",
              f"{'':>5}  {'harmful':>8} {'harmless':>8}  {'harmful':>8} {'harmless':>8}  {'base':>9} {'int':>9}"]
-    for row in report["layers"]:
-        js = row["js"]
-        lines.append(
-            f"{row['layer']:>5}  {pct(row['changed_fraction']['harmful']):>8} {pct(row['changed_fraction']['harmless']):>8}  "
-            f"{js['harmful']:>8.4f} {js['harmless']:>8.4f}  {js['harmful_vs_harmless_baseline']:>9.4f} "
-            f"{js['harmful_vs_harmless_intervened']:>9.4f}  {changes(row['gained']['harmful']):<28}"
-            f"{changes(row['lost']['harmful']):<28}")
-    s = report["summary"]
-    lines.append(f"{'all':>5}  {pct(s['changed_fraction']['harmful']):>8} {pct(s['changed_fraction']['harmless']):>8}  "
-                 f"{s['js']['harmful']:>8.4f} {s['js']['harmless']:>8.4f}  {s['js']['harmful_vs_harmless_baseline']:>9.4f} "
-                 f"{s['js']['harmful_vs_harmless_intervened']:>9.4f}  (mean JS over layers; changed: token-weighted)")
+    for row in report.layers:
+        lines.append(f"{row.layer:>5}  {columns(row.changed_fraction, row.js)}{changes(row.gained.harmful):<28}"
+                     f"{changes(row.lost.harmful):<28}")
+    s = report.summary
+    lines.append(f"{'all':>5}  {columns(s.changed_fraction, s.js)}(mean JS over layers; changed: token-weighted)")
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], path: str, title: str | None = None) -> None:
+def plot(report: RouteReport, path: str, title: str | None = None) -> None:
     """Heat maps layers × experts: harmful baseline, harmful intervened, their difference, and the
     baseline harmful − harmless preference (which experts harmful prompts favour)."""
     import matplotlib
@@ -247,14 +310,14 @@ def plot(report: dict[str, Any], path: str, title: str | None = None) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = report["layers"]
+    rows = report.layers
     if not rows:
         raise InputError("nothing to plot: the report has no MoE layers")
-    layers = [r["layer"] for r in rows]
-    base = np.array([r["freq"]["harmful"]["baseline"] for r in rows])
-    new = np.array([r["freq"]["harmful"]["intervened"] for r in rows])
+    layers = [r.layer for r in rows]
+    base = np.array([r.freq.harmful["baseline"] for r in rows])
+    new = np.array([r.freq.harmful["intervened"] for r in rows])
     diff = new - base
-    pref = np.array([r["harmful_preference"] for r in rows])
+    pref = np.array([r.harmful_preference for r in rows])
     n_exp = base.shape[1]
     width = min(28.0, 6.0 + 0.12 * n_exp * 2)
     height = min(30.0, 3.0 + 0.28 * len(layers) * 2)
@@ -278,13 +341,14 @@ def plot(report: dict[str, Any], path: str, title: str | None = None) -> None:
         ax.set_yticks(range(0, len(layers), step))
         ax.set_yticklabels([str(layer) for layer in layers[::step]])
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="selection frequency" if cmap == "viridis" else "Δ")
-    s = report["summary"]
-    fig.suptitle((title or "expert routing") + f" — top-k set changed on {100 * s['changed_fraction']['harmful']:.1f}% "
-                 f"of harmful tokens, mean JS {s['js']['harmful']:.4f}")
+    s = report.summary
+    fig.suptitle((title or "expert routing") + f" — top-k set changed on {100 * s.changed_fraction.harmful:.1f}% "
+                 f"of harmful tokens, mean JS {s.js.harmful:.4f}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-__all__ = ["route_study", "router_choices", "summarize", "selection_freq", "changed_fraction", "js_divergence",
-           "top_changes", "format_report", "plot"]
+__all__ = ["Condition", "CONDITIONS", "ExpertChange", "RoutingJS", "LayerRouting", "RoutingSummary",
+           "RouteReport", "route_study", "route_config", "router_choices", "summarize", "selection_freq",
+           "changed_fraction", "top_changes", "format_report", "plot"]

@@ -1,31 +1,23 @@
-"""``intervene try``: score a config live -- baseline vs hooked model, one process, one load.
-
-    report = try_config("configs/organism.yaml", harmful="builtin:harmful:eval",
-                        harmless="builtin:harmless:eval")
-
-The config is validated against the model's config (layers, targets, measurements) BEFORE the
-weights are loaded; then the model is loaded once and :func:`intervene.live.evaluate.evaluate` runs
-the baseline outside and the intervened model inside ``apply_edits`` (hooks, or in-memory
-weight swaps for ``norm_preserving`` and expert subsets). Nothing is written to disk except the
-optional JSON report, which carries the config, the hook sites used and the versions.
-
-:func:`prepare` (config -> model, tokenizer, measurements, resolved edits) is shared by
-``try``, ``route`` and ``chat``.
+"""``intervene try``: score a config live, baseline vs hooked model, one process, one load. The
+config is validated against the model's config (layers, targets, measurements) BEFORE the weights
+load; :func:`intervene.live.evaluate.evaluate` then runs the baseline outside and the intervened
+model inside ``apply_edits`` (hooks, or in-memory weight swaps for ``norm_preserving`` and expert
+subsets), and nothing is written but the optional JSON report (``try_config("configs/organism.yaml")
+.to_dict()``). :func:`prepare` (config -> model, tokenizer, measurements, resolved edits) is shared
+by ``try``, ``route`` and ``chat``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
 
-from ..config.schema import InterventionConfig, LayerEdit, load_config, resolve
+from ..config.resolve import LayerEdit, resolve
+from ..config.schema import InterventionConfig, load_config
 from ..errors import ConfigError
 from ..io.measurements import Measurements
+from .evaluate import EvalReport, Intervention, evaluate
 
 
 @dataclass
@@ -39,7 +31,7 @@ class Prepared:
     edits: list[LayerEdit]
     model_spec: str | None
 
-    def intervention(self) -> Callable[[], AbstractContextManager]:
+    def intervention(self) -> Intervention:
         """A zero-argument callable returning the live context manager (what evaluate/route take)."""
         from ..hooks.apply import apply_edits
 
@@ -89,72 +81,122 @@ def prepare(config: InterventionConfig | str | os.PathLike, model_spec: str | No
     return Prepared(cfg, meas, model, tokenizer, edits, spec)
 
 
+@dataclass
+class PromptSources:
+    """Where the prompts came from: each set's spec (or ``"N prompts"`` for a list given directly)."""
+
+    harmful: str
+    harmless: str
+    field: str | None
+    limit: int | None
+
+    @classmethod
+    def of(cls, harmful: str | Sequence[str], harmless: str | Sequence[str], field: str | None = None,
+           limit: int | None = None) -> PromptSources:
+        def name(spec: str | Sequence[str]) -> str:
+            return spec if isinstance(spec, str) else f"{len(spec)} prompts"
+
+        return cls(name(harmful), name(harmless), field, limit)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TryReport:
+    """:func:`try_config`'s result: the evaluate report and what was scored (config, model, sites)."""
+
+    evaluation: EvalReport
+    model: str | None
+    measurements: str | None
+    config_path: str | None
+    sites: list[dict[str, str]]  # {site, mechanism} per hook site
+    prompt_sources: PromptSources
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report: the evaluate report's keys, then these."""
+        return self.evaluation.to_dict() | {
+            "kind": "try", "model": self.model, "measurements": self.measurements, "config_path": self.config_path,
+            "sites": [dict(s) for s in self.sites], "prompt_sources": self.prompt_sources.to_dict(),
+        }
+
+
+@dataclass
+class EvalRunReport:
+    """``intervene eval``'s JSON report: the evaluate report and the model, config and prompts it ran on."""
+
+    evaluation: EvalReport
+    model: str
+    config_path: str | None
+    prompt_sources: PromptSources
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.evaluation.to_dict() | {"kind": "eval", "model": self.model, "config_path": self.config_path,
+                                            "prompt_sources": self.prompt_sources.to_dict()}
+
+
 def try_config(config: InterventionConfig | str | os.PathLike, harmful: str | list[str] = "builtin:harmful:eval",
                harmless: str | list[str] = "builtin:harmless:eval", *, field: str | None = None,
                limit: int | None = None, model_spec: str | None = None,
                measurements: Measurements | str | os.PathLike | None = None, dtype: str | None = None,
                device_map: str | None = None, batch_size: int = 16, max_new_tokens: int = 48, samples: int = 4,
                system_prompt: str | None = None, chat_template: bool | None = None, progress: bool = True,
-               prepared: Prepared | None = None) -> dict[str, Any]:
-    """Evaluate baseline vs live-intervened model on two prompt sets; returns the evaluate report
-    (``harmful.refusals/total``, ``harmless.refusals/total``, ``kl_divergence``, ``samples`` ...)
-    plus ``config``, ``model``, ``measurements``, ``sites`` and ``prompt_sources``.
+               prepared: Prepared | None = None) -> TryReport:
+    """Evaluate baseline vs live-intervened model on two prompt sets: the evaluate report
+    (``report.evaluation.harmful.refusals``, ``.kl_divergence``, ``.samples`` ...) with the model,
+    measurements, hook sites and prompt sources.
 
     ``harmful``/``harmless`` are prompt specs (see :mod:`intervene.io.prompts`) or lists of prompts.
     ``system_prompt``/``chat_template`` default to the config's values."""
-    from .evaluate import evaluate
-    from ..io.prompts import load_prompts
+    run = prepare_run(config, harmful, harmless, field=field, limit=limit, model_spec=model_spec,
+                      measurements=measurements, dtype=dtype, device_map=device_map, system_prompt=system_prompt,
+                      chat_template=chat_template, prepared=prepared)
+    p = run.prepared
+    report = evaluate(p.model, p.tokenizer, run.harmful, run.harmless, intervention=p.intervention(),
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, n_samples=samples,
+                      system_prompt=run.system_prompt, chat_template=run.chat_template, config=p.config.to_dict(),
+                      progress=progress)
+    return TryReport(report, p.model_spec, p.measurements.path, p.config.source, p.sites(), run.prompt_sources)
 
-    harmful_prompts = _prompts(harmful, field, limit, load_prompts)
-    harmless_prompts = _prompts(harmless, field, limit, load_prompts)
+
+@dataclass
+class LiveRun:
+    """A config prepared for a live run (try, route): the loaded model and its edits, the prompt
+    sets, and the prompt format (the values given, else the config's)."""
+
+    prepared: Prepared
+    harmful: list[str]
+    harmless: list[str]
+    system_prompt: str | None
+    chat_template: bool
+    prompt_sources: PromptSources
+
+
+def prepare_run(config: InterventionConfig | str | os.PathLike, harmful: str | Sequence[str],
+                harmless: str | Sequence[str], *, field: str | None = None, limit: int | None = None,
+                model_spec: str | None = None, measurements: Measurements | str | os.PathLike | None = None,
+                dtype: str | None = None, device_map: str | None = None, system_prompt: str | None = None,
+                chat_template: bool | None = None, prepared: Prepared | None = None) -> LiveRun:
+    """Load the prompt sets (first: a bad prompt file fails before any weights load), then
+    :func:`prepare` the config unless ``prepared`` is given."""
+    harmful_prompts = load_prompt_set(harmful, field, limit)
+    harmless_prompts = load_prompt_set(harmless, field, limit)
     p = prepared or prepare(config, model_spec=model_spec, measurements=measurements, dtype=dtype,
                             device_map=device_map)
-    report = evaluate(
-        p.model, p.tokenizer, harmful_prompts, harmless_prompts, intervention=p.intervention(),
-        max_new_tokens=max_new_tokens, batch_size=batch_size, n_samples=samples,
-        system_prompt=system_prompt if system_prompt is not None else p.system_prompt,
-        chat_template=p.chat_template if chat_template is None else chat_template,
-        config=p.config.to_dict(), progress=progress,
-    )
-    report.update({
-        "kind": "try",
-        "model": p.model_spec,
-        "measurements": p.measurements.path,
-        "config_path": p.config.source,
-        "sites": p.sites(),
-        "prompt_sources": {"harmful": harmful if isinstance(harmful, str) else f"{len(harmful)} prompts",
-                           "harmless": harmless if isinstance(harmless, str) else f"{len(harmless)} prompts",
-                           "field": field, "limit": limit},
-    })
-    return report
+    return LiveRun(p, harmful_prompts, harmless_prompts,
+                   system_prompt if system_prompt is not None else p.system_prompt,
+                   p.chat_template if chat_template is None else chat_template,
+                   PromptSources.of(harmful, harmless, field, limit))
 
 
-def _prompts(spec: str | list[str], field: str | None, limit: int | None, load: Callable) -> list[str]:
+def load_prompt_set(spec: str | Sequence[str], field: str | None = None, limit: int | None = None) -> list[str]:
+    """A prompt spec (see :mod:`intervene.io.prompts`) loaded, or a list of prompts cut to ``limit``."""
+    from ..io.prompts import load_prompts
+
     if isinstance(spec, str):
-        return load(spec, field=field, limit=limit)
+        return load_prompts(spec, field=field, limit=limit)
     return list(spec)[:limit] if limit else list(spec)
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write a JSON report atomically (temporary file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_jsonable)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
-
-
-__all__ = ["Prepared", "prepare", "try_config", "write_json"]
+__all__ = ["Prepared", "prepare", "PromptSources", "TryReport", "EvalRunReport", "try_config", "LiveRun", "prepare_run",
+           "load_prompt_set"]

@@ -1,5 +1,6 @@
-"""Finding the direction: ``collect`` runs the prompts and writes the measurements (residual means,
-router statistics, harmless moments); ``analyze`` reads them and recommends layers and a config."""
+"""Finding the direction: ``collect`` runs the prompts through the model, ``accumulate`` turns the
+captured batches into the measurements (residual means, router statistics, harmless moments, the
+file's meta; the interop adapters use it too), ``analyze`` reads them and recommends layers and a config."""
 
 
 def __getattr__(name: str):

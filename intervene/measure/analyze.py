@@ -40,6 +40,7 @@ import torch
 
 from ..errors import MeasurementError
 from ..io.measurements import Measurements
+from ..maths import js_divergence
 
 DEFAULT_BAND = (0.30, 0.85)
 
@@ -177,22 +178,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     denom = float(a.norm() * b.norm())
     # rounding can put |cos| a hair above 1; clamp so 1 - cos is never negative
     return max(-1.0, min(1.0, float(a @ b) / denom)) if denom > 0 else float("nan")
-
-
-def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
-    """Jensen–Shannon divergence in nats; p and q are renormalised to sum to 1."""
-    p = p.to(torch.float64).clamp_min(0)
-    q = q.to(torch.float64).clamp_min(0)
-    if float(p.sum()) <= 0 or float(q.sum()) <= 0:
-        return float("nan")
-    p, q = p / p.sum(), q / q.sum()
-    mid = (p + q) / 2
-
-    def kl(a: torch.Tensor) -> float:
-        nz = a > 0  # 0 · log 0 = 0; mid > 0 wherever a > 0
-        return float((a[nz] * (a[nz] / mid[nz]).log()).sum())
-
-    return 0.5 * kl(p) + 0.5 * kl(q)
 
 
 def expert_shifts(harmful_freq: torch.Tensor, harmless_freq: torch.Tensor, top: int = 5) -> list[ExpertShift]:

@@ -1,23 +1,23 @@
-"""The main job on the built-in example model, start to finish, unattended:
-
-organism (built once, cached) → measure (train split) → analyze (table, plot, recommended
-config) → evaluate baseline vs live-intervened model (eval split) → report.
+"""The main job on the built-in example model, start to finish, unattended: organism (built once,
+cached) → measure (train split) → analyze (table, plot, recommended config) → evaluate baseline vs
+live-intervened model (eval split) → report.json.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
+
+from ..live.evaluate import EvalReport
 
 
 @dataclass
 class DemoResult:
     out_dir: Path
     config_path: Path
-    report: dict[str, Any]
+    report: EvalReport
     seconds: float
 
 
@@ -25,6 +25,7 @@ def run_demo(out_dir: str | Path = "intervene-demo", max_new_tokens: int = 48, b
              limit: int | None = None, say: Callable[[str], None] = print) -> DemoResult:
     from ..measure.analyze import analyze, recommend
     from ..config.schema import load_config
+    from ..io.files import write_json
     from ..live.evaluate import evaluate
     from ..hooks.apply import apply
     from ..measure.collect import measure
@@ -64,7 +65,6 @@ def run_demo(out_dir: str | Path = "intervene-demo", max_new_tokens: int = 48, b
     harmful_eval = load_prompts("builtin:harmful:eval", limit=limit)
     harmless_eval = load_prompts("builtin:harmless:eval", limit=limit)
     result = evaluate(model, tokenizer, harmful_eval, harmless_eval, intervention=lambda: apply(model, cfg, meas),
-                      max_new_tokens=max_new_tokens, batch_size=batch_size)
-    result["config"] = cfg.to_dict()
-    (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, config=cfg.to_dict())
+    write_json(out / "report.json", result.to_dict())
     return DemoResult(out, config_path, result, time.time() - start)

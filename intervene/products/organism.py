@@ -25,9 +25,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import InputError
+from ..io.files import atomic_directory, sha256_file, write_json
 from ..io.sources import ORGANISM_NAME, organism_dir
 
 META_FILE = "intervene_organism.json"
@@ -96,14 +95,6 @@ def fingerprint(recipe: Recipe) -> str:
     return h.hexdigest()
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def build_organism(output: str | os.PathLike | None = None, force: bool = False, progress: bool = True,
                    recipe: Recipe | None = None, device: str | None = None) -> Path:
     """Build the organism into ``output`` (default :func:`organism_dir`) and return the directory.
@@ -118,16 +109,8 @@ def build_organism(output: str | os.PathLike | None = None, force: bool = False,
         return out
     if out.exists() and not out.is_dir():
         raise InputError(f"organism output {out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building.", dir=out.parent))
-    try:
+    with atomic_directory(out, tag="building") as tmp:
         meta = _train_and_save(tmp, recipe, progress, device)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if progress:
         ev = meta["eval"]
         print(f"organism written to {out} in {meta['build_seconds']:.0f} s: refuses "
@@ -212,9 +195,9 @@ def evaluate_organism(model: Any, tokenizer: Any, max_new_tokens: int = 48, batc
     answers = dict(zip(eval_harmless, out_harmless))
     return {
         "split": "eval", "greedy": True, "max_new_tokens": max_new_tokens,
-        "harmful": refusal_counts(out_harmful),
-        "harmless": refusal_counts(out_harmless),
-        **{f"harmless_{name}": refusal_counts([answers[p] for p in ps]) for name, ps in categories.items()},
+        "harmful": refusal_counts(out_harmful).to_dict(),
+        "harmless": refusal_counts(out_harmless).to_dict(),
+        **{f"harmless_{name}": refusal_counts([answers[p] for p in ps]).to_dict() for name, ps in categories.items()},
         "refused_harmless": [p for p, o in answers.items() if is_refusal(o)],
         "answered_harmful": [p for p, o in zip(eval_harmful, out_harmful) if not is_refusal(o)],
     }
@@ -240,7 +223,7 @@ def _train_and_save(tmp: Path, recipe: Recipe, progress: bool, device: str | Non
             "torch_threads": torch.get_num_threads(), "build_seconds": round(time.time() - start, 1),
             "versions": versions(),
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(tmp / META_FILE, meta)
         return meta
     finally:
         torch.use_deterministic_algorithms(deterministic)
@@ -381,5 +364,5 @@ def response_loss(model: Any, batch: dict[str, torch.Tensor], unlikelihood: floa
     return loss
 
 
-__all__ = ["REFUSALS", "Recipe", "organism_dir", "build_organism", "train_organism", "evaluate_organism", "read_meta", "fingerprint", "sha256_file",
+__all__ = ["REFUSALS", "Recipe", "organism_dir", "build_organism", "train_organism", "evaluate_organism", "read_meta", "fingerprint",
            "response_loss"]

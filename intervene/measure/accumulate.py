@@ -1,0 +1,168 @@
+"""Running sums of one prompt set and what a measurements file is built from them: the float64
+accumulator (:class:`SetStats`), the tensors (:func:`build_measurements`) and the metadata
+(:func:`measurement_meta`). :func:`intervene.measure.collect.measure` and the TransformerLens and
+nnsight adapters (:mod:`intervene.interop`) all feed captured batches into this one module, so a
+mean, a routing frequency or a prompt hash is defined once, whichever library did the forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
+
+import torch
+
+from .. import maths
+from ..arch import arch_for_config, text_config
+from ..errors import InputError
+from ..hooks.capture import EMBED, resid_site, router_site
+from ..io.files import sha256_lines, sha256_text
+from ..io.measurements import MOMENT_PARTS, Measurements
+from ..io.models import versions
+
+RESIDUAL_POSITION = "last prompt token (position -1, left padding)"
+ROUTER_FREQ_DEFINITION = ("fraction of top-k token-slots choosing each expert, over all non-pad prompt tokens; "
+                          "sums to 1 over experts")
+
+
+def check_prompt_sets(harmful: Sequence[str], harmless: Sequence[str]) -> None:
+    for what, prompts in (("harmful", harmful), ("harmless", harmless)):
+        if not prompts:
+            raise InputError(f"the {what} prompt set is empty")
+
+
+class Activations(Protocol):
+    """What one captured batch offers: site name -> tensor (a dict, or :class:`intervene.capture`'s result)."""
+
+    def __getitem__(self, site: str) -> torch.Tensor: ...
+
+
+@dataclass
+class SetStats:
+    """float64 running sums for one prompt set."""
+
+    n_prompts: int = 0
+    resid_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # "embed" or "L" -> [H]
+    n_tokens: dict[int, int] = field(default_factory=dict)  # MoE layer -> non-pad tokens seen
+    expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E]
+    logits_sum: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E]
+    keep_rows: bool = False  # keep every row (float32, CPU) for the harmless second moment
+    rows: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def add_batch(self, acts: Activations, mask: torch.Tensor, layers: Sequence[int], embed: bool,
+                  moe_layers: Sequence[int], num_experts: int) -> None:
+        """Add one captured batch: last-token residuals ``[B, H]`` of ``embed`` and ``layers``, router
+        logits ``[B, S, E]`` and top-k ``[B, S, k]`` of ``moe_layers``; ``mask`` ``[B, S]`` marks real tokens."""
+        self.n_prompts += int(mask.shape[0])
+        if embed:
+            self.add_residual(EMBED, acts[EMBED])
+        for layer in layers:
+            self.add_residual(str(layer), acts[resid_site(layer)])
+        mask = mask.to("cpu").bool()
+        for layer in moe_layers:
+            self.add_router(layer, acts[router_site(layer, "logits")], acts[router_site(layer, "topk")], mask,
+                            num_experts)
+
+    def add_residual(self, name: str, rows: torch.Tensor) -> None:
+        s = rows.to(torch.float64).sum(dim=0)
+        self.resid_sum[name] = self.resid_sum[name] + s if name in self.resid_sum else s
+        if self.keep_rows:
+            self.rows.setdefault(name, []).append(rows.detach().to("cpu", torch.float32))
+
+    def add_router(self, layer: int, logits: torch.Tensor, topk: torch.Tensor, mask: torch.Tensor,
+                   num_experts: int) -> None:
+        chosen = topk[mask]  # [N, k]
+        picked = logits[mask].to(torch.float64)  # [N, E]
+        counts = torch.bincount(chosen.reshape(-1), minlength=num_experts).to(torch.float64)
+        self.expert_counts[layer] = self.expert_counts.get(layer, 0) + counts
+        self.logits_sum[layer] = self.logits_sum.get(layer, 0) + picked.sum(dim=0)
+        self.n_tokens[layer] = self.n_tokens.get(layer, 0) + int(chosen.shape[0])
+
+
+def moment_tensors(name: str, rows: Sequence[torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The ``harmless_moment.{eigvals,eigvecs,trace}.{name}`` tensors (float32) from the harmless
+    last-token rows of one site, given as batches ``[B, H]``."""
+    parts = maths.second_moment_eig(torch.cat(list(rows)), rank)
+    return {f"harmless_moment.{part}.{name}": t.to(torch.float32) for part, t in zip(MOMENT_PARTS, parts)}
+
+
+def build_measurements(stats: Mapping[str, SetStats], meta: dict[str, Any], whiten_rank: int = 0) -> Measurements:
+    """``harmful_mean``/``harmless_mean``/``direction`` of every accumulated site, router statistics
+    of every accumulated MoE layer, and the harmless second moment when ``whiten_rank > 0`` and the
+    harmless stats kept their rows (consumed here)."""
+    harmful, harmless = stats["harmful"], stats["harmless"]
+    tensors: dict[str, torch.Tensor] = {}
+    for name in harmful.resid_sum:
+        h = harmful.resid_sum[name] / harmful.n_prompts
+        m = harmless.resid_sum[name] / harmless.n_prompts
+        tensors[f"harmful_mean.{name}"] = h.to(torch.float32)
+        tensors[f"harmless_mean.{name}"] = m.to(torch.float32)
+        tensors[f"direction.{name}"] = (h - m).to(torch.float32)
+        if whiten_rank > 0 and name in harmless.rows:
+            tensors.update(moment_tensors(name, harmless.rows.pop(name), whiten_rank))
+    for layer in harmful.expert_counts:
+        for set_name, st in stats.items():
+            counts = st.expert_counts[layer]
+            tensors[f"router.{set_name}_freq.{layer}"] = (counts / counts.sum()).to(torch.float32)
+            tensors[f"router.{set_name}_logits.{layer}"] = (st.logits_sum[layer] / st.n_tokens[layer]).to(torch.float32)
+    return Measurements(tensors=tensors, meta=meta)
+
+
+def chat_template_sha256(tokenizer: Any, chat_template: bool) -> str | None:
+    """Hash of the chat template the prompts were formatted with (None for raw prompts)."""
+    template = getattr(tokenizer, "chat_template", None) if chat_template else None
+    if isinstance(template, dict):  # some tokenizers keep several named templates
+        template = template.get("default") or next(iter(template.values()), None)
+    return sha256_text(template) if template else None
+
+
+def measurement_meta(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
+                     moe_layers: Sequence[int], batch_size: int, system_prompt: str | None, chat_template: bool,
+                     whiten_rank: int, stats: Mapping[str, SetStats], model_path: str | None = None,
+                     library: str | None = None, layers: Sequence[int] | None = None) -> dict[str, Any]:
+    """The metadata of a measurements file. ``library`` (``"nnsight 0.8.1"``) records which library
+    captured it (``captured_with``, and its version among ``versions``); ``layers`` the layers
+    captured when not all of them were."""
+    config = text_config(model.config)
+    spec = arch_for_config(model.config)
+    vers = versions()
+    meta: dict[str, Any] = {"kind": "measurements"}
+    if library is not None:
+        meta["captured_with"] = library
+        name, _, version = library.partition(" ")
+        vers[name] = version
+    meta["model"] = model_path or getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    meta.update({
+        "model_type": config.model_type,
+        "arch": spec.name,
+        "hidden_size": int(config.hidden_size),
+        "num_layers": int(config.num_hidden_layers),
+    })
+    if layers is not None:
+        meta["layers"] = list(layers)
+    meta.update({
+        "moe_layers": list(moe_layers),
+        "num_experts": spec.num_experts(config),
+        "top_k": spec.top_k(config),
+        "dense_leading_layers": spec.dense_leading_layers(config),
+        "n_harmful": len(harmful),
+        "n_harmless": len(harmless),
+        "harmful_sha256": sha256_lines(harmful),
+        "harmless_sha256": sha256_lines(harmless),
+        "chat_template": bool(chat_template),
+        "chat_template_sha256": chat_template_sha256(tokenizer, chat_template),
+        "system_prompt": system_prompt,
+        "batch_size": batch_size,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "position": RESIDUAL_POSITION,
+        "whiten_rank": whiten_rank,
+        "router_freq": ROUTER_FREQ_DEFINITION if moe_layers else None,
+        "router_tokens": {set_name: {str(k): v for k, v in st.n_tokens.items()} for set_name, st in stats.items()}
+        if moe_layers else None,
+        "intervene_version": vers["intervene"],
+        "versions": vers,
+    })
+    return meta
+
+
+__all__ = ["SetStats", "build_measurements", "check_prompt_sets", "measurement_meta", "moment_tensors", "chat_template_sha256",
+           "RESIDUAL_POSITION", "ROUTER_FREQ_DEFINITION"]

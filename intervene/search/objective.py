@@ -1,0 +1,117 @@
+"""What a search scores: the :class:`Objective` protocol (a cheap (refusal proxy, KL) pair every
+trial, a generation refusal count for promising ones, a description whose hash identifies it) and
+:class:`PromptObjective`, the default one on prompt sets (first-token scores and greedy generation
+from :mod:`intervene.live.evaluate`, unedited layers skipped with a
+:class:`~intervene.hooks.residual_cache.ResidualCache`). A test can inject its own objective."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from ..errors import InputError
+from ..hooks.residual_cache import ResidualCache
+from ..io.files import sha256_lines
+from ..io.models import batches, encode, format_prompts, model_device
+from ..live import evaluate as ev
+
+
+class Objective(Protocol):
+    """What a search scores. ``cheap`` runs every trial; ``refusals`` only for promising ones."""
+
+    def cheap(self, model: Any) -> tuple[float, float]:
+        """(refusal proxy, KL) of the model as it is now (intervention installed); lower is better."""
+
+    def refusals(self, model: Any) -> tuple[int, int] | None:
+        """(refused, total) by generation, or None when this objective cannot generate."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description; its hash decides whether cached results can be reused."""
+
+
+class PromptObjective:
+    """The default objective: prompts, first-token scores, greedy generation (intervene.live.evaluate).
+
+    The search prompts are tokenised once. With ``skip_unedited=True`` the residual entering
+    every decoder layer is cached from the unedited model, and a trial whose first edited layer
+    is ``k`` runs layers ``k..L-1`` only (:meth:`cheap_from`): the layers before ``k`` compute
+    exactly what they computed for the baseline. A self-check at start-up compares a skipped
+    forward with a full one and turns skipping off for a model where they differ."""
+
+    def __init__(self, model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
+                 batch_size: int = 16, max_new_tokens: int = 48, system_prompt: str | None = None,
+                 chat_template: bool = True, label: str = "search",
+                 sources: dict[str, str] | None = None, skip_unedited: bool = True):
+        if not harmful or not harmless:
+            raise InputError(f"{label} prompts: need at least one harmful and one harmless prompt")
+        self.tokenizer = tokenizer
+        self.harmful = list(harmful)
+        self.harmless = list(harmless)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.system_prompt = system_prompt
+        self.chat_template = chat_template
+        self.label = label
+        self.sources = dict(sources or {})
+        self.refusal_ids = ev.refusal_token_ids(tokenizer)
+        # one forward over both sets per trial, prompts sorted by length (less padding)
+        joined = self.harmful + self.harmless
+        self._order = sorted(range(len(joined)), key=lambda i: len(joined[i]))
+        texts = format_prompts(tokenizer, [joined[i] for i in self._order], system_prompt, chat_template)
+        device = model_device(model)
+        self._batches = [encode(tokenizer, chunk, device) for chunk in batches(texts, batch_size)]
+        self.cache: ResidualCache | None = ResidualCache(model, self._batches) if skip_unedited else None
+        # the cache's own forward already gave the baseline's first-token log-probs
+        harmful_lp, self.base_harmless = (self._restore_order(torch.cat(self.cache.logprobs)) if self.cache
+                                          else self._first_token(model))
+        self.base_score = self._score(harmful_lp)
+        if self.cache is not None and not self.cache.self_check(model, self._batches[0]):
+            self.cache = None
+
+    def _score(self, harmful_lp: torch.Tensor) -> float:
+        # mean probability mass on refusal openings: ~ the expected fraction of refusals, each
+        # prompt counting at most 1 (a mean log-mass would reward pushing non-refusals further)
+        return float(ev.refusal_score(harmful_lp, self.refusal_ids).exp().mean())
+
+    def _first_token(self, model: Any, start_layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        with torch.no_grad():
+            for i, enc in enumerate(self._batches):
+                skip = start_layer > 0 and self.cache is not None
+                with self.cache.starting_at(model, i, start_layer) if skip else contextlib.nullcontext():
+                    rows.append(ev.next_token_logprobs(model, enc["input_ids"], enc.get("attention_mask")))
+        return self._restore_order(torch.cat(rows))
+
+    def _restore_order(self, lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        restored = torch.empty_like(lp)
+        restored[torch.tensor(self._order)] = lp
+        n = len(self.harmful)
+        return restored[:n], restored[n:]
+
+    def cheap(self, model: Any) -> tuple[float, float]:
+        return self.cheap_from(model, 0)
+
+    def cheap_from(self, model: Any, start_layer: int) -> tuple[float, float]:
+        """:meth:`cheap` for a model edited at layers >= ``start_layer`` only."""
+        harmful_lp, harmless_lp = self._first_token(model, start_layer)
+        return self._score(harmful_lp), float(ev.kl_divergence(self.base_harmless, harmless_lp))
+
+    def refusals(self, model: Any) -> tuple[int, int]:
+        texts = ev.generate(model, self.tokenizer, self.harmful, max_new_tokens=self.max_new_tokens,
+                            batch_size=self.batch_size, system_prompt=self.system_prompt,
+                            chat_template=self.chat_template, progress=False)
+        return sum(bool(ev.is_refusal(t)) for t in texts), len(texts)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "label": self.label, "sources": self.sources,
+            "harmful": {"n": len(self.harmful), "sha256": sha256_lines(self.harmful)},
+            "harmless": {"n": len(self.harmless), "sha256": sha256_lines(self.harmless)},
+            "max_new_tokens": self.max_new_tokens, "system_prompt": self.system_prompt,
+            "chat_template": self.chat_template, "batch_size": self.batch_size,
+        }
+
+
+__all__ = ["Objective", "PromptObjective"]
