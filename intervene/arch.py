@@ -26,13 +26,15 @@ from .errors import ArchitectureError
 if TYPE_CHECKING:  # the table itself stays torch-free (cheap to import)
     import torch
 
-Target = Literal["attention", "mlp", "experts", "shared_experts", "router", "expert_inputs"]
+Target = Literal["attention", "mlp", "experts", "shared_experts", "router", "expert_inputs", "routed_expert_inputs"]
 Side = Literal["write", "read"]  # write: the module's output is added to the residual; read: its input is it
 RouterOutput = Literal["topk", "llama4"]
 ExpertLayout = Literal["EHI", "EIH"]  # fused in-memory experts: down [E,H,I] / gate_up [E,2I,H], or the reverse
 
 WRITE_TARGETS: tuple[Target, ...] = ("attention", "mlp", "experts", "shared_experts")
-READ_TARGETS: tuple[Target, ...] = ("router", "expert_inputs")
+READ_TARGETS: tuple[Target, ...] = ("router", "expert_inputs", "routed_expert_inputs")
+# routed_expert_inputs: the routed experts' gate/up only (expert_inputs without the shared expert's
+# inputs and gate) -- the reference tool's per-expert read side; a subset of expert_inputs' sites
 ALL_TARGETS: tuple[Target, ...] = WRITE_TARGETS + READ_TARGETS
 # what each router kind returns from its forward
 ROUTER_OUTPUTS: dict[RouterOutput, str] = {"topk": "(logits, weights, indices)", "llama4": "(scores, logits)"}
@@ -134,7 +136,7 @@ class ArchSpec:
     def has_target(self, target: Target) -> bool:
         if target in ("attention", "mlp"):
             return target == "attention" or self.has_dense_mlp_anywhere
-        if target in ("experts", "router", "expert_inputs"):
+        if target in ("experts", "router", "expert_inputs", "routed_expert_inputs"):
             return self.is_moe
         if target == "shared_experts":
             return self.shared_expert is not None
@@ -213,6 +215,8 @@ class ArchSpec:
             if self.shared_expert_gate:
                 out.append(Site("expert_inputs", self.shared_expert_gate, "shared_expert_gate.in", "read",
                                 (TensorRef(self.shared_expert_gate, "weight", 1),)))
+        elif moe and "routed_expert_inputs" in wanted:  # the same site as expert_inputs' routed one
+            out.append(Site("routed_expert_inputs", self.experts, "experts.in", "read", self._expert_tensors("in")))
         return out
 
     # ---- on-disk patterns ------------------------------------------------------------
@@ -239,15 +243,11 @@ class ArchSpec:
         for ref in self._expert_tensors("down"):
             pats.append(DiskPattern("experts", rf"{block_re}\.{esc(experts_leaf)}\.{esc(ref.param)}",
                                     ref.hidden_axis, expert_axis=0, is_bias=ref.is_bias))
-        for ref in self._expert_tensors("in"):
-            pats.append(DiskPattern("expert_inputs", rf"{block_re}\.{esc(experts_leaf)}\.{esc(ref.param)}",
-                                    ref.hidden_axis, expert_axis=0))
+        pats += self._routed_input_patterns(block_re, "expert_inputs")
         # per-expert layout: down [H, I] (axis 0), gate/up [I, H] (axis 1)
         if self.disk_expert_names:
-            down, gate, up = self.disk_expert_names
+            down = self.disk_expert_names[0]
             pats.append(DiskPattern("experts", rf"{block_re}\.{esc(experts_leaf)}\.(?P<expert>\d+)\.{esc(down)}\.weight", 0))
-            pats.append(DiskPattern("expert_inputs",
-                                    rf"{block_re}\.{esc(experts_leaf)}\.(?P<expert>\d+)\.(?:{esc(gate)}|{esc(up)})\.weight", 1))
         if self.shared_expert:
             sh = self.shared_expert.split(".")[-1]
             pats.append(DiskPattern("shared_experts", rf"{block_re}\.{esc(sh)}\.down_proj\.weight", 0))
@@ -256,6 +256,28 @@ class ArchSpec:
             sg = self.shared_expert_gate.split(".")[-1]
             pats.append(DiskPattern("expert_inputs", rf"{block_re}\.{esc(sg)}\.weight", 1))
         return pats
+
+    def _routed_input_patterns(self, block_re: str, target: Target) -> list[DiskPattern]:
+        """The routed experts' gate/up keys: fused ``gate_up_proj`` and, per expert, gate/up [I, H]."""
+        esc = re.escape
+        experts_leaf = self.experts.split(".")[-1]
+        pats = [DiskPattern(target, rf"{block_re}\.{esc(experts_leaf)}\.{esc(ref.param)}", ref.hidden_axis, expert_axis=0)
+                for ref in self._expert_tensors("in")]
+        if self.disk_expert_names:
+            _, gate, up = self.disk_expert_names
+            pats.append(DiskPattern(target, rf"{block_re}\.{esc(experts_leaf)}\.(?P<expert>\d+)\.(?:{esc(gate)}|{esc(up)})\.weight", 1))
+        return pats
+
+    def target_patterns(self, config: Any, layer: int, target: Target) -> list[DiskPattern]:
+        """The checkpoint key patterns ``target`` edits at ``layer`` (``routed_expert_inputs``: the
+        routed part of ``expert_inputs``; it is not listed by :meth:`disk_patterns`, whose keys match one
+        pattern each)."""
+        if target == "routed_expert_inputs":
+            if not self.is_moe_layer(config, layer):
+                return []
+            blocks = (self.mlp_block,) + self.disk_moe_block_aliases
+            return self._routed_input_patterns("(?:" + "|".join(re.escape(b) for b in blocks) + ")", target)
+        return [p for p in self.disk_patterns(config, layer) if p.target == target]
 
     def _post_norm_key(self, target: Target) -> str | None:
         norm = self.post_norms.get(target)

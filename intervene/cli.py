@@ -20,6 +20,7 @@ VERBS = (
     ("try", "intervene.commands.try_"),
     ("route", "intervene.commands.route"),
     ("chat", "intervene.commands.chat"),
+    ("import-config", "intervene.commands.import_config"),
     ("bake", "intervene.commands.bake"),
     ("verify", "intervene.commands.verify"),
     ("search", "intervene.commands.search"),

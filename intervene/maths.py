@@ -83,8 +83,14 @@ def sparsify(r: torch.Tensor, sparsity: float) -> torch.Tensor:
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
     if sparsity == 0.0:
         return r
-    n = r.numel()
-    keep = max(1, int(round((1.0 - sparsity) * n)))
+    return keep_largest(r, max(1, int(round((1.0 - sparsity) * r.numel()))))
+
+
+def keep_largest(r: torch.Tensor, keep: int) -> torch.Tensor:
+    """Zero all but the ``keep`` largest-magnitude components (the reference tool's ``sparsity: s``
+    is ``keep = int(s · H)``)."""
+    if not 1 <= keep <= r.numel():
+        raise ConfigError(f"keep must be in 1..{r.numel()}, got {keep}")
     idx = torch.topk(r.abs(), keep, sorted=False).indices
     out = torch.zeros_like(r)
     out[idx] = r[idx]

@@ -206,7 +206,7 @@ def plan_bake(cfg: InterventionConfig, source: str | os.PathLike, measurements: 
     for le in layer_edits:
         if not spec.sites(model_config, le.layer, [le.target]):
             continue  # target absent at this layer (e.g. experts on a dense leading layer): live skips it too
-        patterns = [p for p in spec.disk_patterns(model_config, le.layer) if p.target == le.target]
+        patterns = spec.target_patterns(model_config, le.layer, le.target)
         layer_keys = keys_by_layer.get(le.layer, [])
         rests = {key: split_layer_key(key)[2] for key in layer_keys}
         _refuse_quantized(checkpoint, patterns, rests, le, quant)

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config.schema import InterventionConfig, load_config
+from ..config.reference import load_any_config
+from ..config.schema import InterventionConfig
 from ..errors import InputError
 from ..io.measurements import Measurements, load_measurements
 from .outputs import MANIFEST, check_untouched, shard_metadata, write_manifest, write_side_files
@@ -68,7 +69,7 @@ def bake(config: InterventionConfig | str | os.PathLike, output: str | os.PathLi
     ``workers > 1``) — 1 is best on a machine whose cores are busy with other work. ``on_tensor(key)``
     runs after each tensor is written, in worker processes too (picklable, then).
     """
-    cfg = config if isinstance(config, InterventionConfig) else load_config(config)
+    cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model=model)
     source = resolve_source(model if model is not None else cfg.model)
     meas = _measurements(measurements if measurements is not None else cfg.measurements)
     plan = plan_bake(cfg, source, meas)

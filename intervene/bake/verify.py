@@ -32,7 +32,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..config.schema import InterventionConfig, load_config
+from ..config.reference import load_any_config
+from ..config.schema import InterventionConfig
 from ..errors import InputError
 from ..io.files import write_json
 from ..io.measurements import Measurements
@@ -118,7 +119,7 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
     from ..hooks.apply import apply, load_config_measurements
     from ..io.models import load_model, parse_dtype, versions
 
-    cfg = config if isinstance(config, InterventionConfig) else load_config(config)
+    cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model=model)
     original_spec = str(model if model is not None else (cfg.model or ""))
     if not original_spec:
         raise InputError("no original model: set 'model' in the config or pass --model")

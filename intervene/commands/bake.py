@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_reference_options, load_cli_config, reference_flags
+
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -27,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="check every untouched tensor is byte-identical to the input and write a SHA256SUMS manifest")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan (dry run) or result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_reference_options(p)
     p.set_defaults(func=run)
     return p
 
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bake import bake
     from ..io.files import write_json
 
-    result = bake(args.config, output=args.output, overwrite=args.overwrite, dry_run=args.dry_run,
+    result = bake(load_cli_config(args), output=args.output, overwrite=args.overwrite, dry_run=args.dry_run,
                   workers=args.workers, progress=not args.no_progress, verify_hashes=args.verify_hashes,
                   model=args.model, measurements=args.measurements, threads=args.threads)
     print(result.summary())
@@ -45,5 +48,5 @@ def run(args: argparse.Namespace) -> int:
                 "tensors_edited": result.tensors_edited, "seconds": result.seconds}
         write_json(args.json, data)
     if not result.dry_run:
-        print(f"next: intervene verify {args.config} {result.output}")
+        print(f"next: intervene verify {args.config} {result.output}{reference_flags(args)}")
     return 0

@@ -66,6 +66,32 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(dtype=None)
 
 
+def add_reference_options(p: argparse.ArgumentParser) -> None:
+    """The reference tool's MoE flags (sharded_ablate.py), for reference-schema configs; they override its YAML."""
+    g = p.add_argument_group("reference-schema configs (llm-abliteration sharded_ablate.py)")
+    g.add_argument("--ablate-individual-experts", action="store_true",
+                   help="also edit each routed expert of --expert-subset (all by default): its down_proj and its "
+                        "gate/up projections (overrides the YAML's ablate_individual_experts)")
+    g.add_argument("--expert-subset", default=None, metavar="IDS",
+                   help='comma-separated expert ids, e.g. "0,1,2,3" (overrides the YAML\'s expert_subset; implies '
+                        "--ablate-individual-experts)")
+
+
+def load_cli_config(args: argparse.Namespace) -> Any:
+    """The verb's config: native, or reference-schema translated (one line says so), with the reference
+    flags of :func:`add_reference_options` applied."""
+    from ..config.reference import load_any_config
+
+    return load_any_config(args.config, model=args.model, ablate_individual_experts=args.ablate_individual_experts,
+                           expert_subset=args.expert_subset)
+
+
+def reference_flags(args: argparse.Namespace) -> str:
+    """The reference flags given, as they would be typed again (for a 'next:' line)."""
+    flags = " --ablate-individual-experts" if args.ablate_individual_experts else ""
+    return flags + (f' --expert-subset "{args.expert_subset}"' if args.expert_subset is not None else "")
+
+
 def add_generation_options(p: argparse.ArgumentParser, json_help: str) -> None:
     """``--json``, ``--max-new-tokens`` and ``--samples`` of the verbs that generate and report (eval, try)."""
     p.add_argument("--json", default=None, metavar="OUT", help=json_help)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_options, add_generation_options, add_verb, check_generation_options, write_report
+from .common import (add_config_options, add_generation_options, add_reference_options, add_verb,
+                     check_generation_options, load_cli_config, write_report)
 
 SUMMARY = "score a config live: refusals and KL, baseline vs hooked model (nothing written)"
 DESCRIPTION = """Loads the model once, generates greedily on the harmful and harmless prompts without
@@ -17,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = add_verb(sub, "try", run, summary=SUMMARY, description=DESCRIPTION)
     add_config_options(p)
     add_generation_options(p, json_help="write the full report (config, versions, all outputs)")
+    add_reference_options(p)
     return p
 
 
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_generation_options(args)
     report = try_config(
-        args.config, harmful=args.harmful, harmless=args.harmless, field=args.field, limit=args.limit,
+        load_cli_config(args), harmful=args.harmful, harmless=args.harmless, field=args.field, limit=args.limit,
         model_spec=args.model, measurements=args.measurements, dtype=args.dtype, device_map=args.device_map,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, samples=args.samples,
         system_prompt=args.system_prompt, chat_template=False if args.no_chat_template else None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_verb
+from .common import add_reference_options, add_verb, load_cli_config
 
 SUMMARY = "check a baked checkpoint reproduces the live intervention (max |Δlogit|)"
 DESCRIPTION = """Loads the original model with the config applied live and the baked checkpoint (same
@@ -35,13 +35,14 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     g.add_argument("--system-prompt", default=None, help="system message added before each prompt")
     g.add_argument("--no-chat-template", action="store_true", help="feed raw prompt text")
+    add_reference_options(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from ..bake.verify import save_result, verify
 
-    result = verify(args.config, args.baked, model=args.model, measurements=args.measurements, prompts=args.prompts,
+    result = verify(load_cli_config(args), args.baked, model=args.model, measurements=args.measurements, prompts=args.prompts,
                     random_tokens=args.random_tokens, tolerance=args.tolerance, dtype=args.dtype,
                     device_map=args.device_map, batch_size=args.batch_size, system_prompt=args.system_prompt,
                     chat_template=False if args.no_chat_template else None, sequential=args.sequential,

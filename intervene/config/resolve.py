@@ -14,7 +14,9 @@ from .. import maths
 from ..arch import ArchSpec, Target
 from ..errors import ConfigError
 from ..io.measurements import Measurements
-from .schema import AblateEntry, InterventionConfig, Method
+from .schema import AblateEntry, InterventionConfig, Measurement, Method
+
+EXPERT_SUBSET_TARGETS = ("experts", "expert_inputs", "routed_expert_inputs")  # targets an 'experts' subset restricts
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class LayerEdit:
     direction: torch.Tensor
     scale: float
     method: Method
-    experts: tuple[int, ...] | None  # routed-expert subset (experts / expert_inputs); None = all
+    experts: tuple[int, ...] | None  # routed-expert subset (EXPERT_SUBSET_TARGETS); None = all
 
 
 def validate(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measurements: Measurements) -> None:
@@ -35,6 +37,7 @@ def validate(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measure
     hidden = int(model_config.hidden_size)
     measurements.check_model(hidden, None)
     where = cfg.source or "config"
+    check_indexing(cfg, measurements)
     lacking = [t for t in (cfg.targets or []) if not spec.has_target(t)]
     for i, e in enumerate(cfg.ablate):
         lacking += [t for t in (e.targets or []) if not spec.has_target(t)]
@@ -58,7 +61,7 @@ def validate(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measure
         bad = [layer for layer in e.layers if not 0 <= layer < num_layers]
         if bad:
             raise ConfigError(f"{where}: ablate[{i}] layer {bad[0]} out of range; the model has layers 0..{num_layers - 1}")
-        m = e.measurement
+        m = measured_index(cfg, e.measurement)
         needed = ["embed"] if m == "embed" else ([int(m)] if float(m).is_integer() else [int(m), int(m) + 1])
         for n in needed:
             key = f"direction.{n}"
@@ -77,12 +80,19 @@ def validate(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measure
             for layer in e.layers:
                 if f"harmless_mean.{layer}" not in measurements.tensors:
                     raise ConfigError(f"{where}: biprojection needs 'harmless_mean.{layer}' (target layer), not in the measurements")
+        if e.biprojection_mean is not None:
+            key = f"harmless_mean.{measured_index(cfg, e.biprojection_mean)}"
+            if key not in measurements.tensors:
+                raise ConfigError(f"{where}: ablate[{i}] biprojection_mean {e.biprojection_mean} needs '{key}', "
+                                  f"not in {measurements.path or 'the measurements'}")
+        if e.keep is not None and e.keep > hidden:
+            raise ConfigError(f"{where}: ablate[{i}] keep {e.keep} exceeds the hidden size {hidden}")
     if cfg.experts != "all":
         n_exp = spec.num_experts(model_config)
         ids = cfg.experts if isinstance(cfg.experts, list) else [i for v in cfg.experts.values() for i in v]
         if not spec.is_moe:
             raise ConfigError(f"{where}: 'experts' subset given but architecture '{spec.name}' has no experts")
-        if not any(t in ("experts", "expert_inputs") for e in cfg.ablate for t in cfg.targets_for(e, spec)):
+        if not any(t in EXPERT_SUBSET_TARGETS for e in cfg.ablate for t in cfg.targets_for(e, spec)):
             raise ConfigError(f"{where}: 'experts' subset given but no entry targets experts or expert_inputs")
         bad_ids = [i for i in ids if i >= n_exp]
         if bad_ids:
@@ -93,16 +103,42 @@ def validate(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measure
                 raise ConfigError(f"{where}: 'experts' names layer {bad_layers[0]}, which is not a MoE layer")
 
 
+def measured_index(cfg: InterventionConfig, m: Measurement) -> Measurement:
+    """The measurements-file index (decoder-layer output, or 'embed') a config number names."""
+    if cfg.indexing != "hidden_state" or m == "embed":
+        return m
+    if m == 0:
+        return "embed"
+    shifted = float(m) - 1
+    return int(shifted) if shifted.is_integer() else shifted
+
+
+def check_indexing(cfg: InterventionConfig, measurements: Measurements) -> None:
+    """Measurements converted from a .refuse file record that their source numbered hidden states
+    (``refuse_M`` is ``direction.{M-1}``); a config against them must say which numbering it uses,
+    so that a number copied from a reference config cannot silently name the next layer."""
+    source = measurements.meta.get("source_indexing")
+    if source == "hidden_state" and cfg.indexing is None:
+        raise ConfigError(
+            f"{cfg.source or 'config'}: measurements {measurements.path or ''} were converted from a .refuse file "
+            f"({measurements.meta.get('converted_from', '?')}), whose numbers index hidden states (refuse_M is "
+            "direction.{M-1}, refuse_0 the embeddings); say which numbering this config's 'measurement' values use: "
+            "'indexing: layer_output' (M = output of decoder layer M) or 'indexing: hidden_state' (the .refuse "
+            "numbers), or convert a reference config with `intervene import-config`"
+        )
+
+
 def entry_direction(cfg: InterventionConfig, entry: AblateEntry, layer: int, measurements: Measurements) -> torch.Tensor:
     """The unit direction an entry uses at target ``layer``: source (each source layer's direction
     whitened against its own harmless second moment when ``whiten`` is set, then interpolated),
-    biprojection against the TARGET layer's harmless mean, sparsity, normalisation — in that order."""
+    biprojection against the TARGET layer's harmless mean (or the entry's ``biprojection_mean``), sparsity (or
+    ``keep``), normalisation — in that order."""
     def source(name: int | str) -> torch.Tensor:
         if cfg.whiten is not None:
             return measurements.whitened_direction(name, cfg.whiten)
         return measurements.direction(name).to(torch.float32)
 
-    m = entry.measurement
+    m = measured_index(cfg, entry.measurement)
     if m == "embed":
         r = source("embed")
     else:
@@ -111,9 +147,11 @@ def entry_direction(cfg: InterventionConfig, entry: AblateEntry, layer: int, mea
         if not float(m).is_integer():
             needed[lo + 1] = source(lo + 1)
         r = maths.interpolate(needed, float(m))
-    if cfg.biprojection:
+    if entry.biprojection_mean is not None:
+        r = maths.biproject(r, measurements.harmless_mean(measured_index(cfg, entry.biprojection_mean)))
+    elif cfg.biprojection:
         r = maths.biproject(r, measurements.harmless_mean(layer))
-    r = maths.sparsify(r, entry.sparsity)
+    r = maths.keep_largest(r, entry.keep) if entry.keep is not None else maths.sparsify(r, entry.sparsity)
     return maths.unit(r, f"direction for layer {layer} (measurement {m})")
 
 
@@ -129,6 +167,6 @@ def resolve(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measurem
                 scale = entry.scale_for(target)
                 if scale is None:
                     continue
-                experts = cfg.experts_for(layer) if target in ("experts", "expert_inputs") else None
+                experts = cfg.experts_for(layer) if target in EXPERT_SUBSET_TARGETS else None
                 edits.append(LayerEdit(layer, target, r_hat, float(scale), cfg.method, experts))
     return edits

@@ -21,9 +21,15 @@ Method = Literal["project", "norm_preserving"]
 METHODS: tuple[str, ...] = get_args(Method)
 Measurement = int | float | Literal["embed"]  # a layer index, a fractional one (interpolated), or the embedding
 Experts = Literal["all"] | list[int] | dict[int, list[int]]  # every MoE layer's experts, these ids, or per layer
+# what a 'measurement' / 'biprojection_mean' number names: the output of decoder layer M (intervene's
+# measurements), or hidden state M (the reference tool's refuse_M / harmless_M: 0 = embeddings, M = output
+# of decoder layer M - 1). None: layer_output, except against measurements converted from a .refuse file,
+# which need it said (config.resolve refuses to guess)
+Indexing = Literal["layer_output", "hidden_state"]
+INDEXINGS: tuple[str, ...] = get_args(Indexing)
 TOP_KEYS = ("model", "measurements", "output", "method", "biprojection", "whiten", "targets", "experts", "ablate",
-            "dtype", "device_map", "system_prompt", "chat_template", "name", "notes")
-ENTRY_KEYS = ("layer", "layers", "measurement", "scale", "sparsity", "targets")
+            "dtype", "device_map", "system_prompt", "chat_template", "name", "notes", "indexing")
+ENTRY_KEYS = ("layer", "layers", "measurement", "scale", "sparsity", "targets", "keep", "biprojection_mean")
 DTYPE_NAMES = tuple(DTYPES)
 
 
@@ -34,6 +40,8 @@ class AblateEntry:
     scale: float | dict[Target, float] = 1.0
     sparsity: float = 0.0
     targets: list[Target] | None = None
+    keep: int | None = None  # keep the `keep` largest-magnitude components (the reference's sparsity), else sparsity
+    biprojection_mean: int | Literal["embed"] | None = None  # orthogonalise against harmless_mean.{this}
 
     def scale_for(self, target: Target) -> float | None:
         if isinstance(self.scale, dict):
@@ -58,6 +66,7 @@ class InterventionConfig:
     chat_template: bool = True
     name: str | None = None
     notes: str | None = None
+    indexing: Indexing | None = None
     source: str | None = field(default=None, compare=False)  # path it was read from
 
     # ---- serialisation ---------------------------------------------------------------
@@ -101,6 +110,10 @@ def _entry_to_dict(e: AblateEntry) -> dict[str, Any]:
     d["sparsity"] = e.sparsity
     if e.targets is not None:
         d["targets"] = list(e.targets)
+    if e.keep is not None:
+        d["keep"] = e.keep
+    if e.biprojection_mean is not None:
+        d["biprojection_mean"] = e.biprojection_mean
     return d
 
 
@@ -108,24 +121,30 @@ def _entry_to_dict(e: AblateEntry) -> dict[str, Any]:
 
 def load_config(path: str | os.PathLike) -> InterventionConfig:
     path = Path(path)
+    cfg = parse_config(read_yaml(path), where=str(path))
+    cfg.source = str(path)
+    cfg.model, cfg.measurements = beside(path, cfg.model), beside(path, cfg.measurements)
+    return cfg
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path`` (named errors for a missing, non-YAML or non-UTF-8 file)."""
     if not path.exists():
         raise InputError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    cfg = parse_config(data, where=str(path))
-    cfg.source = str(path)
-    base = path.parent
-    # model/measurements given relative to the config file are found there; otherwise the
-    # path is taken as given (relative to the working directory), like 'output'
-    for attr in ("model", "measurements"):
-        value = getattr(cfg, attr)
-        if value and not os.path.isabs(value) and (base / value).exists():
-            setattr(cfg, attr, str(base / value))
-    return cfg
+
+
+def beside(config_path: Path, value: str | None) -> str | None:
+    """A model/measurements path given relative to the config file is found there; otherwise the
+    path is taken as given (relative to the working directory), like 'output'."""
+    if value and not os.path.isabs(value) and (config_path.parent / value).exists():
+        return str(config_path.parent / value)
+    return value
 
 
 def parse_config(data: Any, where: str = "config") -> InterventionConfig:
@@ -160,13 +179,22 @@ def parse_config(data: Any, where: str = "config") -> InterventionConfig:
     for key in ("model", "measurements", "output", "dtype", "device_map", "system_prompt", "name", "notes"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise ConfigError(f"{where}: '{key}' must be a string, got {data[key]!r}")
+    indexing = data.get("indexing")
+    if indexing is not None and indexing not in INDEXINGS:
+        raise ConfigError(f"{where}: indexing '{indexing}' unknown; valid: {', '.join(INDEXINGS)}")
+    if indexing == "hidden_state":
+        for i, e in enumerate(entries):
+            for value, key in ((e.measurement, "measurement"), (e.biprojection_mean, "biprojection_mean")):
+                if value is not None and value != "embed" and float(value) < 1 and value != 0:
+                    raise ConfigError(f"{where}: ablate[{i}] {key} {value}: with indexing: hidden_state a fractional "
+                                      "index must be >= 1 (0 is the embeddings)")
     if data.get("dtype") is not None and data["dtype"] not in DTYPE_NAMES:
         raise ConfigError(f"{where}: dtype '{data['dtype']}' unknown; valid: {', '.join(DTYPE_NAMES)}")
     return InterventionConfig(
         ablate=entries, model=data.get("model"), measurements=data.get("measurements"), output=data.get("output"),
         method=method, biprojection=biprojection, whiten=whiten, targets=targets, experts=experts, dtype=data.get("dtype"),
         device_map=data.get("device_map"), system_prompt=data.get("system_prompt"), chat_template=chat_template,
-        name=data.get("name"), notes=data.get("notes"),
+        name=data.get("name"), notes=data.get("notes"), indexing=indexing,
     )
 
 
@@ -261,4 +289,14 @@ def _entry(raw: Any, index: int, where: str) -> AblateEntry:
     if math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"{here}: sparsity must be in [0, 1), got {raw.get('sparsity')!r}")
     targets = _targets(raw["targets"], here, "targets") if "targets" in raw else None
-    return AblateEntry(layers=layers, measurement=meas, scale=scale, sparsity=sparsity, targets=targets)
+    keep = raw.get("keep")
+    if keep is not None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ConfigError(f"{here}: keep must be a whole number of components >= 1, got {keep!r}")
+        if sparsity > 0:
+            raise ConfigError(f"{here}: give 'keep' (components kept) or 'sparsity' (fraction zeroed), not both")
+    bmean = raw.get("biprojection_mean")
+    if bmean is not None and (isinstance(bmean, bool) or not (bmean == "embed" or (isinstance(bmean, int) and bmean >= 0))):
+        raise ConfigError(f"{here}: biprojection_mean must be a measured layer index or 'embed', got {bmean!r}")
+    return AblateEntry(layers=layers, measurement=meas, scale=scale, sparsity=sparsity, targets=targets, keep=keep,
+                       biprojection_mean=bmean)

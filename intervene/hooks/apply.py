@@ -51,7 +51,8 @@ import torch
 from .. import maths
 from ..arch import ArchSpec, Site, TensorRef, arch_for_config, decoder_layers, get_module, site_name, text_config
 from ..config.resolve import LayerEdit, resolve
-from ..config.schema import InterventionConfig, load_config
+from ..config.reference import load_any_config
+from ..config.schema import InterventionConfig
 from ..errors import ArchitectureError, ConfigError
 from ..io.measurements import Measurements, load_measurements
 
@@ -108,7 +109,7 @@ def apply(model: Any, config: InterventionConfig | str | os.PathLike,
 def resolve_for_model(model: Any, config: InterventionConfig | str | os.PathLike,
                       measurements: Measurements | str | os.PathLike | None = None) -> list[LayerEdit]:
     """``config.resolve`` against a loaded model (loading the config/measurements if given as paths)."""
-    cfg = config if isinstance(config, InterventionConfig) else load_config(config)
+    cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model_config=model.config)
     meas = load_config_measurements(cfg, measurements)
     spec = arch_for_config(model.config)
     return resolve(cfg, spec, text_config(model.config), meas)

@@ -9,7 +9,9 @@ Keys (L = decoder layer whose OUTPUT residual was measured; ``embed`` = embeddin
         top-k eigenpairs and trace of the harmless uncentred second moment (``whiten`` in configs;
         absent in files measured with whiten_rank 0 or converted from .refuse)
 Metadata: ``{"intervene": "<JSON string>"}`` with model, model_type, hidden_size, num_layers,
-n_harmful, n_harmless, chat_template, system_prompt, intervene_version, moe_layers, ...
+n_harmful, n_harmless, chat_template, system_prompt, intervene_version, moe_layers, ...; files converted
+from a ``.refuse`` file have ``converted_from`` and ``source_indexing: "hidden_state"`` (a config using
+them must state its ``indexing``).
 """
 
 from __future__ import annotations
@@ -185,7 +187,10 @@ def load_refuse(path: str | os.PathLike) -> Measurements:
             tensors[f"direction.{name}"] = tensors[f"harmful_mean.{name}"] - tensors[f"harmless_mean.{name}"]
     if not any(k.startswith("direction.") for k in tensors):
         raise MeasurementError(f"{path}: no harmful_N/harmless_N/refuse_N tensors found in .refuse file")
-    meta = {"converted_from": str(path), "num_layers": int(data.get("layers", n_layers)) if isinstance(data.get("layers", 0), int) else n_layers}
+    # source_indexing: the numbers of the tool that wrote the file index hidden states (refuse_M is our
+    # direction.{M-1}); config.resolve makes a config against this file say which numbering it uses
+    meta = {"converted_from": str(path), "source_indexing": "hidden_state",
+            "num_layers": int(data.get("layers", n_layers)) if isinstance(data.get("layers", 0), int) else n_layers}
     return Measurements(tensors=tensors, meta=meta, path=str(path))
 
 

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from ..config.resolve import LayerEdit, resolve
-from ..config.schema import InterventionConfig, load_config
+from ..config.reference import load_any_config
+from ..config.schema import InterventionConfig
 from ..errors import ConfigError
 from ..io.measurements import Measurements
 from .evaluate import EvalReport, Intervention, evaluate
@@ -62,7 +63,7 @@ def prepare(config: InterventionConfig | str | os.PathLike, model_spec: str | No
     from ..arch import arch_for_config, text_config
     from ..hooks.apply import load_config_measurements, resolve_for_model
 
-    cfg = config if isinstance(config, InterventionConfig) else load_config(config)
+    cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model=model_spec)
     spec = model_spec or cfg.model
     meas = load_config_measurements(cfg, measurements)
     if model is None:

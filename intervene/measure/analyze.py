@@ -273,6 +273,8 @@ def recommend(meas: Measurements, model: str | None = None, measurements: str | 
         method="project", biprojection=True, targets=targets,
         system_prompt=meas.meta.get("system_prompt"), chat_template=bool(meas.meta.get("chat_template", True)),
         notes=notes,
+        # numbers here index decoder-layer outputs; said explicitly for files converted from .refuse
+        indexing="layer_output" if meas.meta.get("source_indexing") == "hidden_state" else None,
     )
 
 

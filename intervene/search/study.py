@@ -287,6 +287,8 @@ def _run_trial(study: Any, model: Any, spec: Any, model_config: Any, measurement
         params = space.suggest(trial)
         cfg = space.to_config(params, model=model_spec, measurements=measurements_path,
                               name=f"search-trial-{trial.number:04d}")
+        if measurements.meta.get("source_indexing") == "hidden_state":  # converted .refuse: say the numbering
+            cfg.indexing = "layer_output"
         config_yaml = cfg.to_yaml()
         cfg = parse_config(yaml.safe_load(config_yaml), where=f"trial {trial.number}")  # what a YAML gives
         edits = resolve(cfg, spec, model_config, measurements)
