@@ -38,6 +38,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="feed raw prompt text (for models without a chat template)")
 
 
+def add_quantization_options(p: argparse.ArgumentParser) -> None:
+    """``--load-in-4bit`` / ``--load-in-8bit``: bitsandbytes weights while measuring or trying (less memory)."""
+    g = p.add_argument_group("quantized loading (bitsandbytes, optional extra: pip install 'intervene[quant]')")
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--load-in-4bit", dest="quantization", action="store_const", const="4bit", default=None,
+                   help="load the model with 4-bit NF4 weights (compute in --dtype): a quarter of the memory")
+    q.add_argument("--load-in-8bit", dest="quantization", action="store_const", const="8bit",
+                   help="load the model with 8-bit weights")
+
+
 def add_prompt_options(p: argparse.ArgumentParser, split: str) -> None:
     g = p.add_argument_group("prompts")
     g.add_argument("--harmful", default=f"builtin:harmful:{split}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_argument, add_run_options, add_verb, check_at_least
+from .common import add_model_argument, add_quantization_options, add_run_options, add_verb, check_at_least
 
 SUMMARY = "measure harmful vs harmless residual means (the refusal direction) per layer"
 DESCRIPTION = """One forward pass per batch over both prompt sets (chat template, left padding); stores the
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "last-token rows are held in CPU memory until the end); 0: none, and no 'whiten' "
                         "(default: 64)")
     add_run_options(p, "train")
+    add_quantization_options(p)
     return p
 
 
@@ -49,11 +50,12 @@ def run(args: argparse.Namespace) -> int:
     harmless = load_prompts(args.harmless, field=args.field, limit=args.limit)
     if not args.no_chat_template:  # no chat template: named error before any weights are read
         format_prompts(load_tokenizer(args.model), harmful[:1], args.system_prompt)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
+                                  quantization=args.quantization)
     m = measure(model, tokenizer, harmful, harmless, batch_size=args.batch_size, system_prompt=args.system_prompt,
                 chat_template=not args.no_chat_template, model_path=model_reference(args.model),
                 progress=not args.no_progress, whiten_rank=args.whiten_rank,
-                extra_meta={"harmful_source": args.harmful, "harmless_source": args.harmless, "field": args.field,
+                extra_meta={"quantization": args.quantization, "harmful_source": args.harmful, "harmless_source": args.harmless, "field": args.field,
                             "limit": args.limit, "model_spec": args.model})
     m.save(args.output)
     moe = m.meta.get("moe_layers") or []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_options, add_prompt_options
+from .common import add_model_options, add_prompt_options, add_quantization_options
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -61,6 +61,7 @@ OUT/study.db: running again with the same --out adds --trials more trials.""")
                    help="no generation for front trials whose KL exceeds this (default: 1.0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_options(p)
+    add_quantization_options(p)
     add_prompt_options(p, "train")
     # every trial scores all search prompts: cap them (evenly spaced) so a trial stays cheap
     p.set_defaults(func=run, limit=64)
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
                     router=False if args.no_router else None, methods=tuple(args.methods),
                     generation_kl_cap=args.kl_cap, whiten=_whiten(args.whiten), dtype=args.dtype, device_map=args.device_map,
                     batch_size=args.batch_size, system_prompt=args.system_prompt,
-                    chat_template=not args.no_chat_template, progress=not args.no_progress)
+                    chat_template=not args.no_chat_template, progress=not args.no_progress,
+                    quantization=args.quantization)
     print(result.table())
     rate = f", {result.seconds:.0f} s, {result.trials_per_hour:.0f} trials/hour" if result.new_trials else ""
     print(f"\n{len(result.records)} trials in the study ({result.new_trials} new{rate})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (add_config_options, add_generation_options, add_reference_options, add_verb,
+from .common import (add_config_options, add_generation_options, add_quantization_options, add_reference_options, add_verb,
                      check_generation_options, load_cli_config, write_report)
 
 SUMMARY = "score a config live: refusals and KL, baseline vs hooked model (nothing written)"
@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = add_verb(sub, "try", run, summary=SUMMARY, description=DESCRIPTION)
     add_config_options(p)
     add_generation_options(p, json_help="write the full report (config, versions, all outputs)")
+    add_quantization_options(p)
     add_reference_options(p)
     return p
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         model_spec=args.model, measurements=args.measurements, dtype=args.dtype, device_map=args.device_map,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, samples=args.samples,
         system_prompt=args.system_prompt, chat_template=False if args.no_chat_template else None,
-        progress=not args.no_progress,
+        progress=not args.no_progress, quantization=args.quantization,
     )
     print(f"config {args.config} on {report.model}: {len(report.sites)} hook sites "
           f"({', '.join(sorted({s['mechanism'] for s in report.sites}))})")

@@ -273,6 +273,12 @@ def _parameter(layer_module: Any, ref: TensorRef, site_name_: str) -> torch.Tens
                 "method: project with experts: all (hooks work with any offload)"
             )
         return resident
+    if not param.is_floating_point():  # bitsandbytes 4/8-bit storage (uint8/int8)
+        raise ArchitectureError(
+            f"{site_name_}: '{ref.module}.{ref.param}' is stored quantized ({param.dtype}, e.g. --load-in-4bit/8bit): "
+            "weight swaps (norm_preserving, expert subsets) cannot edit it; use method: project with experts: all "
+            "(hooks work on quantized models) or load the model unquantized"
+        )
     return param
 
 

@@ -40,13 +40,55 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
 
 
 TokenizerNeed = Literal["required", "optional", "none"]
+Quantization = Literal["4bit", "8bit"]  # bitsandbytes on load: --load-in-4bit / --load-in-8bit
+
+
+def quantization_config(quantization: Quantization, dtype: Any = torch.float32) -> Any:
+    """The transformers ``BitsAndBytesConfig`` for ``--load-in-4bit`` (NF4, double quantization, compute
+    in ``dtype``) or ``--load-in-8bit``; a named error when bitsandbytes is not installed or cannot
+    load (the seeds' memory advice for measuring: quantize the model, not the measurements)."""
+    flag = f"--load-in-{quantization}"
+    if quantization not in ("4bit", "8bit"):
+        raise InputError(f"unknown quantization '{quantization}'; valid: 4bit, 8bit")
+    try:
+        import bitsandbytes  # noqa: F401  (optional extra: pip install 'intervene[quant]')
+    except Exception as e:  # ImportError, or a broken native library raising at import
+        raise InputError(f"{flag} needs bitsandbytes, which cannot be imported here ({_first_line(e)}); "
+                         "install it with pip install 'intervene[quant]', or load unquantized (--dtype bfloat16)") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.float32 if dtype in (None, "auto") else dtype
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def _probe_quantized(model: Any, quantization: Quantization, where: str) -> None:
+    """One two-token forward: bitsandbytes kernels that cannot run here (no CUDA and a CPU backend that
+    does not take this model's shapes, e.g. 4-bit in_features not a multiple of the block size) fail
+    now, as one named error, not in the middle of a measurement."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, 2), dtype=torch.long, device=model.device))
+    except Exception as e:  # bitsandbytes raises RuntimeError, ValueError, NotImplementedError ...
+        device = "CUDA" if torch.cuda.is_available() else "CPU only, no CUDA"
+        raise InputError(f"--load-in-{quantization}: bitsandbytes cannot run {where} on this machine ({device}): "
+                         f"{_first_line(e)}; load it unquantized (--dtype bfloat16) or use a CUDA GPU") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float32",
-               device_map: str | dict | None = None, tokenizer: TokenizerNeed = "required") -> tuple[Any, Any]:
+               device_map: str | dict | None = None, tokenizer: TokenizerNeed = "required",
+               quantization: Quantization | None = None) -> tuple[Any, Any]:
     """Load (model, tokenizer) in eval mode. Checks the architecture is supported and the
     safetensors headers are sound first. ``tokenizer``: ``"optional"`` gives None where the
-    checkpoint has none (tiny test checkpoints), ``"none"`` does not load one."""
+    checkpoint has none (tiny test checkpoints), ``"none"`` does not load one. ``quantization``:
+    bitsandbytes 4-bit or 8-bit weights (:func:`quantization_config`)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -57,16 +99,23 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float
     arch_for_config(config)  # named error for unsupported model types, before loading weights
     check_safetensors(src)
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
+    if quantization is not None:
+        if src.gguf_file:
+            raise InputError(f"--load-in-{quantization} quantizes safetensors weights; {src.display} is a GGUF file")
+        kwargs["quantization_config"] = quantization_config(quantization, kwargs["dtype"])
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        raise InputError(f"cannot load model from {src.display}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError, ImportError) as e:
+        how = f" with --load-in-{quantization} (bitsandbytes)" if quantization else ""
+        raise InputError(f"cannot load model from {src.display}{how}: {_first_line(e)}") from None
     model.eval()
     model.requires_grad_(False)
+    if quantization is not None:
+        _probe_quantized(model, quantization, src.display)
     if tokenizer == "none":
         return model, None
     try:

@@ -18,6 +18,7 @@ from ..config.reference import load_any_config
 from ..config.schema import InterventionConfig
 from ..errors import ConfigError
 from ..io.measurements import Measurements
+from ..io.models import Quantization
 from .evaluate import EvalReport, Intervention, evaluate
 
 
@@ -54,7 +55,8 @@ class Prepared:
 
 def prepare(config: InterventionConfig | str | os.PathLike, model_spec: str | None = None,
             measurements: Measurements | str | os.PathLike | None = None, dtype: str | None = None,
-            device_map: str | None = None, model: Any = None, tokenizer: Any = None) -> Prepared:
+            device_map: str | None = None, model: Any = None, tokenizer: Any = None,
+            quantization: Quantization | None = None) -> Prepared:
     """Load the config (and its measurements), validate it against the model config, then load the
     model (unless ``model``/``tokenizer`` are given) and resolve the edits.
 
@@ -75,7 +77,7 @@ def prepare(config: InterventionConfig | str | os.PathLike, model_spec: str | No
         hf_config = load_model_config(spec)
         resolve(cfg, arch_for_config(hf_config), text_config(hf_config), meas)  # named errors before weights load
         model, tokenizer = load_model(spec, dtype=dtype or cfg.dtype or "float32",
-                                      device_map=device_map or cfg.device_map)
+                                      device_map=device_map or cfg.device_map, quantization=quantization)
     elif tokenizer is None:
         raise ConfigError("prepare: a model was given without its tokenizer")
     edits = resolve_for_model(model, cfg, meas)
@@ -142,7 +144,7 @@ def try_config(config: InterventionConfig | str | os.PathLike, harmful: str | li
                measurements: Measurements | str | os.PathLike | None = None, dtype: str | None = None,
                device_map: str | None = None, batch_size: int = 16, max_new_tokens: int = 48, samples: int = 4,
                system_prompt: str | None = None, chat_template: bool | None = None, progress: bool = True,
-               prepared: Prepared | None = None) -> TryReport:
+               prepared: Prepared | None = None, quantization: Quantization | None = None) -> TryReport:
     """Evaluate baseline vs live-intervened model on two prompt sets: the evaluate report
     (``report.evaluation.harmful.refusals``, ``.kl_divergence``, ``.samples`` ...) with the model,
     measurements, hook sites and prompt sources.
@@ -151,7 +153,7 @@ def try_config(config: InterventionConfig | str | os.PathLike, harmful: str | li
     ``system_prompt``/``chat_template`` default to the config's values."""
     run = prepare_run(config, harmful, harmless, field=field, limit=limit, model_spec=model_spec,
                       measurements=measurements, dtype=dtype, device_map=device_map, system_prompt=system_prompt,
-                      chat_template=chat_template, prepared=prepared)
+                      chat_template=chat_template, prepared=prepared, quantization=quantization)
     p = run.prepared
     report = evaluate(p.model, p.tokenizer, run.harmful, run.harmless, intervention=p.intervention(),
                       max_new_tokens=max_new_tokens, batch_size=batch_size, n_samples=samples,
@@ -177,13 +179,14 @@ def prepare_run(config: InterventionConfig | str | os.PathLike, harmful: str | S
                 harmless: str | Sequence[str], *, field: str | None = None, limit: int | None = None,
                 model_spec: str | None = None, measurements: Measurements | str | os.PathLike | None = None,
                 dtype: str | None = None, device_map: str | None = None, system_prompt: str | None = None,
-                chat_template: bool | None = None, prepared: Prepared | None = None) -> LiveRun:
+                chat_template: bool | None = None, prepared: Prepared | None = None,
+                quantization: Quantization | None = None) -> LiveRun:
     """Load the prompt sets (first: a bad prompt file fails before any weights load), then
     :func:`prepare` the config unless ``prepared`` is given."""
     harmful_prompts = load_prompt_set(harmful, field, limit)
     harmless_prompts = load_prompt_set(harmless, field, limit)
     p = prepared or prepare(config, model_spec=model_spec, measurements=measurements, dtype=dtype,
-                            device_map=device_map)
+                            device_map=device_map, quantization=quantization)
     return LiveRun(p, harmful_prompts, harmless_prompts,
                    system_prompt if system_prompt is not None else p.system_prompt,
                    p.chat_template if chat_template is None else chat_template,

@@ -28,7 +28,7 @@ from ..errors import InputError
 from ..hooks.apply import apply_edits
 from ..io.files import atomic_write_text, sha256_text
 from ..io.measurements import Measurements, load_measurements
-from ..io.models import load_model, versions
+from ..io.models import Quantization, load_model, versions
 from ..io.prompts import load_prompts
 from ..io.sources import model_reference
 from .objective import Objective, PromptObjective
@@ -147,7 +147,8 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
            whiten: tuple[float, float] | str | None = "auto",
            dtype: str = "float32", device_map: str | None = None, batch_size: int = 16,
            system_prompt: str | None = None, chat_template: bool = True, progress: bool = True,
-           say: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> SearchResult:
+           say: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+           quantization: Quantization | None = None) -> SearchResult:
     """``intervene search`` as a function: load the model once, build the default search space
     and prompt objectives, run :func:`run_search`. ``limit`` (default 64) caps each SEARCH prompt
     set, evenly spaced: every trial runs one forward pass over them, so it sets the trial rate;
@@ -162,7 +163,7 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
         ("eval_harmful", eval_harmful, eval_limit), ("eval_harmless", eval_harmless, eval_limit))
         if full_eval_top > 0 or not name.startswith("eval")}
     say(f"loading {model} ...")
-    loaded, tokenizer = load_model(model, dtype=dtype, device_map=device_map)
+    loaded, tokenizer = load_model(model, dtype=dtype, device_map=device_map, quantization=quantization)
     config = text_config(loaded.config)
     meas.check_model(int(config.hidden_size), int(config.num_hidden_layers))
     space = SearchSpace.default(arch_for_config(loaded.config), config, meas, targets=targets, router=router,
