@@ -203,29 +203,34 @@ def _baked_o_proj(glm: Path, tmp_path: Path, cfg: Path, layer: int) -> tuple[tor
     return tensors(glm / "ckpt")[key], tensors(out)[key]
 
 
-def test_reference_sparsity_keeps_the_top_fraction(glm, tmp_path):
-    path = glm / "ref-sparsity.yml"
-    path.write_text(yaml.safe_dump({"model": "ckpt", "measurements": "m.refuse", "ablate": [
-        {"layer": 1, "measurement": 2, "scale": 1.0, "sparsity": 0.25}]}))
-    src, baked = _baked_o_proj(glm, tmp_path, path, 1)
+def _one_order_is_documented_not_alternative(glm, tmp_path, name, order, alternative) -> None:
+    """Bake a one-entry reference YAML: its o_proj equals the documented edit, not ``alternative``
+    (refuse file, sparsity) -- the behaviour before issue 15."""
+    path = glm / f"ref-{name}.yml"
+    path.write_text(yaml.safe_dump({"model": "ckpt", "measurements": "m.refuse", "ablate": [order]}))
+    src, baked = _baked_o_proj(glm, tmp_path, path, order["layer"])
     refuse = torch.load(glm / "m.refuse", weights_only=True)
-    kept = norm_preserving(src, reference_direction(refuse, 1, 2, 0.25), 1.0, "write")  # 16 of 64 kept
-    zeroed = norm_preserving(src, reference_direction(refuse, 1, 2, 0.75), 1.0, "write")  # 48 kept: 25 % zeroed
-    assert (baked.double() - kept.double()).abs().max() <= TOL
-    assert (baked.double() - zeroed.double()).abs().max() > 1e-3
+    right = norm_preserving(src, reference_direction(refuse, order["layer"], order["measurement"], order["sparsity"]),
+                            1.0, "write")
+    wrong_refuse, wrong_sparsity = alternative(refuse)
+    wrong = norm_preserving(src, reference_direction(wrong_refuse, order["layer"], order["measurement"],
+                                                     wrong_sparsity), 1.0, "write")
+    assert (baked.double() - right.double()).abs().max() <= TOL
+    assert (baked.double() - wrong.double()).abs().max() > 1e-3
+
+
+def test_reference_sparsity_keeps_the_top_fraction(glm, tmp_path):
+    # sparsity 0.25 keeps 16 of 64 components; zeroing 25 % would keep 48
+    _one_order_is_documented_not_alternative(glm, tmp_path, "sparsity",
+                                             {"layer": 1, "measurement": 2, "scale": 1.0, "sparsity": 0.25},
+                                             lambda refuse: (refuse, 0.75))
 
 
 def test_reference_measurement_indexes_hidden_states(glm, tmp_path):
-    path = glm / "ref-index.yml"
-    path.write_text(yaml.safe_dump({"model": "ckpt", "measurements": "m.refuse", "ablate": [
-        {"layer": 2, "measurement": 2, "scale": 1.0, "sparsity": 0.0}]}))
-    src, baked = _baked_o_proj(glm, tmp_path, path, 2)
-    refuse = torch.load(glm / "m.refuse", weights_only=True)
-    right = norm_preserving(src, reference_direction(refuse, 2, 2, 0.0), 1.0, "write")
-    shifted = dict(refuse, refuse_2=refuse["refuse_3"], harmless_2=refuse["harmless_3"])  # the next layer's
-    wrong = norm_preserving(src, reference_direction(shifted, 2, 2, 0.0), 1.0, "write")
-    assert (baked.double() - right.double()).abs().max() <= TOL
-    assert (baked.double() - wrong.double()).abs().max() > 1e-3
+    # refuse_2 is hidden state 2 (output of decoder layer 1); direction.2 would be refuse_3, the next layer's
+    _one_order_is_documented_not_alternative(
+        glm, tmp_path, "index", {"layer": 2, "measurement": 2, "scale": 1.0, "sparsity": 0.0},
+        lambda refuse: (dict(refuse, refuse_2=refuse["refuse_3"], harmless_2=refuse["harmless_3"]), 0.0))
 
 
 def test_reference_default_moe_targets_are_o_proj_shared_experts_and_half_router(glm, tmp_path):
@@ -268,14 +273,17 @@ def test_converted_refuse_records_its_indexing_and_a_native_config_must_state_it
     assert not (tmp_path / "out").exists()
 
 
+def _assert_projected(glm: Path, tmp_path: Path, cfg: Path, direction: torch.Tensor) -> None:
+    """Layer 2's o_proj baked as the plain write-side projection of ``direction``."""
+    src, baked = _baked_o_proj(glm, tmp_path, cfg, 2)
+    r = direction.double() / direction.double().norm()
+    assert (baked.double() - (src.double() - torch.outer(r, r @ src.double()))).abs().max() <= TOL
+
+
 @pytest.mark.parametrize("indexing,source", [("layer_output", "refuse_3"), ("hidden_state", "refuse_2")])
 def test_native_indexing_names_the_direction(glm, converted, tmp_path, indexing, source):
     cfg = _native(glm, tmp_path / "n.yaml", converted, indexing=indexing)
-    src, baked = _baked_o_proj(glm, tmp_path, cfg, 2)
-    r = torch.load(glm / "m.refuse", weights_only=True)[source].double()
-    r = r / r.norm()
-    expected = src.double() - torch.outer(r, r @ src.double())  # plain projection, write side
-    assert (baked.double() - expected).abs().max() <= TOL
+    _assert_projected(glm, tmp_path, cfg, torch.load(glm / "m.refuse", weights_only=True)[source])
 
 
 def test_native_measurements_need_no_indexing(glm, tmp_path):
@@ -283,11 +291,7 @@ def test_native_measurements_need_no_indexing(glm, tmp_path):
 
     meas = tmp_path / "native.safetensors"
     make_measurements(3).save(meas)
-    cfg = _native(glm, tmp_path / "n.yaml", meas)
-    src, baked = _baked_o_proj(glm, tmp_path, cfg, 2)
-    r = load_measurements(meas).direction(2).double()
-    r = r / r.norm()
-    assert (baked.double() - (src.double() - torch.outer(r, r @ src.double()))).abs().max() <= TOL
+    _assert_projected(glm, tmp_path, _native(glm, tmp_path / "n.yaml", meas), load_measurements(meas).direction(2))
 
 
 # ---- parsing: detection, flags, errors -----------------------------------------------------------
