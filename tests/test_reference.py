@@ -401,6 +401,22 @@ def test_measure_in_4bit_runs_and_is_close_to_float32(tiny_llama, tmp_path):
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.8, layer
 
 
+def test_try_in_4bit_uses_hooks_on_the_quantized_model(tiny_llama, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    from intervene.testing import make_measurements
+
+    meas = tmp_path / "m.safetensors"
+    make_measurements(2).save(meas)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(tiny_llama), "measurements": str(meas), "targets": ["attention", "mlp"],
+                                   "ablate": [{"layers": [0, 1], "measurement": 1}]}))
+    report = tmp_path / "r.json"
+    assert main(["try", str(cfg), "--load-in-4bit", "--limit", "2", "--max-new-tokens", "2", "--samples", "0",
+                 "--no-progress", "--json", str(report)]) == 0
+    assert "(hook)" in capsys.readouterr().out
+    assert json.loads(report.read_text())["harmful"]["total"] == 2
+
+
 def test_weight_swaps_refuse_quantized_weights(tiny_llama):
     pytest.importorskip("bitsandbytes")
     from intervene.config.schema import parse_config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_argument, add_model_options, add_verb, check_at_least
+from .common import add_model_argument, add_model_options, add_quantization_options, add_verb, check_at_least
 
 SUMMARY = "interactive chat (greedy) with the intervention on, off, or side by side"
 DESCRIPTION = """A REPL: each line is a user turn. Commands: /quit, /reset (forget the conversation), /toggle
@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--side-by-side", action="store_true", help="answer every turn with baseline and intervened model")
     p.add_argument("--max-new-tokens", type=int, default=256, help="greedy tokens per reply (default: 256)")
     add_model_options(p)
+    add_quantization_options(p)
     p.set_defaults(dtype=None)
     return p
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         from ..live.tryout import prepare
 
         p = prepare(args.config, model_spec=args.model, measurements=args.measurements, dtype=args.dtype,
-                    device_map=args.device_map)
+                    device_map=args.device_map, quantization=args.quantization)
         model, tokenizer, intervention = p.model, p.tokenizer, p.intervention()
         system_prompt = args.system_prompt if args.system_prompt is not None else p.system_prompt
         chat_template = p.chat_template and not args.no_chat_template
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--side-by-side needs --config (there is nothing to compare without an intervention)")
         from ..io.models import load_model
 
-        model, tokenizer = load_model(args.model, dtype=args.dtype or "float32", device_map=args.device_map)
+        model, tokenizer = load_model(args.model, dtype=args.dtype or "float32", device_map=args.device_map,
+                                      quantization=args.quantization)
         intervention, system_prompt, chat_template = None, args.system_prompt, not args.no_chat_template
     chat(model, tokenizer, intervention=intervention, side_by_side=args.side_by_side,
          max_new_tokens=args.max_new_tokens, system_prompt=system_prompt, chat_template=chat_template)

@@ -34,9 +34,9 @@ def run(args: argparse.Namespace) -> int:
     check_generation_options(args)
     cfg = None
     if args.config:
-        from ..config.schema import load_config
+        from ..config.reference import load_any_config
 
-        cfg = load_config(args.config)
+        cfg = load_any_config(args.config, model=args.model)  # native, or reference-schema translated
     model_spec = args.model or (cfg.model if cfg else None)
     if not model_spec:
         raise InputError("MODEL is required (or a --config whose 'model' names it)")
