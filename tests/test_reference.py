@@ -296,6 +296,17 @@ def test_native_measurements_need_no_indexing(glm, tmp_path):
 
 # ---- parsing: detection, flags, errors -----------------------------------------------------------
 
+def test_dense_layers_only_with_a_subset_edit_o_proj_and_mlp(glm, tmp_path):
+    """GLM's layer 0 is dense: the subset has nothing to act on there (no error, no expert edited)."""
+    path = glm / "ref-dense.yml"
+    path.write_text(yaml.safe_dump({"model": "ckpt", "measurements": "m.refuse", "expert_subset": [1],
+                                    "ablate_individual_experts": True,
+                                    "ablate": [{"layer": 0, "measurement": 1.0, "scale": 1, "sparsity": 0}]}))
+    out = tmp_path / "out"
+    assert main(["bake", str(path), "-o", str(out), "--no-progress"]) == 0
+    check_baked(glm, out, [{"layer": 0, "measurement": 1, "scale": 1.0, "sparsity": 0.0}], True, [1])
+
+
 def test_reference_keys_with_native_keys_is_an_error(glm):
     path = glm / "mixed.yml"
     path.write_text(yaml.safe_dump({"model": "ckpt", "measurements": "m.refuse", "ablate_individual_experts": True,

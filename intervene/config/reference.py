@@ -99,10 +99,15 @@ def parse_reference(data: dict[str, Any], where: str, why: str = "") -> Referenc
         missing = [k for k in ENTRY_KEYS if not isinstance(e, dict) or k not in e]
         if missing:  # the reference reads all four with item[...]
             raise ConfigError(f"{here}: the reference schema needs {', '.join(ENTRY_KEYS)}; missing {', '.join(missing)}")
-        layer, meas = e["layer"], e["measurement"]
-        for key, v in (("layer", layer), ("measurement", meas)):
+        whole = []
+        for key in ("layer", "measurement"):  # the reference reads both with int()
+            v = e[key]
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{here}: {key} must be a whole number >= 0 in the reference schema, got {v!r}")
+            whole.append(v)
+        layer, meas = whole
         values = []
         for key in ("scale", "sparsity"):
             v = e[key]
@@ -210,7 +215,9 @@ def translate(ref: ReferenceConfig, spec: ArchSpec, model_config: Any) -> Transl
         mapping.append("  ablate_individual_experts: dense layers have no experts; only MoE layers get them")
     cfg = InterventionConfig(
         ablate=entries, model=ref.model, measurements=ref.measurements, output=ref.output, method="norm_preserving",
-        biprojection=False, experts=(ref.expert_subset if individual and ref.expert_subset is not None else "all"),
+        biprojection=False,
+        experts=(ref.expert_subset if individual and ref.expert_subset is not None
+                 and any(spec.is_moe_layer(model_config, o.layer) for o in ref.orders) else "all"),
         indexing="layer_output",
         notes=f"translated by intervene from the reference-schema config {ref.source}",
     )
