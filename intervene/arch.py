@@ -298,6 +298,15 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         notes="o_proj/down_proj outputs pass through (1+w)-scaled RMSNorms before the residual add: "
               "edits use the rescaled direction normalize((1+w)*r), which removes r exactly.",
     ),
+    ArchSpec("mistral", ("mistral",), **_DENSE),
+    ArchSpec("phi3", ("phi3",), **_DENSE,
+             notes="fused qkv_proj and mlp.gate_up_proj read the residual; o_proj and down_proj write it as in llama"),
+    ArchSpec(
+        "gemma2", ("gemma2",), **_DENSE,
+        post_norms={"attention": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+        norm_weight_offset=1.0,
+        notes="post-norms as gemma3: (1+w)-scaled RMSNorms after o_proj and down_proj",
+    ),
     ArchSpec(
         "mixtral", ("mixtral",), is_moe=True, router="mlp.gate", experts="mlp.experts", expert_layout="EHI",
         disk_expert_names=("w2", "w1", "w3"), disk_moe_block_aliases=("block_sparse_moe",),

@@ -27,6 +27,12 @@ TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(intermediate_size=96, num_hidden_layers=2, head_dim=16)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(head_dim=16, intermediate_size=96, num_hidden_layers=2, sliding_window=8)),
+    "mistral": ("MistralConfig", "MistralForCausalLM",
+                dict(intermediate_size=96, num_hidden_layers=2, head_dim=16, sliding_window=8)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM",
+             dict(intermediate_size=96, num_hidden_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=16, intermediate_size=96, num_hidden_layers=2, sliding_window=8)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(intermediate_size=24, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
@@ -62,7 +68,8 @@ TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
                     attention_chunk_size=16)),
 }
 ARCH_NAMES = tuple(TINY)
-MOE_ARCH_NAMES = tuple(n for n in TINY if n not in ("llama", "qwen2", "qwen3", "gemma3"))
+DENSE_ARCH_NAMES = ("llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "gemma2")
+MOE_ARCH_NAMES = tuple(n for n in TINY if n not in DENSE_ARCH_NAMES)
 
 
 def tiny_config(arch: str, **overrides: Any) -> Any:
