@@ -106,6 +106,7 @@ class ArchSpec:
     # per-expert on-disk names: (down, gate, up) relative to the MoE block's experts.{e}.
     disk_expert_names: tuple[str, str, str] | None = None
     disk_moe_block_aliases: tuple[str, ...] = ()  # e.g. Mixtral "block_sparse_moe"
+    disk_router_aliases: tuple[str, ...] = ()  # router leaf names on disk besides the in-memory one (phimoe "gate")
     num_experts_attr: str | None = None
     top_k_attr: str = "num_experts_per_tok"
     moe_layer_rule: Callable[[Any, int], bool] | None = None
@@ -232,9 +233,9 @@ class ArchSpec:
             return pats
         blocks = (self.mlp_block,) + self.disk_moe_block_aliases
         block_re = "(?:" + "|".join(esc(b) for b in blocks) + ")"
-        router_leaf = self.router.split(".")[-1]
+        router_leaf = "(?:" + "|".join(esc(n) for n in (self.router.split(".")[-1],) + self.disk_router_aliases) + ")"
         experts_leaf = self.experts.split(".")[-1]
-        pats.append(DiskPattern("router", rf"{block_re}\.{esc(router_leaf)}\.weight", 1))
+        pats.append(DiskPattern("router", rf"{block_re}\.{router_leaf}\.weight", 1))
         # fused layout (in-memory names; gpt-oss and Llama4 are always saved like this)
         for ref in self._expert_tensors("down"):
             pats.append(DiskPattern("experts", rf"{block_re}\.{esc(experts_leaf)}\.{esc(ref.param)}",
@@ -275,6 +276,14 @@ def _first_k_dense_rule(config: Any, layer: int) -> bool:
     k = int(getattr(config, "first_k_dense_replace", 0) or 0)
     freq = int(getattr(config, "moe_layer_freq", 1) or 1)
     return layer >= k and layer % freq == 0
+
+
+def _ernie_moe_rule(config: Any, layer: int) -> bool:
+    # Ernie4_5_MoeDecoderLayer; the config has already turned moe_layer_end_index -1 into the last layer
+    step = int(getattr(config, "moe_layer_interval", 1) or 1)
+    start = int(getattr(config, "moe_layer_start_index", 0) or 0)
+    end = int(getattr(config, "moe_layer_end_index", config.num_hidden_layers - 1))
+    return (layer + 1) % step == 0 and start <= layer <= end
 
 
 def _llama4_rule(config: Any, layer: int) -> bool:
@@ -329,6 +338,16 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
              num_experts_attr="n_routed_experts", moe_layer_rule=_first_k_dense_rule,
              dense_leading_attr="first_k_dense_replace",
              notes="GLM-4.5-Air architecture; router as DeepSeek-V3"),
+    ArchSpec("ernie4_5_moe", ("ernie4_5_moe",), **_QWEN_STYLE, shared_expert="mlp.shared_experts",
+             num_experts_attr="num_experts", moe_layer_rule=_ernie_moe_rule, dense_leading_attr="moe_layer_start_index",
+             notes="router (mlp.gate) picks experts with moe_statics.e_score_correction_bias added, weights without; "
+                   "checkpoints with use_bias=True (biased o_proj/down_proj) are not covered"),
+    ArchSpec(
+        "phimoe", ("phimoe",), is_moe=True, router="mlp.router", experts="mlp.experts", expert_layout="EHI",
+        disk_expert_names=("w2", "w1", "w3"), disk_moe_block_aliases=("block_sparse_moe",),
+        disk_router_aliases=("gate",), num_experts_attr="num_local_experts",
+        notes="Mixtral's disk layout (block_sparse_moe.gate, experts.N.w1/w2/w3); in memory mlp.router (sparsemixer)",
+    ),
     ArchSpec(
         "gpt_oss", ("gpt_oss",), is_moe=True, attn_out_bias=True, router="mlp.router", experts="mlp.experts",
         expert_layout="EIH", expert_biases=True, moe_block_returns_tuple=True,
