@@ -18,7 +18,7 @@ Never infer the H axis from a shape (gpt-oss has H == I): it is written here.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 
 from .errors import ArchitectureError
@@ -106,6 +106,11 @@ class ArchSpec:
     # per-expert on-disk names: (down, gate, up) relative to the MoE block's experts.{e}.
     disk_expert_names: tuple[str, str, str] | None = None
     disk_moe_block_aliases: tuple[str, ...] = ()  # e.g. Mixtral "block_sparse_moe"
+    # (in-memory key, on-disk key) relative to the layer, for tensors a checkpoint names otherwise
+    # (granitemoe: block_sparse_moe.output_linear.weight is the fused experts' down_proj)
+    disk_aliases: tuple[tuple[str, str], ...] = ()
+    # hybrid models (Qwen3-Next): layers whose config.layer_types[i] is "linear_attention" write through this
+    linear_attn_out: str | None = None
     disk_router_aliases: tuple[str, ...] = ()  # router leaf names on disk besides the in-memory one (phimoe "gate")
     num_experts_attr: str | None = None
     top_k_attr: str = "num_experts_per_tok"
@@ -131,6 +136,13 @@ class ArchSpec:
         if self.dense_leading_attr is None:
             return 0
         return int(getattr(config, self.dense_leading_attr, 0) or 0)
+
+    def attention_out(self, config: Any, layer: int) -> str:
+        """The module whose output is the attention block's write to the residual at ``layer``."""
+        types = getattr(config, "layer_types", None) or ()
+        if self.linear_attn_out and layer < len(types) and types[layer] == "linear_attention":
+            return self.linear_attn_out
+        return self.attn_out
 
     def has_target(self, target: Target) -> bool:
         if target in ("attention", "mlp"):
@@ -187,10 +199,11 @@ class ArchSpec:
         moe = self.is_moe_layer(config, layer)
         out: list[Site] = []
         if "attention" in wanted:
-            refs = [TensorRef(self.attn_out, "weight", 0)]
+            attn = self.attention_out(config, layer)
+            refs = [TensorRef(attn, "weight", 0)]
             if self.attn_out_bias:
-                refs.append(TensorRef(self.attn_out, "bias", 0, is_bias=True))
-            out.append(Site("attention", self.attn_out, "attn.out", "write", tuple(refs),
+                refs.append(TensorRef(attn, "bias", 0, is_bias=True))
+            out.append(Site("attention", attn, "attn.out", "write", tuple(refs),
                             post_norm=self.post_norms.get("attention")))
         if "mlp" in wanted and not moe:
             down = f"{self.mlp_block}.down_proj"
@@ -222,15 +235,16 @@ class ArchSpec:
         pats: list[DiskPattern] = []
         moe = self.is_moe_layer(config, layer)
         esc = re.escape
-        pats.append(DiskPattern("attention", esc(f"{self.attn_out}.weight"), 0,
+        attn = self.attention_out(config, layer)
+        pats.append(DiskPattern("attention", esc(f"{attn}.weight"), 0,
                                 post_norm=self._post_norm_key("attention")))
         if self.attn_out_bias:
-            pats.append(DiskPattern("attention", esc(f"{self.attn_out}.bias"), 0, is_bias=True,
+            pats.append(DiskPattern("attention", esc(f"{attn}.bias"), 0, is_bias=True,
                                     post_norm=self._post_norm_key("attention")))
         if not moe:
             pats.append(DiskPattern("mlp", esc(f"{self.mlp_block}.down_proj.weight"), 0,
                                     post_norm=self._post_norm_key("mlp")))
-            return pats
+            return self._with_aliases(pats)
         blocks = (self.mlp_block,) + self.disk_moe_block_aliases
         block_re = "(?:" + "|".join(esc(b) for b in blocks) + ")"
         router_leaf = "(?:" + "|".join(esc(n) for n in (self.router.split(".")[-1],) + self.disk_router_aliases) + ")"
@@ -256,7 +270,11 @@ class ArchSpec:
         if self.shared_expert_gate:
             sg = self.shared_expert_gate.split(".")[-1]
             pats.append(DiskPattern("expert_inputs", rf"{block_re}\.{esc(sg)}\.weight", 1))
-        return pats
+        return self._with_aliases(pats)
+
+    def _with_aliases(self, pats: list[DiskPattern]) -> list[DiskPattern]:
+        """``pats`` plus, for each ``disk_aliases`` pair, the pattern of its in-memory key under the disk name."""
+        return pats + [replace(p, regex=re.escape(disk)) for mem, disk in self.disk_aliases for p in pats if p.match(mem)]
 
     def _post_norm_key(self, target: Target) -> str | None:
         norm = self.post_norms.get(target)
@@ -326,6 +344,25 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
              moe_layer_rule=_qwen_moe_rule),
     ArchSpec("qwen3_moe", ("qwen3_moe",), **_QWEN_STYLE, num_experts_attr="num_experts",
              moe_layer_rule=_qwen_moe_rule),
+    ArchSpec("qwen3_next", ("qwen3_next",), **_QWEN_STYLE, shared_expert="mlp.shared_expert",
+             shared_expert_gate="mlp.shared_expert_gate", num_experts_attr="num_experts",
+             moe_layer_rule=_qwen_moe_rule, linear_attn_out="linear_attn.out_proj",
+             notes="hybrid: Gated-DeltaNet layers (layer_types 'linear_attention') write through linear_attn.out_proj, "
+                   "full-attention layers through self_attn.o_proj; MoE as qwen2_moe"),
+    ArchSpec("qwen3_5_moe", ("qwen3_5_moe_text",), **_QWEN_STYLE, shared_expert="mlp.shared_expert",
+             shared_expert_gate="mlp.shared_expert_gate", num_experts_attr="num_experts",
+             linear_attn_out="linear_attn.out_proj",
+             notes="as qwen3_next, every layer MoE; multimodal checkpoints keep the decoder under "
+                   "model.language_model (the vision tower is never edited)"),
+    ArchSpec(
+        "granitemoe", ("granitemoe",), is_moe=True, mlp_block="block_sparse_moe", router="block_sparse_moe.router",
+        experts="block_sparse_moe.experts", expert_layout="EHI", num_experts_attr="num_local_experts",
+        disk_aliases=(("block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight"),
+                      ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight"),
+                      ("block_sparse_moe.router.weight", "block_sparse_moe.router.layer.weight")),
+        notes="fused on disk as input_linear [E,2I,H] / output_linear [E,H,I], router.layer; residual_multiplier "
+              "scales each block's write (a scalar: projections commute with it)",
+    ),
     ArchSpec("olmoe", ("olmoe",), **_QWEN_STYLE, num_experts_attr="num_experts"),
     ArchSpec("deepseek_v2", ("deepseek_v2",), **_QWEN_STYLE, shared_expert="mlp.shared_experts",
              num_experts_attr="n_routed_experts", moe_layer_rule=_first_k_dense_rule,
@@ -379,7 +416,7 @@ def get_arch(model_type: str) -> ArchSpec:
 
 def text_config(config: Any) -> Any:
     """Multimodal wrappers (Llama4ForConditionalGeneration, Gemma3) keep the decoder in text_config."""
-    if getattr(config, "model_type", None) in ("llama4", "gemma3") and getattr(config, "text_config", None):
+    if getattr(config, "model_type", None) in ("llama4", "gemma3", "qwen3_5_moe") and getattr(config, "text_config", None):
         return config.text_config
     return config
 

@@ -68,8 +68,8 @@ def test_sites_exist_with_hidden_axis(arch):
 def expected_target(rest: str, moe: bool) -> str | None:
     """Which target edits a checkpoint key (relative to its layer), written out by hand from
     DESIGN.md and the transformers reference — independent of intervene.arch."""
-    if re.fullmatch(r"self_attn\.o_proj\.(weight|bias)", rest):
-        return "attention"
+    if re.fullmatch(r"self_attn\.o_proj\.(weight|bias)|linear_attn\.out_proj\.weight", rest):
+        return "attention"  # linear_attn: Qwen3-Next / Qwen3.5 Gated-DeltaNet layers
     if not moe:
         return "mlp" if re.fullmatch(r"(mlp|feed_forward)\.down_proj\.weight", rest) else None
     block = r"(mlp|block_sparse_moe|feed_forward)"
@@ -82,6 +82,10 @@ def expected_target(rest: str, moe: bool) -> str | None:
         (rf"{block}\.shared_experts?\.(gate_proj|up_proj)\.weight", "expert_inputs"),
         (rf"{block}\.shared_expert_gate\.weight", "expert_inputs"),
         (rf"{block}\.(gate|router)\.weight", "router"),
+        # granitemoe's own names for its fused experts and router (transformers' conversion mapping)
+        (rf"{block}\.output_linear\.weight", "experts"),
+        (rf"{block}\.input_linear\.weight", "expert_inputs"),
+        (rf"{block}\.router\.layer\.weight", "router"),
     ]
     return next((target for pattern, target in rules if re.fullmatch(pattern, rest)), None)
 
@@ -137,7 +141,7 @@ def test_disk_patterns_match_saved_checkpoint(arch, original_format, tmp_path):
     assert in_memory <= set(spec.targets)
     # transformers writes per-expert tensors only in the original format, and never for gpt-oss / Llama4
     if arch in MOE_ARCH_NAMES:
-        fused_anyway = arch in ("gpt_oss", "llama4")
+        fused_anyway = arch in ("gpt_oss", "llama4", "granitemoe")
         assert (per_expert_keys > 0) == (original_format and not fused_anyway), (arch, per_expert_keys)
 
 
@@ -157,3 +161,6 @@ def test_multimodal_wrappers_resolve_to_their_text_model():
 
     assert arch_for_config(Llama4Config()).name == "llama4"
     assert arch_for_config(Gemma3Config()).name == "gemma3"
+    from transformers import Qwen3_5MoeConfig
+
+    assert arch_for_config(Qwen3_5MoeConfig()).name == "qwen3_5_moe"

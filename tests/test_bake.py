@@ -30,7 +30,7 @@ from intervene.testing import ARCH_NAMES, MOE_ARCH_NAMES, random_ids, save_tiny,
 
 TOL = 1e-5
 HIDDEN = 64
-ALWAYS_FUSED = ("gpt_oss", "llama4")
+ALWAYS_FUSED = ("gpt_oss", "llama4", "granitemoe")
 # per-target scales: every target gets a different one, so a scale applied to the wrong tensor shows
 SCALES = {"attention": 1.0, "mlp": 0.8, "experts": 1.0, "shared_experts": 0.6, "router": 0.5, "expert_inputs": 0.9}
 
