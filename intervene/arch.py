@@ -111,7 +111,9 @@ class ArchSpec:
     disk_aliases: tuple[tuple[str, str], ...] = ()
     # hybrid models (Qwen3-Next): layers whose config.layer_types[i] is "linear_attention" write through this
     linear_attn_out: str | None = None
-    disk_router_aliases: tuple[str, ...] = ()  # router leaf names on disk besides the in-memory one (phimoe "gate")
+    disk_router_aliases: tuple[str, ...] = ()
+    # a config variant the fields above cannot express: config -> reason (refused by name), or None
+    config_refusal: Callable[[Any], str | None] | None = None  # router leaf names on disk besides the in-memory one (phimoe "gate")
     num_experts_attr: str | None = None
     top_k_attr: str = "num_experts_per_tok"
     moe_layer_rule: Callable[[Any, int], bool] | None = None
@@ -304,6 +306,13 @@ def _ernie_moe_rule(config: Any, layer: int) -> bool:
     return (layer + 1) % step == 0 and start <= layer <= end
 
 
+def _ernie_biases(config: Any) -> str | None:
+    if getattr(config, "use_bias", False):
+        return ("config use_bias=true gives o_proj, down_proj and shared-expert down_proj biases, which the "
+                "table's ernie4_5_moe entry does not edit (live and baked would differ); not supported")
+    return None
+
+
 def _llama4_rule(config: Any, layer: int) -> bool:
     return layer in list(getattr(config, "moe_layers", None) or [])
 
@@ -377,8 +386,9 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
              notes="GLM-4.5-Air architecture; router as DeepSeek-V3"),
     ArchSpec("ernie4_5_moe", ("ernie4_5_moe",), **_QWEN_STYLE, shared_expert="mlp.shared_experts",
              num_experts_attr="num_experts", moe_layer_rule=_ernie_moe_rule, dense_leading_attr="moe_layer_start_index",
+             config_refusal=_ernie_biases,
              notes="router (mlp.gate) picks experts with moe_statics.e_score_correction_bias added, weights without; "
-                   "checkpoints with use_bias=True (biased o_proj/down_proj) are not covered"),
+                   "use_bias=True checkpoints are refused by name (config_refusal)"),
     ArchSpec(
         "phimoe", ("phimoe",), is_moe=True, router="mlp.router", experts="mlp.experts", expert_layout="EHI",
         disk_expert_names=("w2", "w1", "w3"), disk_moe_block_aliases=("block_sparse_moe",),
@@ -422,7 +432,13 @@ def text_config(config: Any) -> Any:
 
 
 def arch_for_config(config: Any) -> ArchSpec:
-    return get_arch(text_config(config).model_type)
+    """The spec for a loaded transformers config; a named error for an unsupported type or variant."""
+    tconf = text_config(config)
+    spec = get_arch(tconf.model_type)
+    reason = spec.config_refusal(tconf) if spec.config_refusal else None
+    if reason:
+        raise ArchitectureError(f"architecture '{spec.name}': {reason}")
+    return spec
 
 
 def get_module(root: Any, path: str) -> Any:

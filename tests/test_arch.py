@@ -164,3 +164,20 @@ def test_multimodal_wrappers_resolve_to_their_text_model():
     from transformers import Qwen3_5MoeConfig
 
     assert arch_for_config(Qwen3_5MoeConfig()).name == "qwen3_5_moe"
+
+
+def test_config_variant_the_table_cannot_express_is_refused_by_name(tmp_path):
+    from intervene.bake import plan_bake
+    from intervene.testing import make_measurements, tiny_config
+
+    config = tiny_config("ernie4_5_moe", use_bias=True)
+    with pytest.raises(ArchitectureError, match=r"architecture 'ernie4_5_moe': config use_bias=true gives o_proj"):
+        arch_for_config(config)
+    assert arch_for_config(tiny_config("ernie4_5_moe")).name == "ernie4_5_moe"  # the default variant is supported
+    # the bake refuses before writing anything
+    save_tiny(tiny_model("ernie4_5_moe", use_bias=True), tmp_path / "src")
+    from intervene.config.schema import parse_config
+
+    cfg = parse_config({"ablate": [{"layers": "0:2", "measurement": 1, "scale": 1.0}]})
+    with pytest.raises(ArchitectureError, match="use_bias"):
+        plan_bake(cfg, tmp_path / "src", make_measurements(3))
