@@ -101,6 +101,7 @@ def test_lora_factors_match_the_issue_formulas():
     ("qwen3_moe", ("experts",), "'model.layers.0.mlp.experts.0.down_proj' is absent"),
     ("qwen2_moe", ("router",), "is a Qwen2MoeTopKRouter, not an nn.Linear"),
     ("gpt_oss", ("attention",), "cannot edit the bias 'model.layers.0.self_attn.o_proj.bias'"),
+    ("llama4", ("experts",), "stores its experts [E, in, out] (table layout EIH)"),
     ("deepseek_v3", ("mlp",), "retargets every '*.down_proj' module of a 'deepseek_v3' model to the fused experts"),
 ])
 def test_what_an_adapter_cannot_carry_is_refused_by_name_before_writing(tmp_path, arch, targets, needle):
@@ -113,12 +114,48 @@ def test_what_an_adapter_cannot_carry_is_refused_by_name_before_writing(tmp_path
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_fused_experts_on_disk_are_refused_too(tmp_path):
-    model = tiny_model("qwen3_moe", seed=3)
-    src = save_tiny(model, tmp_path / "qwen3_moe", save_original_format=False)
-    make_measurements(2, path="m").save(tmp_path / "qwen3_moe.m.safetensors")
-    with pytest.raises(ConfigError, match=r"'model.layers.0.mlp.experts' is a Qwen3MoeExperts \(fused 3D experts\)"):
-        bake_lora(config(src, ("experts",)), output=tmp_path / "lora")
+def fused_source(root: Path, arch: str) -> Path:
+    model = tiny_model(arch, seed=3)
+    src = save_tiny(model, root / arch, save_original_format=False)  # fused [E, out, in] experts on disk
+    make_measurements(model.config.num_hidden_layers, path="m").save(root / f"{arch}.m.safetensors")
+    return src
+
+
+@pytest.mark.parametrize("targets,experts", [(("attention", "experts"), "all"), (("attention", "experts"), [1, 5]),
+                                             (("attention", "expert_inputs"), "all")],
+                         ids=["experts", "expert-subset", "expert-inputs"])
+def test_fused_experts_through_peft_target_parameters_equal_the_full_bake(tmp_path, targets, experts):
+    src = fused_source(tmp_path, "qwen2_moe")
+    cfg = config(src, targets)
+    if experts != "all":
+        cfg = parse_config({**cfg.to_dict(), "experts": experts})
+    full = load(bake(cfg, output=tmp_path / "full", progress=False).output)
+    result = bake_lora(cfg, output=tmp_path / "lora")
+    adapter_cfg = json.loads((result.output / "adapter_config.json").read_text())
+    assert adapter_cfg["target_parameters"] and all(".mlp.experts." in p for p in adapter_cfg["target_parameters"])
+    adapted = peft.PeftModel.from_pretrained(load(src), str(result.output)).eval()
+    assert (logits(adapted) - logits(full)).abs().max() <= TOL
+    merged = adapted.merge_and_unload().state_dict()
+    for key, value in full.state_dict().items():
+        if ".mlp.experts." in key:
+            assert (merged[key] - value).abs().max() <= 1e-6, key
+    # negative control: the routed experts really changed (and, for a subset, only those experts)
+    before = load(src).state_dict()
+    key = "model.layers.0.mlp.experts." + ("down_proj" if "experts" in targets else "gate_up_proj")
+    changed = [e for e in range(8) if not torch.equal(full.state_dict()[key][e], before[key][e])]
+    assert changed == (list(range(8)) if experts == "all" else experts)
+
+
+@pytest.mark.parametrize("arch,targets,needle", [
+    ("qwen3_moe", ("experts",), "belongs to a 'qwen3_moe' model, whose expert targets PEFT"),
+    ("qwen2_moe", ("experts", "expert_inputs"), "cannot edit two parameters of 'model.layers.0.mlp.experts'"),
+])
+def test_fused_experts_peft_cannot_target_exactly_are_refused(tmp_path, arch, targets, needle):
+    src = fused_source(tmp_path, arch)
+    with pytest.raises(ConfigError) as info:
+        bake_lora(config(src, targets), output=tmp_path / "lora")
+    assert needle in str(info.value)
+    assert not (tmp_path / "lora").exists()
 
 
 def test_cli_lora_and_verify_accepts_the_adapter_directory(tmp_path, capsys):

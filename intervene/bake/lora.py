@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,15 @@ class LoraModule:
 
     module: str  # full in-memory module path, e.g. "model.layers.3.self_attn.o_proj"
     key: str  # the checkpoint key of its weight
-    lora_a: torch.Tensor = field(repr=False)  # [rank, in]
-    lora_b: torch.Tensor = field(repr=False)  # [out, rank]
+    lora_a: torch.Tensor = field(repr=False)  # [rank, in]; fused experts: [rank·E, in], row e·rank + j
+    lora_b: torch.Tensor = field(repr=False)  # [out, rank]; fused experts: [out, rank·E], column j·E + e
     targets: tuple[str, ...] = ()
+    parameter: str | None = None  # fused 3D experts: the parameter PEFT targets (``target_parameters``)
+    num_experts: int = 1
 
     @property
     def rank(self) -> int:
-        return int(self.lora_a.shape[0])
+        return int(self.lora_a.shape[0]) // self.num_experts
 
 
 @dataclass
@@ -95,6 +97,22 @@ def lora_factors(weight: torch.Tensor, ops: list[TensorEdit]) -> tuple[torch.Ten
     return a.contiguous(), b.contiguous()
 
 
+def fused_lora_factors(weight: torch.Tensor, ops: list[TensorEdit]) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's packing for a fused ``[E, out, in]`` expert parameter: per expert the factors of
+    :func:`lora_factors` (an op outside its expert subset contributes a zero rank), as
+    ``lora_A [k·E, in]`` (row ``e·k + j``) and ``lora_B [out, k·E]`` (column ``j·E + e``)."""
+    per_a, per_b = [], []
+    for e in range(weight.shape[0]):
+        ops_e = [op if op.experts is None or e in op.experts else replace(op, scale=0.0) for op in ops]
+        # the slice drops the expert axis: H is axis 0 (out, write side) or 1 (in, read side) of [out, in]
+        a, b = lora_factors(weight[e], [replace(op, hidden_axis=op.hidden_axis - 1) for op in ops_e])
+        per_a.append(a)
+        per_b.append(b)
+    a = torch.stack(per_a).reshape(-1, weight.shape[2])  # [E, k, in] -> rows e·k + j
+    b = torch.stack(per_b, dim=-1).reshape(weight.shape[1], -1)  # [out, k, E] -> columns j·E + e
+    return a.contiguous(), b.contiguous()
+
+
 def _meta_model(plan: BakePlan) -> Any:
     """The model transformers builds for the checkpoint, on the meta device (no memory, no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -122,6 +140,20 @@ def check_lora(plan: BakePlan) -> dict[str, str]:
                               f"drop target '{op.target}' or bake the full checkpoint")
         module_path, _, param = key.rpartition(".")
         module = modules.get(module_path)
+        fused = getattr(module, param, None) if len(op.shape) == 3 and op.expert_axis == 0 else None
+        if isinstance(fused, torch.Tensor) and tuple(fused.shape) == op.shape:
+            # PEFT reads a 3D parameter as [E, out, in] unless the module says is_transposed; the table says
+            # which layout it really is (EHI: down [E,H,I] and gate_up [E,2I,H], both [E, out, in])
+            transposed = plan.spec.expert_layout != "EHI" or getattr(module, "is_transposed", False)
+            if transposed or retargeted:
+                why = (f"stores its experts [E, in, out] (table layout {plan.spec.expert_layout})" if transposed
+                       else f"belongs to a '{model.config.model_type}' model, whose expert targets PEFT "
+                            f"{next(iter(retargeted.values()))} rewrites for transformers-v4 compatibility")
+                raise ConfigError(f"{where}: --lora cannot express {what}: '{module_path}' {why}; only "
+                                  "[E, out, in] fused experts are targeted exactly (PEFT target_parameters): drop "
+                                  f"target '{op.target}' or bake the full checkpoint")
+            out[key] = module_path
+            continue
         if param != "weight" or not isinstance(module, torch.nn.Linear) or tuple(module.weight.shape) != op.shape:
             kind = ("absent" if module is None else
                     f"a {type(module).__name__}" + (" (fused 3D experts)" if len(op.shape) == 3 else ""))
@@ -159,20 +191,35 @@ def build_modules(plan: BakePlan, module_of: dict[str, str]) -> list[LoraModule]
     mods = []
     for key, ops in plan.edits.items():
         weight = load_tensor(plan.source / ops[0].shard, key)
-        a, b = lora_factors(weight, ops)
-        mods.append(LoraModule(module_of[key], key, a, b, tuple(dict.fromkeys(op.target for op in ops))))
+        targets = tuple(dict.fromkeys(op.target for op in ops))
+        if weight.ndim == 3:
+            a, b = fused_lora_factors(weight, ops)
+            mods.append(LoraModule(module_of[key], key, a, b, targets, parameter=key.rpartition(".")[2],
+                                   num_experts=int(weight.shape[0])))
+        else:
+            a, b = lora_factors(weight, ops)
+            mods.append(LoraModule(module_of[key], key, a, b, targets))
+    names = [m.module for m in mods]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # one adapter per module: PEFT keys its factors by module, not by parameter
+        raise ConfigError(f"{plan.config.source or 'config'}: --lora cannot edit two parameters of '{twice[0]}' "
+                          "(e.g. targets experts and expert_inputs on fused experts) in one adapter: bake them as "
+                          "two adapters or bake the full checkpoint")
     return mods
 
 
 def adapter_config(plan: BakePlan, modules: list[LoraModule]) -> dict[str, Any]:
     """PEFT's LoraConfig as JSON: rank 1 and alpha 1 by default, rank_pattern/alpha_pattern for the rest."""
-    ranks = {m.module: m.rank for m in modules}
+    # PEFT matches rank_pattern against the module's name, or for target_parameters the parameter's
+    ranks = {m.module if m.parameter is None else f"{m.module}.{m.parameter}": m.rank for m in modules}
     base = min(ranks.values(), default=1)
     patterns = {name: r for name, r in ranks.items() if r != base}
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(plan.source),
         "r": base, "lora_alpha": base, "rank_pattern": patterns, "alpha_pattern": dict(patterns),
-        "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": sorted(m.module for m in modules if m.parameter is None) or None,
+        "target_parameters": sorted(f"{m.module}.{m.parameter}" for m in modules if m.parameter is not None) or None,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
     }
