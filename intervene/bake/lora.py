@@ -7,9 +7,12 @@ next write-side edit appends ``−s·r̂`` to B and ``r̂ᵀ(W + B A)`` to A; a 
 ``−s·(W + B A) r̂`` to B and ``r̂ᵀ`` to A. Scaling is 1 (``lora_alpha = r`` per module, via PEFT's
 ``rank_pattern``/``alpha_pattern`` where a module has more than one rank).
 
-What an adapter cannot carry is refused by name before anything is written: ``norm_preserving`` (not low
-rank), bias edits (gpt-oss's o_proj bias), and any tensor that is not an ``nn.Linear`` weight of the model
-transformers builds (fused 3D experts, routers kept as bare parameters, per-expert checkpoint keys).
+Fused 3D experts ``[E, out, in]`` (table layout EHI) go through PEFT's ``target_parameters``, rank 1 per expert
+(:func:`fused_lora_factors`). What an adapter cannot carry is refused by name before anything is written:
+``norm_preserving`` (not low rank), bias edits (gpt-oss's o_proj bias), ``[E, in, out]`` experts, two parameters
+of one module, modules PEFT's transformers-v4 mapping retargets, and any tensor that is neither an ``nn.Linear``
+weight nor a fused expert parameter of the model transformers builds (routers kept as bare parameters,
+per-expert checkpoint keys).
 Weights are read one tensor at a time from the checkpoint (the same plan, directions and post-norm
 rescaling as the full bake); the adapter is float32."""
 

@@ -27,8 +27,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="check every untouched tensor is byte-identical to the input and write a SHA256SUMS manifest")
     p.add_argument("--lora", action="store_true",
                    help="write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, rank 1 per "
-                        "projection, exact) instead of a full checkpoint; needs the 'lora' extra (peft). Refused by "
-                        "name: norm_preserving, bias edits, fused 3D experts and routers that are not nn.Linear")
+                        "projection, exact; fused [E, out, in] experts via PEFT target_parameters) instead of a full "
+                        "checkpoint; needs the 'lora' extra (peft). Refused by name: norm_preserving, bias edits, "
+                        "[E, in, out] experts, routers that are not nn.Linear")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan (dry run) or result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
