@@ -18,7 +18,7 @@ Never infer the H axis from a shape (gpt-oss has H == I): it is written here.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 
 from .errors import ArchitectureError
@@ -108,6 +108,14 @@ class ArchSpec:
     # per-expert on-disk names: (down, gate, up) relative to the MoE block's experts.{e}.
     disk_expert_names: tuple[str, str, str] | None = None
     disk_moe_block_aliases: tuple[str, ...] = ()  # e.g. Mixtral "block_sparse_moe"
+    # (in-memory key, on-disk key) relative to the layer, for tensors a checkpoint names otherwise
+    # (granitemoe: block_sparse_moe.output_linear.weight is the fused experts' down_proj)
+    disk_aliases: tuple[tuple[str, str], ...] = ()
+    # hybrid models (Qwen3-Next): layers whose config.layer_types[i] is "linear_attention" write through this
+    linear_attn_out: str | None = None
+    disk_router_aliases: tuple[str, ...] = ()
+    # a config variant the fields above cannot express: config -> reason (refused by name), or None
+    config_refusal: Callable[[Any], str | None] | None = None  # router leaf names on disk besides the in-memory one (phimoe "gate")
     num_experts_attr: str | None = None
     top_k_attr: str = "num_experts_per_tok"
     moe_layer_rule: Callable[[Any, int], bool] | None = None
@@ -132,6 +140,13 @@ class ArchSpec:
         if self.dense_leading_attr is None:
             return 0
         return int(getattr(config, self.dense_leading_attr, 0) or 0)
+
+    def attention_out(self, config: Any, layer: int) -> str:
+        """The module whose output is the attention block's write to the residual at ``layer``."""
+        types = getattr(config, "layer_types", None) or ()
+        if self.linear_attn_out and layer < len(types) and types[layer] == "linear_attention":
+            return self.linear_attn_out
+        return self.attn_out
 
     def has_target(self, target: Target) -> bool:
         if target in ("attention", "mlp"):
@@ -188,10 +203,11 @@ class ArchSpec:
         moe = self.is_moe_layer(config, layer)
         out: list[Site] = []
         if "attention" in wanted:
-            refs = [TensorRef(self.attn_out, "weight", 0)]
+            attn = self.attention_out(config, layer)
+            refs = [TensorRef(attn, "weight", 0)]
             if self.attn_out_bias:
-                refs.append(TensorRef(self.attn_out, "bias", 0, is_bias=True))
-            out.append(Site("attention", self.attn_out, "attn.out", "write", tuple(refs),
+                refs.append(TensorRef(attn, "bias", 0, is_bias=True))
+            out.append(Site("attention", attn, "attn.out", "write", tuple(refs),
                             post_norm=self.post_norms.get("attention")))
         if "mlp" in wanted and not moe:
             down = f"{self.mlp_block}.down_proj"
@@ -225,20 +241,21 @@ class ArchSpec:
         pats: list[DiskPattern] = []
         moe = self.is_moe_layer(config, layer)
         esc = re.escape
-        pats.append(DiskPattern("attention", esc(f"{self.attn_out}.weight"), 0,
+        attn = self.attention_out(config, layer)
+        pats.append(DiskPattern("attention", esc(f"{attn}.weight"), 0,
                                 post_norm=self._post_norm_key("attention")))
         if self.attn_out_bias:
-            pats.append(DiskPattern("attention", esc(f"{self.attn_out}.bias"), 0, is_bias=True,
+            pats.append(DiskPattern("attention", esc(f"{attn}.bias"), 0, is_bias=True,
                                     post_norm=self._post_norm_key("attention")))
         if not moe:
             pats.append(DiskPattern("mlp", esc(f"{self.mlp_block}.down_proj.weight"), 0,
                                     post_norm=self._post_norm_key("mlp")))
-            return pats
+            return self._with_aliases(pats)
         blocks = (self.mlp_block,) + self.disk_moe_block_aliases
         block_re = "(?:" + "|".join(esc(b) for b in blocks) + ")"
-        router_leaf = self.router.split(".")[-1]
+        router_leaf = "(?:" + "|".join(esc(n) for n in (self.router.split(".")[-1],) + self.disk_router_aliases) + ")"
         experts_leaf = self.experts.split(".")[-1]
-        pats.append(DiskPattern("router", rf"{block_re}\.{esc(router_leaf)}\.weight", 1))
+        pats.append(DiskPattern("router", rf"{block_re}\.{router_leaf}\.weight", 1))
         # fused layout (in-memory names; gpt-oss and Llama4 are always saved like this)
         for ref in self._expert_tensors("down"):
             pats.append(DiskPattern("experts", rf"{block_re}\.{esc(experts_leaf)}\.{esc(ref.param)}",
@@ -255,7 +272,11 @@ class ArchSpec:
         if self.shared_expert_gate:
             sg = self.shared_expert_gate.split(".")[-1]
             pats.append(DiskPattern("expert_inputs", rf"{block_re}\.{esc(sg)}\.weight", 1))
-        return pats
+        return self._with_aliases(pats)
+
+    def _with_aliases(self, pats: list[DiskPattern]) -> list[DiskPattern]:
+        """``pats`` plus, for each ``disk_aliases`` pair, the pattern of its in-memory key under the disk name."""
+        return pats + [replace(p, regex=re.escape(disk)) for mem, disk in self.disk_aliases for p in pats if p.match(mem)]
 
     def _routed_input_patterns(self, block_re: str, target: Target) -> list[DiskPattern]:
         """The routed experts' gate/up keys: fused ``gate_up_proj`` and, per expert, gate/up [I, H]."""
@@ -299,6 +320,21 @@ def _first_k_dense_rule(config: Any, layer: int) -> bool:
     return layer >= k and layer % freq == 0
 
 
+def _ernie_moe_rule(config: Any, layer: int) -> bool:
+    # Ernie4_5_MoeDecoderLayer; the config has already turned moe_layer_end_index -1 into the last layer
+    step = int(getattr(config, "moe_layer_interval", 1) or 1)
+    start = int(getattr(config, "moe_layer_start_index", 0) or 0)
+    end = int(getattr(config, "moe_layer_end_index", config.num_hidden_layers - 1))
+    return (layer + 1) % step == 0 and start <= layer <= end
+
+
+def _ernie_biases(config: Any) -> str | None:
+    if getattr(config, "use_bias", False):
+        return ("config use_bias=true gives o_proj, down_proj and shared-expert down_proj biases, which the "
+                "table's ernie4_5_moe entry does not edit (live and baked would differ); not supported")
+    return None
+
+
 def _llama4_rule(config: Any, layer: int) -> bool:
     return layer in list(getattr(config, "moe_layers", None) or [])
 
@@ -320,6 +356,15 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         notes="o_proj/down_proj outputs pass through (1+w)-scaled RMSNorms before the residual add: "
               "edits use the rescaled direction normalize((1+w)*r), which removes r exactly.",
     ),
+    ArchSpec("mistral", ("mistral",), **_DENSE),
+    ArchSpec("phi3", ("phi3",), **_DENSE,
+             notes="fused qkv_proj and mlp.gate_up_proj read the residual; o_proj and down_proj write it as in llama"),
+    ArchSpec(
+        "gemma2", ("gemma2",), **_DENSE,
+        post_norms={"attention": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+        norm_weight_offset=1.0,
+        notes="post-norms as gemma3: (1+w)-scaled RMSNorms after o_proj and down_proj",
+    ),
     ArchSpec(
         "mixtral", ("mixtral",), is_moe=True, router="mlp.gate", experts="mlp.experts", expert_layout="EHI",
         disk_expert_names=("w2", "w1", "w3"), disk_moe_block_aliases=("block_sparse_moe",),
@@ -330,6 +375,25 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
              moe_layer_rule=_qwen_moe_rule),
     ArchSpec("qwen3_moe", ("qwen3_moe",), **_QWEN_STYLE, num_experts_attr="num_experts",
              moe_layer_rule=_qwen_moe_rule),
+    ArchSpec("qwen3_next", ("qwen3_next",), **_QWEN_STYLE, shared_expert="mlp.shared_expert",
+             shared_expert_gate="mlp.shared_expert_gate", num_experts_attr="num_experts",
+             moe_layer_rule=_qwen_moe_rule, linear_attn_out="linear_attn.out_proj",
+             notes="hybrid: Gated-DeltaNet layers (layer_types 'linear_attention') write through linear_attn.out_proj, "
+                   "full-attention layers through self_attn.o_proj; MoE as qwen2_moe"),
+    ArchSpec("qwen3_5_moe", ("qwen3_5_moe_text",), **_QWEN_STYLE, shared_expert="mlp.shared_expert",
+             shared_expert_gate="mlp.shared_expert_gate", num_experts_attr="num_experts",
+             linear_attn_out="linear_attn.out_proj",
+             notes="as qwen3_next, every layer MoE; multimodal checkpoints keep the decoder under "
+                   "model.language_model (the vision tower is never edited)"),
+    ArchSpec(
+        "granitemoe", ("granitemoe",), is_moe=True, mlp_block="block_sparse_moe", router="block_sparse_moe.router",
+        experts="block_sparse_moe.experts", expert_layout="EHI", num_experts_attr="num_local_experts",
+        disk_aliases=(("block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight"),
+                      ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight"),
+                      ("block_sparse_moe.router.weight", "block_sparse_moe.router.layer.weight")),
+        notes="fused on disk as input_linear [E,2I,H] / output_linear [E,H,I], router.layer; residual_multiplier "
+              "scales each block's write (a scalar: projections commute with it)",
+    ),
     ArchSpec("olmoe", ("olmoe",), **_QWEN_STYLE, num_experts_attr="num_experts"),
     ArchSpec("deepseek_v2", ("deepseek_v2",), **_QWEN_STYLE, shared_expert="mlp.shared_experts",
              num_experts_attr="n_routed_experts", moe_layer_rule=_first_k_dense_rule,
@@ -342,6 +406,17 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
              num_experts_attr="n_routed_experts", moe_layer_rule=_first_k_dense_rule,
              dense_leading_attr="first_k_dense_replace",
              notes="GLM-4.5-Air architecture; router as DeepSeek-V3"),
+    ArchSpec("ernie4_5_moe", ("ernie4_5_moe",), **_QWEN_STYLE, shared_expert="mlp.shared_experts",
+             num_experts_attr="num_experts", moe_layer_rule=_ernie_moe_rule, dense_leading_attr="moe_layer_start_index",
+             config_refusal=_ernie_biases,
+             notes="router (mlp.gate) picks experts with moe_statics.e_score_correction_bias added, weights without; "
+                   "use_bias=True checkpoints are refused by name (config_refusal)"),
+    ArchSpec(
+        "phimoe", ("phimoe",), is_moe=True, router="mlp.router", experts="mlp.experts", expert_layout="EHI",
+        disk_expert_names=("w2", "w1", "w3"), disk_moe_block_aliases=("block_sparse_moe",),
+        disk_router_aliases=("gate",), num_experts_attr="num_local_experts",
+        notes="Mixtral's disk layout (block_sparse_moe.gate, experts.N.w1/w2/w3); in memory mlp.router (sparsemixer)",
+    ),
     ArchSpec(
         "gpt_oss", ("gpt_oss",), is_moe=True, attn_out_bias=True, router="mlp.router", experts="mlp.experts",
         expert_layout="EIH", expert_biases=True, moe_block_returns_tuple=True,
@@ -373,13 +448,19 @@ def get_arch(model_type: str) -> ArchSpec:
 
 def text_config(config: Any) -> Any:
     """Multimodal wrappers (Llama4ForConditionalGeneration, Gemma3) keep the decoder in text_config."""
-    if getattr(config, "model_type", None) in ("llama4", "gemma3") and getattr(config, "text_config", None):
+    if getattr(config, "model_type", None) in ("llama4", "gemma3", "qwen3_5_moe") and getattr(config, "text_config", None):
         return config.text_config
     return config
 
 
 def arch_for_config(config: Any) -> ArchSpec:
-    return get_arch(text_config(config).model_type)
+    """The spec for a loaded transformers config; a named error for an unsupported type or variant."""
+    tconf = text_config(config)
+    spec = get_arch(tconf.model_type)
+    reason = spec.config_refusal(tconf) if spec.config_refusal else None
+    if reason:
+        raise ArchitectureError(f"architecture '{spec.name}': {reason}")
+    return spec
 
 
 def get_module(root: Any, path: str) -> Any:

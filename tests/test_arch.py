@@ -68,8 +68,8 @@ def test_sites_exist_with_hidden_axis(arch):
 def expected_target(rest: str, moe: bool) -> str | None:
     """Which target edits a checkpoint key (relative to its layer), written out by hand from
     DESIGN.md and the transformers reference — independent of intervene.arch."""
-    if re.fullmatch(r"self_attn\.o_proj\.(weight|bias)", rest):
-        return "attention"
+    if re.fullmatch(r"self_attn\.o_proj\.(weight|bias)|linear_attn\.out_proj\.weight", rest):
+        return "attention"  # linear_attn: Qwen3-Next / Qwen3.5 Gated-DeltaNet layers
     if not moe:
         return "mlp" if re.fullmatch(r"(mlp|feed_forward)\.down_proj\.weight", rest) else None
     block = r"(mlp|block_sparse_moe|feed_forward)"
@@ -82,6 +82,10 @@ def expected_target(rest: str, moe: bool) -> str | None:
         (rf"{block}\.shared_experts?\.(gate_proj|up_proj)\.weight", "expert_inputs"),
         (rf"{block}\.shared_expert_gate\.weight", "expert_inputs"),
         (rf"{block}\.(gate|router)\.weight", "router"),
+        # granitemoe's own names for its fused experts and router (transformers' conversion mapping)
+        (rf"{block}\.output_linear\.weight", "experts"),
+        (rf"{block}\.input_linear\.weight", "expert_inputs"),
+        (rf"{block}\.router\.layer\.weight", "router"),
     ]
     return next((target for pattern, target in rules if re.fullmatch(pattern, rest)), None)
 
@@ -137,7 +141,7 @@ def test_disk_patterns_match_saved_checkpoint(arch, original_format, tmp_path):
     assert in_memory <= set(spec.targets)
     # transformers writes per-expert tensors only in the original format, and never for gpt-oss / Llama4
     if arch in MOE_ARCH_NAMES:
-        fused_anyway = arch in ("gpt_oss", "llama4")
+        fused_anyway = arch in ("gpt_oss", "llama4", "granitemoe")
         assert (per_expert_keys > 0) == (original_format and not fused_anyway), (arch, per_expert_keys)
 
 
@@ -148,7 +152,8 @@ def test_unknown_model_type_names_it_and_the_supported_list():
     assert "'foo'" in msg and "\n" not in msg
     for model_type in ("llama", "gemma3_text", "mixtral", "deepseek_v3", "glm4_moe", "gpt_oss", "llama4_text"):
         assert model_type in msg
-    assert len(SUPPORTED_MODEL_TYPES) == 13 and {get_arch(t).name for t in SUPPORTED_MODEL_TYPES} == set(ARCH_NAMES)
+    # every table entry has a tiny model in the parametrised tests, and every tiny model an entry
+    assert len(SUPPORTED_MODEL_TYPES) == len(ARCH_NAMES) and {get_arch(t).name for t in SUPPORTED_MODEL_TYPES} == set(ARCH_NAMES)
 
 
 def test_multimodal_wrappers_resolve_to_their_text_model():
@@ -156,3 +161,23 @@ def test_multimodal_wrappers_resolve_to_their_text_model():
 
     assert arch_for_config(Llama4Config()).name == "llama4"
     assert arch_for_config(Gemma3Config()).name == "gemma3"
+    from transformers import Qwen3_5MoeConfig
+
+    assert arch_for_config(Qwen3_5MoeConfig()).name == "qwen3_5_moe"
+
+
+def test_config_variant_the_table_cannot_express_is_refused_by_name(tmp_path):
+    from intervene.bake import plan_bake
+    from intervene.testing import make_measurements, tiny_config
+
+    config = tiny_config("ernie4_5_moe", use_bias=True)
+    with pytest.raises(ArchitectureError, match=r"architecture 'ernie4_5_moe': config use_bias=true gives o_proj"):
+        arch_for_config(config)
+    assert arch_for_config(tiny_config("ernie4_5_moe")).name == "ernie4_5_moe"  # the default variant is supported
+    # the bake refuses before writing anything
+    save_tiny(tiny_model("ernie4_5_moe", use_bias=True), tmp_path / "src")
+    from intervene.config.schema import parse_config
+
+    cfg = parse_config({"ablate": [{"layers": "0:2", "measurement": 1, "scale": 1.0}]})
+    with pytest.raises(ArchitectureError, match="use_bias"):
+        plan_bake(cfg, tmp_path / "src", make_measurements(3))

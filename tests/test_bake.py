@@ -30,7 +30,7 @@ from intervene.testing import ARCH_NAMES, MOE_ARCH_NAMES, random_ids, save_tiny,
 
 TOL = 1e-5
 HIDDEN = 64
-ALWAYS_FUSED = ("gpt_oss", "llama4")
+ALWAYS_FUSED = ("gpt_oss", "llama4", "granitemoe")
 # per-target scales: every target gets a different one, so a scale applied to the wrong tensor shows
 SCALES = {"attention": 1.0, "mlp": 0.8, "experts": 1.0, "shared_experts": 0.6, "router": 0.5, "expert_inputs": 0.9,
           "routed_expert_inputs": 0.7}
@@ -306,7 +306,8 @@ def test_untouched_tensors_bit_identical_and_input_unchanged(sources, tmp_path):
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
     assert (result.output / "config.json").read_bytes() == (src / "config.json").read_bytes()
     card = (result.output / "README.md").read_text()
-    assert "source model's own card" not in card
+    # the source card's text is kept below intervene's section (issue 17), under HF front matter
+    assert card.startswith("---\nbase_model: ") and card.index("edited with intervene") < card.index("source model's own card")
     assert "| layers | 0, 1, 2 |" in card and "attention, mlp, experts" in card and "sha256" in card
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directory left
 

@@ -211,7 +211,7 @@ def test_inspect_errors(case, tmp_path, capsys):
     elif case == "unknown_type":
         d.mkdir()
         (d / "config.json").write_text(json.dumps({"model_type": "foo"}))
-        expect = "unsupported model_type 'foo'; supported: deepseek_v2, deepseek_v3, gemma3_text, glm4_moe"
+        expect = "unsupported model_type 'foo'; supported: deepseek_v2, deepseek_v3, ernie4_5_moe, gemma2, gemma3_text, glm4_moe"
     elif case == "no_weights":
         d.mkdir()
         tiny_config("llama").save_pretrained(str(d))

@@ -142,7 +142,7 @@ def test_project_hooks_on_all_write_targets_equal_weight_edit(arch, h_eq_i):
     assert (hooked - expected).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("arch", ["gemma3"])
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2"])
 def test_gemma_post_norm_direction_removes_r_from_residual_contribution(arch):
     """The post-norm output (what reaches the residual) is orthogonal to r̂ under the hook."""
     model, spec, meas = build(arch)

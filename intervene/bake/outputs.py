@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import yaml
 
 from ..errors import CheckpointError
 from ..io.checkpoint import INDEX_NAME, read_header
@@ -38,9 +41,68 @@ def write_side_files(plan: BakePlan, directory: Path, versions: dict[str, str]) 
     return not_copied
 
 
+def read_source_card(source: Path) -> tuple[dict[str, Any], str]:
+    """The source's README.md as (front matter, text below it); ({}, "") when it has none. Front matter
+    that is not a YAML mapping is kept as text (the card's words are never dropped)."""
+    path = source / "README.md"
+    if not path.is_file():
+        return {}, ""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    m = re.match(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", text, re.S)
+    if not m:
+        return {}, text
+    try:
+        meta = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        return {}, text
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        return {}, text
+    return meta, text[m.end():]
+
+
+def base_model_id(source: Path) -> str:
+    """The source's hub id where its path tells it (a hub cache snapshot ``models--ORG--NAME/snapshots/SHA``),
+    else its directory name."""
+    for part in reversed(source.resolve().parts):
+        if part.startswith("models--"):
+            return "/".join(part[len("models--"):].split("--"))
+    return source.resolve().name
+
+
+def front_matter(source: Path, source_meta: dict[str, Any], library: str,
+                 relation: str | None = None) -> str:
+    """Hugging Face card metadata for an output of ``source``: ``base_model``, the source's licence
+    (``license``, ``license_name``, ``license_link``; ``unknown`` when it states none), its tags plus
+    ``intervene``, and ``library_name``."""
+    meta: dict[str, Any] = {"base_model": base_model_id(source)}
+    if relation:
+        meta["base_model_relation"] = relation
+    meta["license"] = source_meta.get("license", "unknown")
+    for key in ("license_name", "license_link", "language", "pipeline_tag"):
+        if key in source_meta:
+            meta[key] = source_meta[key]
+    tags = source_meta.get("tags") or []
+    tags = [tags] if isinstance(tags, str) else list(tags)
+    meta["tags"] = list(dict.fromkeys([*map(str, tags), "intervene"]))
+    meta["library_name"] = library
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def with_source_card(source: Path, own: str, library: str, relation: str | None = None) -> str:
+    """``own`` (intervene's section) between the front matter and the source card's text."""
+    meta, text = read_source_card(source)
+    out = front_matter(source, meta, library, relation) + "\n" + own.rstrip() + "\n"
+    if text.strip():
+        out += f"\n## The source model's card (`{base_model_id(source)}`)\n\n" + text.strip() + "\n"
+    return out
+
+
 def _copy_side_files(source: Path, directory: Path, shards: set[str]) -> list[str]:
     """Copy config, tokenizer, generation and chat-template files and anything else that is not a
-    weight file. The input's README is replaced by our model card. Returns weight files skipped."""
+    weight file (so every LICENSE / NOTICE / USE_POLICY file goes along). The input's README becomes
+    the text below our model card. Returns weight files skipped."""
     skipped = []
     for path in sorted(source.rglob("*")):
         rel = path.relative_to(source)
@@ -102,7 +164,7 @@ def model_card(plan: BakePlan, versions: dict[str, str]) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
+    return with_source_card(plan.source, "\n".join(lines), "transformers")
 
 
 def check_untouched(plan: BakePlan, out_dir: Path) -> int:

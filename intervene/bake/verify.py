@@ -118,14 +118,26 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
     """
     from ..hooks.apply import apply, load_config_measurements
     from ..io.models import load_model, parse_dtype, versions
+    from ..io.sources import resolve_model
 
     cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model=model)
     original_spec = str(model if model is not None else (cfg.model or ""))
     if not original_spec:
         raise InputError("no original model: set 'model' in the config or pass --model")
     baked = Path(baked)
-    if not (baked / "config.json").exists():
-        raise InputError(f"baked checkpoint {baked} has no config.json")
+    adapter = (baked / "adapter_config.json").is_file()  # a `bake --lora` output: PEFT on the original
+    if not adapter and not (baked / "config.json").exists():
+        raise InputError(f"baked checkpoint {baked} has no config.json (nor adapter_config.json)")
+
+    def load_baked() -> Any:
+        if not adapter:
+            return load_model(baked, torch_dtype, device_map, tokenizer="none")[0]
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise InputError(f"{baked} is a LoRA adapter; verifying it needs PEFT: pip install 'intervene[lora]'") from None
+        base_model, _ = load_model(original_spec, torch_dtype, device_map, tokenizer="none")
+        return PeftModel.from_pretrained(base_model, str(baked)).eval()
     meas = load_config_measurements(cfg, measurements)
     torch_dtype = parse_dtype(dtype or cfg.dtype)
     if torch_dtype == "auto":
@@ -145,7 +157,7 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
     positions = 0
     with apply(model_a, cfg, meas):
         if not sequential:
-            model_b, _ = load_model(baked, torch_dtype, device_map, tokenizer="none")
+            model_b = load_baked()
         for i, batch in enumerate(_bar(inputs, "live vs baked" if model_b is not None else "live", progress)):
             lv = _logits(model_a, batch)
             effect = max(effect, _maxdiff(lv, base[i], batch))
@@ -158,12 +170,12 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
     if model_b is None:
         del model_a
         _free_memory()
-        model_b, _ = load_model(baked, torch_dtype, device_map, tokenizer="none")
+        model_b = load_baked()
         for i, batch in enumerate(_bar(inputs, "baked", progress)):
             diff = max(diff, _maxdiff(_logits(model_b, batch), live[i], batch))
     rule = "given"
     if tolerance is None:
-        tolerance, rule = default_tolerance(torch_dtype, scale, stored_dtype(baked))
+        tolerance, rule = default_tolerance(torch_dtype, scale, stored_dtype(resolve_model(original_spec).path if adapter else baked))
     elif not (tolerance > 0 and math.isfinite(tolerance)):
         raise InputError(f"--tolerance must be a finite number > 0, got {tolerance}")
     return VerifyResult(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .common import add_reference_options, load_cli_config, reference_flags
 
@@ -27,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "use 1 when the machine's cores are busy)")
     p.add_argument("--verify-hashes", action="store_true",
                    help="check every untouched tensor is byte-identical to the input and write a SHA256SUMS manifest")
+    p.add_argument("--lora", action="store_true",
+                   help="write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, rank 1 per "
+                        "projection, exact; fused [E, out, in] experts via PEFT target_parameters) instead of a full "
+                        "checkpoint; needs the 'lora' extra (peft). Refused by name: norm_preserving, bias edits, "
+                        "[E, in, out] experts, routers that are not nn.Linear")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan (dry run) or result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_reference_options(p)
@@ -38,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
     from ..bake import bake
     from ..io.files import write_json
 
-    result = bake(load_cli_config(args), output=args.output, overwrite=args.overwrite, dry_run=args.dry_run,
+    cfg = load_cli_config(args)
+    if args.lora:
+        return _run_lora(args, cfg)
+    result = bake(cfg, output=args.output, overwrite=args.overwrite, dry_run=args.dry_run,
                   workers=args.workers, progress=not args.no_progress, verify_hashes=args.verify_hashes,
                   model=args.model, measurements=args.measurements, threads=args.threads)
     print(result.summary())
@@ -47,6 +56,20 @@ def run(args: argparse.Namespace) -> int:
                 "plan": result.plan.rows(), "bytes_total": result.bytes_total, "bytes_edited": result.bytes_edited,
                 "tensors_edited": result.tensors_edited, "seconds": result.seconds}
         write_json(args.json, data)
+    if not result.dry_run:
+        print(f"next: intervene verify {args.config} {result.output}{reference_flags(args)}")
+    return 0
+
+
+def _run_lora(args: argparse.Namespace, cfg: Any) -> int:
+    from ..bake.lora import bake_lora
+    from ..io.files import write_json
+
+    result = bake_lora(cfg, output=args.output, overwrite=args.overwrite, dry_run=args.dry_run,
+                       model=args.model, measurements=args.measurements)
+    print(result.summary())
+    if args.json:
+        write_json(args.json, result.to_dict())
     if not result.dry_run:
         print(f"next: intervene verify {args.config} {result.output}{reference_flags(args)}")
     return 0

@@ -16,7 +16,7 @@ max|logit|/10); bfloat16/float16 8·eps·max(1, max|logit|)."""
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = add_verb(sub, "verify", run, summary=SUMMARY, description=DESCRIPTION)
     p.add_argument("config", help="intervention config (YAML) that was baked")
-    p.add_argument("baked", help="baked checkpoint directory")
+    p.add_argument("baked", help="baked checkpoint directory, or the adapter directory of `bake --lora` (loaded with PEFT on the original)")
     p.add_argument("--model", default=None, help="original model (default: 'model' in the config)")
     p.add_argument("--measurements", default=None, help="measurements file (default: 'measurements' in the config)")
     p.add_argument("--prompts", default=None,

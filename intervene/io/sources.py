@@ -26,7 +26,7 @@ from .files import atomic_directory
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ORGANISM_NAME = "organism-smollm2-135m"
-_WRAPPERS = {"llama4": "llama4_text", "gemma3": "gemma3_text"}  # multimodal config -> text model_type
+_WRAPPERS = {"llama4": "llama4_text", "gemma3": "gemma3_text", "qwen3_5_moe": "qwen3_5_moe_text"}  # multimodal config -> text model_type
 
 
 def cache_dir() -> Path:
