@@ -297,7 +297,8 @@ class ArchSpec:
             if not self.is_moe_layer(config, layer):
                 return []
             blocks = (self.mlp_block,) + self.disk_moe_block_aliases
-            return self._routed_input_patterns("(?:" + "|".join(re.escape(b) for b in blocks) + ")", target)
+            return self._with_aliases(
+                self._routed_input_patterns("(?:" + "|".join(re.escape(b) for b in blocks) + ")", target))
         return [p for p in self.disk_patterns(config, layer) if p.target == target]
 
     def _post_norm_key(self, target: Target) -> str | None:
