@@ -13,7 +13,7 @@ from intervene.live.evaluate import (REFUSAL_MARKERS, evaluate, first_token_logp
                                 kl_divergence, refusal_score, refusal_token_ids)
 from intervene.io.measurements import Measurements
 from intervene.io.models import format_prompts
-from intervene.testing import tiny_model, tiny_tokenizer
+from intervene.testing import saying, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -234,28 +234,8 @@ def test_eval_cli_bad_arguments(model_dir, capsys):
 
 # ---- three classes, reference, full-answer KL, judge (issue 18) ---------------------------------
 
-class Repeat:
-    """lm_head forward hook: the model says ``cycle`` over and over, whatever it was asked (one
-    character per call: prefill and each decoding step), so that its answers loop."""
-
-    def __init__(self, tokenizer, cycle: str = "la "):
-        self.ids = [tokenizer.convert_tokens_to_ids(c) for c in cycle]
-        self.step = 0
-
-    def __call__(self, module, args, output):
-        forced = torch.full_like(output, -1e4)
-        forced[..., self.ids[self.step % len(self.ids)]] = 1e4
-        self.step += 1
-        return forced
-
-
-@contextlib.contextmanager
 def repeating(model, tokenizer):
-    handle = model.lm_head.register_forward_hook(Repeat(tokenizer))
-    try:
-        yield
-    finally:
-        handle.remove()
+    return saying(model, tokenizer, "la ")
 
 
 def test_a_model_forced_to_repeat_itself_is_degenerate_never_complied(tiny):
