@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -441,3 +442,9 @@ def test_degenerate_threshold_on_real_organism_answers():
         assert classify_text(text, REFUSAL_MARKERS) == expected
     for text in LONG_ANSWERS:
         assert repeated_ngram_fraction(text) < DEGENERATE_REPEAT / 4 and classify_text(text, REFUSAL_MARKERS) == "complied"
+    # the organism's own 128-token greedy answers to eval harmless prompts (no edit, 2026-12-01): one loops
+    # on a list item three times (0.46), one repeats a clause twice but moves on (0.18), a list (0.01)
+    real = json.loads((Path(__file__).parent / "data_organism_answers_128.json").read_text())
+    assert classify_text(real["loop"], REFUSAL_MARKERS) == "degenerate"
+    assert classify_text(real["partial"], REFUSAL_MARKERS) == "complied"
+    assert classify_text(real["list"], REFUSAL_MARKERS) == "complied"
