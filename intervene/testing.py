@@ -243,3 +243,34 @@ def paused_cli(argv: list[Any], **pauses: float) -> list[str]:
     code = ("import sys; from intervene.testing import main_with_pauses; "
             f"sys.exit(main_with_pauses(sys.argv[1:], **{pauses!r}))")
     return [sys.executable, "-c", code, *map(str, argv)]
+
+
+class _SayHook:
+    """lm_head forward hook: logits one-hot on the next character of ``text`` (cycled), one per call."""
+
+    def __init__(self, tokenizer: Any, text: str) -> None:
+        self.ids = [tokenizer.convert_tokens_to_ids(c) for c in text]
+        self.step = 0
+
+    def __call__(self, module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        forced = torch.full_like(output, -1e4)
+        forced[..., self.ids[self.step % len(self.ids)]] = 1e4
+        self.step += 1
+        return forced
+
+
+def saying(model: Any, tokenizer: Any, text: str) -> Any:
+    """Context manager: the (tiny, character-tokenised) model says ``text`` over and over, whatever it
+    is asked -- one character per lm_head call (prefill and each decoding step), so a batch of N
+    generated tokens starts the cycle afresh when ``len(text)`` divides N. Removed on exit."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def installed() -> Any:
+        handle = model.lm_head.register_forward_hook(_SayHook(tokenizer, text))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    return installed()

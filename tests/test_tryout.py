@@ -160,14 +160,14 @@ def test_organism_config_removes_refusals_on_the_eval_split(tmp_path, organism_m
 
     # issue 5's organism check: the baked checkpoint answers like the live-hooked model did
     from intervene.bake import bake
-    from intervene.live.evaluate import generate, is_refusal
+    from intervene.live.evaluate import classify, generate
 
     baked_dir = bake(cfg, tmp_path / "baked", progress=False, measurements=fresh).output
     baked, baked_tok = load_model(str(baked_dir))
     harmful = load_prompts("builtin:harmful:eval")
     live = [c.intervened for c in report.completions if c.kind == "harmful"]
     outs = generate(baked, baked_tok, harmful, max_new_tokens=48, progress=False)
-    assert sum(map(is_refusal, outs)) == report.harmful.refusals
+    assert classify(outs).count("refused") == report.harmful.refusals
     assert sum(a == b for a, b in zip(outs, live)) >= len(harmful) - 2  # greedy text itself, up to float ties
 
 

@@ -32,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'':24s}{'baseline':>12s}{'intervened':>12s}")
     for name, base, new in (("harmful", r.baseline.harmful, r.harmful), ("harmless", r.baseline.harmless, r.harmless)):
         print(f"{name + ' refused':24s}{base.refusals:>8}/{new.total:<3d}{new.refusals:>8}/{new.total:<3d}")
+        print(f"{name + ' degenerate':24s}{base.degenerate:>8}/{new.total:<3d}{new.degenerate:>8}/{new.total:<3d}")
     print(f"first-token KL on harmless prompts: {r.kl_divergence:.4f}")
+    if r.kl_divergence_answer is not None:
+        print(f"full-answer KL on harmless prompts: {r.kl_divergence_answer:.4f} nats/token")
     for s in r.samples[:3]:
         print(f"\n> {s.prompt}\n  baseline:   {s.baseline[:160]!r}\n  intervened: {s.intervened[:160]!r}")
     print(f"\nwrote {result.out_dir}/ (measurements.safetensors, analysis.png, config.yaml, report.json) "

@@ -1,4 +1,5 @@
-"""``intervene eval MODEL [--config CFG]``: refusal rates, first-token KL and samples, baseline vs intervened."""
+"""``intervene eval MODEL [--config CFG] [--reference SOURCE] [--judge DIR] [--capability]``: refused /
+complied / degenerate counts, first-token and full-answer KL and samples, baseline vs intervened."""
 
 from __future__ import annotations
 
@@ -7,11 +8,25 @@ import argparse
 from .common import (add_generation_options, add_model_argument, add_run_options, add_verb,
                      check_generation_options, write_report)
 
-SUMMARY = "refusal rates and first-token KL of a model, optionally with a config applied live"
-DESCRIPTION = """Greedy generation on harmful and harmless prompts (batched, left padded); a refusal is an output
-containing a refusal marker or an empty one. Also a first-token refusal score (no generation) and the
-first-token KL(base || intervened) on harmless prompts. With --config the intervened model is MODEL with
-the config applied live (hooks); without it, MODEL is scored against itself (KL = 0)."""
+SUMMARY = "refusal / degenerate counts and KL of a model, vs a source model or a live config"
+DESCRIPTION = """Greedy generation on harmful and harmless prompts (batched, left padded). Each answer is one of
+three classes: degenerate (empty, or repetitive: at least 40 % of its word 4-grams repeat an earlier
+one), refused (contains a refusal marker), or complied; a refusal whose first marker comes after the
+first 40 characters is also counted as a delayed refusal. --judge DIR lets a local classifier or
+causal-LM judge decide refused/complied instead of the markers (degenerate answers stay degenerate).
+
+Also a first-token refusal score (no generation), the first-token KL(base || intervened) on harmless
+prompts, and the full-answer KL: the baseline's greedy harmless answers teacher-forced through both
+models, KL per answer token, averaged.
+
+What is compared: --reference SOURCE makes SOURCE the baseline and MODEL the intervened model (a baked
+checkpoint vs its original: `intervene eval baked/ --reference organism`). --config applies a config to
+MODEL live (hooks); with both, MODEL+config is compared with SOURCE. With neither, MODEL is scored
+against itself (KL = 0).
+
+--capability adds perplexity on a held-out text shipped with intervene (base vs edited), and with
+lm-eval installed (pip install 'intervene[capability]') --lm-eval-tasks FILE|DIR runs lm-eval on your
+own task YAML files."""
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -19,6 +34,18 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_model_argument(p)
     p.add_argument("--config", default=None, metavar="CFG", help="intervention config (YAML) applied live")
     p.add_argument("--measurements", default=None, help="override the config's 'measurements' file")
+    p.add_argument("--reference", default=None, metavar="SOURCE",
+                   help="the source model to compare against (baseline); e.g. the checkpoint a bake started from")
+    p.add_argument("--judge", default=None, metavar="DIR",
+                   help="local judge model directory (sequence classifier or causal LM) deciding refused/complied")
+    p.add_argument("--no-answer-kl", action="store_true", help="skip the full-answer (teacher-forced) KL")
+    g = p.add_argument_group("capability")
+    g.add_argument("--capability", action="store_true",
+                   help="also report perplexity on the shipped held-out text, base vs edited")
+    g.add_argument("--capability-text", default=None, metavar="FILE", help="score this text file instead")
+    g.add_argument("--lm-eval-tasks", nargs="+", default=(), metavar="PATH",
+                   help="lm-eval task YAML files or folders (needs the 'capability' extra; implies --capability)")
+    g.add_argument("--lm-eval-limit", type=int, default=None, help="at most N documents per lm-eval task")
     add_generation_options(p, json_help="write the full report (JSON)")
     add_run_options(p, "eval")
     return p
@@ -47,7 +74,22 @@ def run(args: argparse.Namespace) -> int:
     system_prompt = args.system_prompt if args.system_prompt is not None else (cfg.system_prompt if cfg else None)
     chat_template = False if args.no_chat_template else (cfg.chat_template if cfg else True)
 
+    judge = None
+    if args.judge:
+        from ..live.judge import load_judge
+
+        judge = load_judge(args.judge)
+    capability_text = None
+    if args.capability_text:
+        from pathlib import Path
+
+        if not Path(args.capability_text).is_file():
+            raise InputError(f"--capability-text {args.capability_text}: no such file")
+        capability_text = Path(args.capability_text).read_text(encoding="utf-8")
     model, tokenizer = load_model(model_spec, dtype=args.dtype, device_map=args.device_map)
+    reference = None
+    if args.reference:
+        reference = load_model(args.reference, dtype=args.dtype, device_map=args.device_map)
     intervention = None
     if cfg is not None:
         from ..hooks.apply import apply  # lazy: only --config needs the hooks
@@ -64,10 +106,23 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(model, tokenizer, harmful, harmless, intervention=intervention,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, n_samples=args.samples,
                       system_prompt=system_prompt, chat_template=chat_template,
-                      config=cfg.to_dict() if cfg else None, progress=not args.no_progress)
-    print(f"{model_spec}{f' with {args.config} (live)' if cfg else ' (no intervention: scored against itself)'}")
+                      config=cfg.to_dict() if cfg else None, progress=not args.no_progress,
+                      reference=reference, judge=judge, full_answer_kl=not args.no_answer_kl)
+    capability_report = None
+    if args.capability or args.capability_text or args.lm_eval_tasks:
+        from ..live.capability import capability, format_capability
+
+        capability_report = capability(model, tokenizer, intervention=intervention, reference=reference,
+                                       text=capability_text, text_name=args.capability_text,
+                                       lm_eval_tasks=args.lm_eval_tasks, lm_eval_limit=args.lm_eval_limit)
+    against = (f" vs {args.reference} (reference)" if args.reference
+               else "" if cfg else " (no intervention: scored against itself)")
+    print(f"{model_spec}{f' with {args.config} (live)' if cfg else ''}{against}")
     print(format_report(report, n_samples=args.samples))
+    if capability_report is not None:
+        print(format_capability(capability_report))
     if args.json:
         write_report(args.json, EvalRunReport(report, model_spec, args.config,
-                                              PromptSources(args.harmful, args.harmless, args.field, args.limit)))
+                                              PromptSources(args.harmful, args.harmless, args.field, args.limit),
+                                              reference=args.reference, capability=capability_report))
     return 0

@@ -132,10 +132,14 @@ class EvalRunReport:
     model: str
     config_path: str | None
     prompt_sources: PromptSources
+    reference: str | None = None  # the source model the baseline numbers are from (--reference)
+    capability: Any = None  # a live.capability.CapabilityReport (--capability)
 
     def to_dict(self) -> dict[str, Any]:
         return self.evaluation.to_dict() | {"kind": "eval", "model": self.model, "config_path": self.config_path,
-                                            "prompt_sources": self.prompt_sources.to_dict()}
+                                            "prompt_sources": self.prompt_sources.to_dict(),
+                                            "reference": self.reference,
+                                            "capability": self.capability.to_dict() if self.capability else None}
 
 
 def try_config(config: InterventionConfig | str | os.PathLike, harmful: str | list[str] = "builtin:harmful:eval",

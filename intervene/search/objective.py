@@ -24,8 +24,10 @@ class Objective(Protocol):
     def cheap(self, model: Any) -> tuple[float, float]:
         """(refusal proxy, KL) of the model as it is now (intervention installed); lower is better."""
 
-    def refusals(self, model: Any) -> tuple[int, int] | None:
-        """(refused, total) by generation, or None when this objective cannot generate."""
+    def refusals(self, model: Any) -> tuple[int, ...] | None:
+        """(not complied, total) by generation -- refused OR degenerate answers, so that breaking
+        the model is never a success -- optionally followed by the degenerate count; or None when
+        this objective cannot generate."""
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description; its hash decides whether cached results can be reused."""
@@ -56,6 +58,7 @@ class PromptObjective:
         self.label = label
         self.sources = dict(sources or {})
         self.refusal_ids = ev.refusal_token_ids(tokenizer)
+        self._base_answers: list[list[int]] | None = None
         # one forward over both sets per trial, prompts sorted by length (less padding)
         joined = self.harmful + self.harmless
         self._order = sorted(range(len(joined)), key=lambda i: len(joined[i]))
@@ -98,18 +101,33 @@ class PromptObjective:
         harmful_lp, harmless_lp = self._first_token(model, start_layer)
         return self._score(harmful_lp), float(ev.kl_divergence(self.base_harmless, harmless_lp))
 
-    def refusals(self, model: Any) -> tuple[int, int]:
+    def refusals(self, model: Any) -> tuple[int, int, int]:
+        """(refused + degenerate, total, degenerate) on the harmful prompts: a degenerate answer
+        (empty or repetitive, :mod:`intervene.live.answers`) counts against the trial like a refusal."""
         texts = ev.generate(model, self.tokenizer, self.harmful, max_new_tokens=self.max_new_tokens,
                             batch_size=self.batch_size, system_prompt=self.system_prompt,
                             chat_template=self.chat_template, progress=False)
-        return sum(bool(ev.is_refusal(t)) for t in texts), len(texts)
+        classes = ev.classify(texts)
+        return len(texts) - classes.count("complied"), len(texts), classes.count("degenerate")
+
+    def answer_kl(self, model: Any, intervention: ev.Intervention) -> float:
+        """Full-answer KL on the harmless prompts: this objective's baseline greedy answers
+        (generated once, from ``model`` as it is when first called: call it unedited) teacher-forced
+        with and without ``intervention``."""
+        if self._base_answers is None:
+            self._base_answers = ev.generate_ids(model, self.tokenizer, self.harmless, self.max_new_tokens,
+                                                 self.batch_size, self.system_prompt, self.chat_template,
+                                                 progress=False)
+        return ev.answer_kl(model, model, self.tokenizer, self.harmless, self._base_answers, new_context=intervention,
+                            batch_size=min(self.batch_size, 8), system_prompt=self.system_prompt,
+                            chat_template=self.chat_template, progress=False)
 
     def describe(self) -> dict[str, Any]:
         return {
             "label": self.label, "sources": self.sources,
             "harmful": {"n": len(self.harmful), "sha256": sha256_lines(self.harmful)},
             "harmless": {"n": len(self.harmless), "sha256": sha256_lines(self.harmless)},
-            "max_new_tokens": self.max_new_tokens, "system_prompt": self.system_prompt,
+            "max_new_tokens": self.max_new_tokens, "system_prompt": self.system_prompt, "classes": "three",
             "chat_template": self.chat_template, "batch_size": self.batch_size,
         }
 

@@ -27,7 +27,8 @@ class TrialRecord:
     config_yaml: str
     refusals: int | None = None  # generation on the search's harmful prompts
     total: int | None = None
-    eval: dict[str, Any] | None = None  # {"refusals", "total", "kl", "proxy"} on the eval prompts
+    # {"refusals" (refused + degenerate), "total", "degenerate", "kl", "answer_kl", "proxy"} on the eval prompts
+    eval: dict[str, Any] | None = None
     seconds: float | None = None
 
     @property
@@ -70,11 +71,15 @@ def format_front(front: Sequence[TrialRecord], basis: str, baseline: dict[str, A
     def rate(refusals: Any, total: Any) -> str:
         return "-" if refusals is None else f"{refusals}/{total} ({100.0 * refusals / max(total, 1):.0f}%)"
 
-    head = f"{'trial':>6}  {'eval refused':>14}  {'eval KL':>8}  {'search refused':>14}  {'search KL':>9}  " \
-           f"{'proxy':>8}  {'dir':>6}  {'window':>11}  {'method':>15}"
+    # "refused" columns count refused + degenerate answers (neither is a success); "degen" the latter alone
+    head = f"{'trial':>6}  {'eval refused':>14}  {'degen':>5}  {'eval KL':>8}  {'answer KL':>9}  " \
+           f"{'search refused':>14}  {'search KL':>9}  {'proxy':>8}  {'dir':>6}  {'window':>11}  {'method':>15}"
     lines = [f"Pareto front ({basis}), {len(front)} member(s):", head]
     be = baseline.get("eval") or {}
-    lines.append(f"{'base':>6}  {rate(be.get('refusals'), be.get('total')):>14}  {'0':>8}  "
+    def degen(scores: dict[str, Any]) -> str:
+        return str(scores["degenerate"]) if "degenerate" in scores else "-"
+
+    lines.append(f"{'base':>6}  {rate(be.get('refusals'), be.get('total')):>14}  {degen(be):>5}  {'0':>8}  {'0':>9}  "
                  f"{rate(baseline.get('refusals'), baseline.get('total')):>14}  {'0':>9}  "
                  f"{baseline.get('proxy', float('nan')):>8.3g}")
     for r in front:
@@ -83,7 +88,9 @@ def format_front(front: Sequence[TrialRecord], basis: str, baseline: dict[str, A
         win = f"{p['center']:.1f}±{p['width']:.1f}"
         method = p["method"] + ("+router" if p.get("router") else "")
         kl = f"{ev['kl']:.4f}" if "kl" in ev else "-"
-        lines.append(f"{r.number:>6}  {rate(ev.get('refusals'), ev.get('total')):>14}  {kl:>8}  "
+        answer_kl = f"{ev['answer_kl']:.4f}" if "answer_kl" in ev else "-"
+        lines.append(f"{r.number:>6}  {rate(ev.get('refusals'), ev.get('total')):>14}  {degen(ev):>5}  {kl:>8}  "
+                     f"{answer_kl:>9}  "
                      f"{rate(r.refusals, r.total):>14}  {r.kl:>9.4f}  {r.proxy:>8.3g}  {p['direction']:>6.2f}  "
                      f"{win:>11}  {method:>15}")
     return "\n".join(lines)

@@ -264,7 +264,12 @@ def _scores(objective: Objective, model: Any) -> dict[str, Any]:
     objective generates."""
     proxy, kl = objective.cheap(model)
     counted = objective.refusals(model)
-    return {"proxy": proxy, "kl": kl, **({"refusals": counted[0], "total": counted[1]} if counted else {})}
+    out: dict[str, Any] = {"proxy": proxy, "kl": kl}
+    if counted:
+        out |= {"refusals": int(counted[0]), "total": int(counted[1])}
+        if len(counted) > 2:
+            out["degenerate"] = int(counted[2])  # included in "refusals": a degenerate answer is no success
+    return out
 
 
 def _baseline(study: Any, model: Any, objective: Objective) -> dict[str, Any]:
@@ -369,6 +374,9 @@ def _final_front(records: list[TrialRecord], settings: SearchSettings, final: Ob
             edits = resolve(r.config(), spec, model_config, measurements)
             with torch.no_grad(), apply_edits(model, edits):
                 entries["trials"][str(r.number)] = _scores(final, model)
+            if hasattr(final, "answer_kl"):  # full-answer KL, toggling the edit around each forward
+                entries["trials"][str(r.number)]["answer_kl"] = final.answer_kl(
+                    model, lambda edits=edits: apply_edits(model, edits))
             atomic_write_text(cache_path, json.dumps(cache, indent=1, default=str))
         r.eval = entries["trials"][str(r.number)]
     atomic_write_text(cache_path, json.dumps(cache, indent=1, default=str))
