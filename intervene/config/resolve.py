@@ -75,6 +75,8 @@ def validate_router_bias(cfg: InterventionConfig, spec: ArchSpec, model_config: 
     n_exp = spec.num_experts(model_config)
     for i, entry in enumerate(cfg.router_bias):
         here = f"{where}: router_bias[{i}]"
+        if entry.top is not None and entry.top > n_exp:
+            raise ConfigError(f"{here}: experts 'top:{entry.top}' but the model has {n_exp} experts")
         for layer in entry.layers:
             if not 0 <= layer < num_layers:
                 raise ConfigError(f"{here}: layer {layer} out of range; the model has layers 0..{num_layers - 1}")
@@ -89,8 +91,6 @@ def validate_router_bias(cfg: InterventionConfig, spec: ArchSpec, model_config: 
                         raise ConfigError(f"{here}: experts 'top:{entry.top}' (tokens: {entry.tokens}) needs '{key}', "
                                           f"not in {measurements.path or 'the measurements'}; re-measure with "
                                           "`intervene measure` or give expert ids")
-        if entry.top is not None and entry.top > n_exp:
-            raise ConfigError(f"{here}: experts 'top:{entry.top}' but the model has {n_exp} experts")
         bad = [e for e in entry.experts or [] if e >= n_exp]
         if bad:
             raise ConfigError(f"{here}: expert {bad[0]} out of range; the model has experts 0..{n_exp - 1}")
