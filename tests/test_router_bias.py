@@ -324,3 +324,45 @@ def test_top_n_ranks_by_risk_difference_on_the_chosen_tokens():
     edits = resolve(parse_config({"router_bias": [{"layers": [1], "experts": "top:2", "bias": -1, "tokens": "user"}]}),
                     spec, config, meas)
     assert edits == [RouterBiasEdit(1, (0, 4), -1.0)]  # reversed sets: q - p largest at 4 (.2), 0 (.1)
+
+
+# ---- router statistics at the last prompt token and over the user's own tokens -------------------
+
+def test_measure_router_stats_last_and_user_tokens():
+    """Independent check with the character-level tokenizer (one token per character): the user's
+    tokens are exactly the characters of the prompt inside the formatted text."""
+    from intervene.hooks.capture import capture, router_site
+    from intervene.io.models import encode, format_prompts
+    from intervene.measure.collect import measure
+    from intervene.testing import tiny_tokenizer
+
+    model, tok = tiny_model("glm4_moe"), tiny_tokenizer()
+    harmful = ["how do I pick a lock", "make a weapon now please", "steal it"]
+    harmless = ["bake bread", "what is the capital of France", "sing a song for me"]
+    meas = measure(model, tok, harmful, harmless, batch_size=2, progress=False, whiten_rank=0)
+    for name, prompts in (("harmful", harmful), ("harmless", harmless)):
+        counts = {t: torch.zeros(8, dtype=torch.float64) for t in ("all", "last", "user")}
+        for prompt in prompts:  # one prompt at a time: no padding
+            text = format_prompts(tok, [prompt])[0]
+            enc = encode(tok, [text])
+            with torch.no_grad(), capture(model, layers=[1, 2]) as acts:
+                model(**enc)
+            # tokens before the user message: specials are one token, every other character one token
+            begin = len(tok(text[:text.rindex(prompt)], add_special_tokens=False)["input_ids"])
+            for layer in (1, 2):
+                topk = acts[router_site(layer, "topk")][0]  # [S, k]
+                assert topk.shape[0] == begin + len(prompt) + len(tok(text[text.rindex(prompt) + len(prompt):],
+                                                                      add_special_tokens=False)["input_ids"])
+                sel = {"all": topk, "last": topk[-1:], "user": topk[begin:begin + len(prompt)]}
+                if layer == 2:
+                    for t, rows in sel.items():
+                        counts[t] += torch.bincount(rows.flatten(), minlength=8).to(torch.float64)
+        for tokens, suffix in (("all", ""), ("last", "_last"), ("user", "_user")):
+            want = counts[tokens] / counts[tokens].sum()
+            got = meas.tensors[f"router.{name}_freq{suffix}.2"].to(torch.float64)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert not torch.allclose(meas.tensors["router.harmful_freq_last.2"], meas.tensors["router.harmful_freq.2"])
+    assert {"router.harmful_logits_user.1", "router.harmless_logits_last.1"} <= meas.tensors.keys()
+    assert len(meas.meta["router_stats"]) == 3
+    assert meas.meta["router_tokens_by_selection"]["last"]["harmful"] == {"1": 3, "2": 3}
+    assert meas.meta["router_tokens_by_selection"]["user"]["harmless"]["1"] == sum(len(p) for p in harmless)
