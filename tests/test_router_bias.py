@@ -366,3 +366,37 @@ def test_measure_router_stats_last_and_user_tokens():
     assert len(meas.meta["router_stats"]) == 3
     assert meas.meta["router_tokens_by_selection"]["last"]["harmful"] == {"1": 3, "2": 3}
     assert meas.meta["router_tokens_by_selection"]["user"]["harmless"]["1"] == sum(len(p) for p in harmless)
+
+
+def test_analyze_ranks_experts_by_risk_difference_and_suggests_top_n(tmp_path):
+    from intervene.measure.analyze import analyze, recommend
+
+    meas = make_measurements(4)
+    meas.meta.update({"num_layers": 4, "top_k": 2, "model_type": "glm4_moe"})
+    gen = torch.Generator().manual_seed(0)
+    for layer in (1, 2, 3):
+        for name in ("harmful", "harmless"):
+            for suffix in ("", "_last"):
+                f = torch.rand(8, generator=gen)
+                meas.tensors[f"router.{name}_freq{suffix}.{layer}"] = f / f.sum()
+    report = analyze(meas)
+    for layer in (1, 2, 3):
+        row = report.row(layer)
+        p, q = meas.tensors[f"router.harmful_freq_last.{layer}"], meas.tensors[f"router.harmless_freq_last.{layer}"]
+        diff = (p - q).tolist()
+        want = sorted(range(8), key=lambda e: -diff[e])
+        assert row.ranking_tokens == "last" and [e.expert for e in row.expert_ranking] == want
+        assert row.expert_ranking[0].difference == pytest.approx(max(diff))
+        assert row.router_js_last is not None and row.router_js_user is None
+        assert row.router_js != row.router_js_last  # the all-token statistic is kept alongside
+    assert [s["experts"] for s in report.router_bias_suggestions] == ["top:1", "top:2", "top:4"]
+    assert report.router_bias_suggestions[0]["layers"] == "1:3" and "top risk difference" in report.table()
+    assert (tmp_path / "x.png") == report.plot_experts(tmp_path / "x.png") and (tmp_path / "x.png").stat().st_size > 0
+    cfg = recommend(meas, report=report, router_bias_top=2)
+    again = parse_config(yaml.safe_load(cfg.to_yaml()))
+    from intervene.testing import tiny_config
+
+    config = tiny_config("glm4_moe", num_hidden_layers=4)
+    edits = [e for e in resolve(again, arch_for_config(config), config, meas) if isinstance(e, RouterBiasEdit)]
+    assert [(e.layer, e.experts) for e in edits] == [
+        (r.layer, tuple(sorted(x.expert for x in r.expert_ranking[:2]))) for r in (report.row(1), report.row(2))]  # the depth band's MoE layers
