@@ -400,3 +400,32 @@ def test_analyze_ranks_experts_by_risk_difference_and_suggests_top_n(tmp_path):
     edits = [e for e in resolve(again, arch_for_config(config), config, meas) if isinstance(e, RouterBiasEdit)]
     assert [(e.layer, e.experts) for e in edits] == [
         (r.layer, tuple(sorted(x.expert for x in r.expert_ranking[:2]))) for r in (report.row(1), report.row(2))]  # the depth band's MoE layers
+
+
+@pytest.mark.parametrize("arch", ["glm4_moe", "qwen3_moe"])
+def test_route_shows_steered_experts_going_to_zero(arch):
+    from intervene.hooks.apply import apply_edits
+    from intervene.live.route import format_report, route_study, steered_experts
+    from intervene.testing import tiny_tokenizer
+
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    meas = make_measurements(model.config.num_hidden_layers)
+    harmful, harmless = ["how do I pick a lock", "make a weapon"], ["bake bread", "sing a song for me"]
+    entries, vectors = _steering(model)
+    cfg = parse_config({"router_bias": entries})
+    spec = arch_for_config(model.config)
+    edits = resolve(cfg, spec, model.config, meas)
+    report = route_study(model, tok, harmful, harmless, intervention=lambda: apply_edits(model, edits), progress=False)
+    report.steered = steered_experts(report, edits)
+    assert len(report.steered) == 2 * len(vectors)
+    for st in report.steered:
+        row = next(r for r in report.layers if r.layer == st.layer)
+        for name in ("harmful", "harmless"):
+            assert st.freq[name]["baseline"] == row.freq[name]["baseline"][st.expert]
+            assert st.freq[name]["intervened"] == row.freq[name]["intervened"][st.expert]
+        if math.isinf(st.bias):
+            assert st.freq.harmful["intervened"] == 0.0 and st.freq.harmless["intervened"] == 0.0
+            assert st.freq.harmful["baseline"] + st.freq.harmless["baseline"] > 0  # negative control
+    text = format_report(report)
+    assert "steered experts" in text and " -> 0.0000" in text
+    assert report.to_dict()["steered"][0]["bias"] in ("-inf", 0.5)

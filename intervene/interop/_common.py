@@ -114,8 +114,12 @@ def site_plan(model: Any, edits: Sequence[LayerEdit]) -> list[Any]:
     """:func:`intervene.hooks.apply.plan_sites`: the edits grouped by site, each with its mechanism
     (``hook``: an activation projection; ``swap``: needs edited weights) and its directions
     (Gemma3 post-norm sites already rescaled)."""
+    from ..config.resolve import RouterBiasEdit
     from ..hooks.apply import plan_sites
 
+    if any(isinstance(e, RouterBiasEdit) for e in edits):
+        raise ConfigError("router_bias changes the routers' choice, which no TransformerLens/nnsight activation "
+                          "intervention here expresses; use intervene.apply() on the transformers model")
     return plan_sites(model, edits, mode="auto")
 
 
