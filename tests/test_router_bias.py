@@ -429,3 +429,44 @@ def test_route_shows_steered_experts_going_to_zero(arch):
     text = format_report(report)
     assert "steered experts" in text and " -> 0.0000" in text
     assert report.to_dict()["steered"][0]["bias"] in ("-inf", 0.5)
+
+
+def test_search_space_router_bias_dimensions():
+    import optuna
+
+    from intervene.errors import InputError
+    from intervene.search.space import SearchSpace
+    from intervene.testing import tiny_config
+
+    config = tiny_config("glm4_moe", num_hidden_layers=6)
+    spec = arch_for_config(config)
+    meas = make_measurements(6)
+    with pytest.raises(InputError, match="router.harmful_freq_last.1"):
+        SearchSpace.default(spec, config, meas, router_bias=True)
+    for layer in range(1, 6):
+        for name, f in (("harmful", torch.arange(8.0)), ("harmless", torch.arange(8.0).flip(0))):
+            meas.tensors[f"router.{name}_freq_last.{layer}"] = (f + 1) / (f + 1).sum()  # p - q largest at 7, 6, ...
+    plain = SearchSpace.default(spec, config, meas)
+    assert "router_bias" not in plain.to_dict() and not plain.router_bias
+    space = SearchSpace.default(spec, config, meas, router_bias=True, router_bias_top=(1, 9), projection_optional=True)
+    assert space.router_bias_top == (1, 6)  # at most E - top_k = 8 - 2
+    assert (space.router_bias_center.low, space.router_bias_center.high) == (1.0, 5.0)
+    base = {"direction": 2.0, "center": 3.0, "width": 1.0, "method": "project", "router": False,
+            **{f"{t}.{m}": 1.0 for t in space.targets for m in ("max", "min")}}
+    both = space.suggest(optuna.trial.FixedTrial({**base, "router_bias": True, "router_bias.top": 3,
+                                                  "router_bias.center": 3.2, "router_bias.width": 1.5,
+                                                  "projection": True}))
+    cfg = parse_config(yaml.safe_load(space.to_config(both).to_yaml()))
+    assert cfg.ablate and len(cfg.router_bias) == 1
+    entry = cfg.router_bias[0]
+    assert (entry.layers, entry.top, entry.bias, entry.tokens) == ([2, 3, 4], 3, -math.inf, "last")
+    edits = [e for e in resolve(cfg, spec, config, meas) if isinstance(e, RouterBiasEdit)]
+    assert [(e.layer, e.experts) for e in edits] == [(layer, (5, 6, 7)) for layer in (2, 3, 4)]
+    alone = space.suggest(optuna.trial.FixedTrial({**base, "router_bias": True, "router_bias.top": 1,
+                                                   "router_bias.center": 1.2, "router_bias.width": 0.5,
+                                                   "projection": False}))
+    cfg = parse_config(yaml.safe_load(space.to_config(alone).to_yaml()))
+    assert cfg.ablate == [] and cfg.router_bias[0].layers == [1] and cfg.targets is None
+    off = space.suggest(optuna.trial.FixedTrial({**base, "router_bias": False}))
+    assert space.to_config(off).router_bias == []
+    assert space.to_dict()["router_bias_top"] == [1, 6]
