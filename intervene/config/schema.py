@@ -264,16 +264,21 @@ def parse_layers(value: Any, where: str) -> list[int]:
     raise ConfigError(f"{where}: layers must be an int, a list of ints, or a range 'a:b', got {value!r}")
 
 
-def _entry(raw: Any, index: int, where: str) -> AblateEntry:
-    here = f"{where}: ablate[{index}]"
+def _entry_layers(raw: Any, here: str, keys: tuple[str, ...], what: str) -> list[int]:
+    """A list entry's shape (a mapping of known keys) and its 'layer'/'layers'."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{here} must be a mapping with layer/layers, measurement, scale, sparsity")
-    unknown = sorted(set(raw) - set(ENTRY_KEYS))
+        raise ConfigError(f"{here} must be a mapping with {what}")
+    unknown = sorted(set(raw) - set(keys))
     if unknown:
-        raise ConfigError(f"{here}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(ENTRY_KEYS)}")
+        raise ConfigError(f"{here}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(keys)}")
     if ("layer" in raw) == ("layers" in raw):
         raise ConfigError(f"{here}: give exactly one of 'layer' or 'layers'")
-    layers = parse_layers(raw.get("layer", raw.get("layers")), here)
+    return parse_layers(raw.get("layer", raw.get("layers")), here)
+
+
+def _entry(raw: Any, index: int, where: str) -> AblateEntry:
+    here = f"{where}: ablate[{index}]"
+    layers = _entry_layers(raw, here, ENTRY_KEYS, "layer/layers, measurement, scale, sparsity")
     if "measurement" not in raw:
         raise ConfigError(f"{here}: missing 'measurement' (the layer whose direction is used)")
     meas = raw["measurement"]
@@ -319,14 +324,7 @@ def _bias(value: Any, here: str) -> float:
 
 def _router_bias_entry(raw: Any, index: int, where: str) -> RouterBiasEntry:
     here = f"{where}: router_bias[{index}]"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{here} must be a mapping with layers, experts, bias")
-    unknown = sorted(set(raw) - set(ROUTER_BIAS_KEYS))
-    if unknown:
-        raise ConfigError(f"{here}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(ROUTER_BIAS_KEYS)}")
-    if ("layer" in raw) == ("layers" in raw):
-        raise ConfigError(f"{here}: give exactly one of 'layer' or 'layers'")
-    layers = parse_layers(raw.get("layer", raw.get("layers")), here)
+    layers = _entry_layers(raw, here, ROUTER_BIAS_KEYS, "layers, experts, bias")
     if "bias" not in raw:
         raise ConfigError(f"{here}: missing 'bias' (added to the experts' selection score; -inf = never chosen)")
     bias = _bias(raw["bias"], here)
