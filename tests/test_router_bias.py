@@ -470,3 +470,19 @@ def test_search_space_router_bias_dimensions():
     off = space.suggest(optuna.trial.FixedTrial({**base, "router_bias": False}))
     assert space.to_config(off).router_bias == []
     assert space.to_dict()["router_bias_top"] == [1, 6]
+
+
+def test_prepared_sites_list_the_steered_routers():
+    from intervene.live.tryout import prepare
+    from intervene.testing import tiny_tokenizer
+
+    for arch, mechanism in (("glm4_moe", "swap"), ("mixtral", "hook")):
+        model = tiny_model(arch)
+        layer = _moe_layers(model)[-1]
+        cfg = parse_config({"router_bias": [{"layers": [layer], "experts": [1], "bias": -3}],
+                            "ablate": [{"layer": layer, "measurement": layer}]})
+        p = prepare(cfg, measurements=make_measurements(model.config.num_hidden_layers), model=model,
+                    tokenizer=tiny_tokenizer())
+        sites = p.sites()
+        assert sites[-1] == {"site": f"layers.{layer}.router.bias", "mechanism": mechanism}
+        assert any(s["site"] == f"layers.{layer}.attn.out" for s in sites)
