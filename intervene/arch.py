@@ -29,6 +29,10 @@ if TYPE_CHECKING:  # the table itself stays torch-free (cheap to import)
 Target = Literal["attention", "mlp", "experts", "shared_experts", "router", "expert_inputs", "routed_expert_inputs"]
 Side = Literal["write", "read"]  # write: the module's output is added to the residual; read: its input is it
 RouterOutput = Literal["topk", "llama4"]
+# where a config's router_bias goes (see ArchSpec.selection_bias)
+SelectionBias = Literal["correction_bias", "router_bias", "logits"]
+# how a router turns logits into (weights, indices): needed to re-choose from biased logits live
+RouterChoice = Literal["softmax_topk", "softmax_topk_renorm", "deepseek_v2", "llama4", "own"]
 ExpertLayout = Literal["EHI", "EIH"]  # fused in-memory experts: down [E,H,I] / gate_up [E,2I,H], or the reverse
 
 WRITE_TARGETS: tuple[Target, ...] = ("attention", "mlp", "experts", "shared_experts")
@@ -120,6 +124,16 @@ class ArchSpec:
     top_k_attr: str = "num_experts_per_tok"
     moe_layer_rule: Callable[[Any, int], bool] | None = None
     dense_leading_attr: str | None = None  # first_k_dense_replace
+    # router_bias (expert steering). selection_bias says where the bias is added:
+    #   correction_bias  the router's own choice-only bias (e_score_correction_bias): it shifts which
+    #                    experts are chosen, the weights still come from the unbiased scores;
+    #   router_bias      the router's Linear bias (its logits), before top-k and softmax;
+    #   logits           the router logits before top-k (a -inf also drops the expert from the softmax).
+    # selection_bias_tensor names the router's parameter/buffer that holds it (the same name in memory and
+    # on disk, relative to the router module): a bake writes it there; None = nothing to bake into.
+    selection_bias: SelectionBias | None = None
+    selection_bias_tensor: str | None = None
+    router_choice: RouterChoice = "own"  # "logits" kind: how the router chooses from its logits
     notes: str = ""
 
     # ---- layer structure -------------------------------------------------------------
@@ -172,6 +186,52 @@ class ArchSpec:
             logits = output[1]
             return logits, logits.topk(top_k, dim=-1)[1]
         return output[0], output[2]
+
+    def selection_bias_key(self, config: Any, layer: int) -> str | None:
+        """Checkpoint key (relative to ``…layers.N.``) a router_bias bakes into; None where the
+        architecture has no such tensor (or ``layer`` is not a MoE layer)."""
+        if self.selection_bias_tensor is None or not self.is_moe_layer(config, layer):
+            return None
+        return f"{self.router}.{self.selection_bias_tensor}"
+
+    def rechoose(self, router: Any, output: Any, bias: torch.Tensor, layer: int | None = None) -> Any:
+        """The router's output as if ``bias`` [E] had been added to its logits before top-k (the
+        ``logits`` kind of ``selection_bias``): same tuple layout, the logits returned biased,
+        the weights recomputed with the router's own rule (``router_choice``) and its attributes."""
+        import torch
+
+        logits, _ = self.unpack_router_output(output, self.top_k_of(router), layer)
+        biased = (logits.to(torch.float32) + bias.to(logits.device, torch.float32)).to(logits.dtype)
+        k = self.top_k_of(router)
+        if self.router_choice in ("softmax_topk", "softmax_topk_renorm"):
+            probs = torch.nn.functional.softmax(biased, dtype=torch.float, dim=-1)
+            value, index = torch.topk(probs, k, dim=-1)
+            if self.router_choice == "softmax_topk_renorm" or getattr(router, "norm_topk_prob", False):
+                value = value / value.sum(dim=-1, keepdim=True)
+            if self.router_choice == "softmax_topk":
+                value = value.to(biased.dtype)
+            return biased, value, index
+        if self.router_choice == "deepseek_v2":
+            scores = biased.softmax(dim=-1, dtype=torch.float32)
+            if router.topk_method == "group_limited_greedy":
+                groups, n = router.num_group, router.num_experts
+                group_scores = scores.view(-1, groups, n // groups).max(dim=-1).values
+                group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+                mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+                mask = mask.unsqueeze(-1).expand(-1, groups, n // groups).reshape(-1, n)
+                scores = scores.masked_fill(~mask.bool(), 0.0)
+            value, index = torch.topk(scores, k=k, dim=-1, sorted=False)
+            return biased, value * router.routed_scaling_factor, index
+        if self.router_choice == "llama4":
+            value, index = torch.topk(biased, k, dim=1)
+            scores = torch.full_like(biased, float("-inf")).scatter_(1, index, value)
+            return torch.sigmoid(scores.float()).to(scores.dtype), biased
+        raise ArchitectureError(f"{self.name}: its router chooses experts itself (router_choice 'own'); "
+                                f"router_bias goes into '{self.selection_bias_tensor}' instead")
+
+    @staticmethod
+    def top_k_of(router: Any) -> int:
+        return int(router.top_k)
 
     @property
     def has_dense_mlp_anywhere(self) -> bool:
@@ -369,16 +429,17 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec(
         "mixtral", ("mixtral",), is_moe=True, router="mlp.gate", experts="mlp.experts", expert_layout="EHI",
         disk_expert_names=("w2", "w1", "w3"), disk_moe_block_aliases=("block_sparse_moe",),
-        num_experts_attr="num_local_experts",
+        num_experts_attr="num_local_experts", selection_bias="logits", router_choice="softmax_topk_renorm",
     ),
     ArchSpec("qwen2_moe", ("qwen2_moe",), **_QWEN_STYLE, shared_expert="mlp.shared_expert",
              shared_expert_gate="mlp.shared_expert_gate", num_experts_attr="num_experts",
-             moe_layer_rule=_qwen_moe_rule),
+             moe_layer_rule=_qwen_moe_rule, selection_bias="logits", router_choice="softmax_topk"),
     ArchSpec("qwen3_moe", ("qwen3_moe",), **_QWEN_STYLE, num_experts_attr="num_experts",
-             moe_layer_rule=_qwen_moe_rule),
+             moe_layer_rule=_qwen_moe_rule, selection_bias="logits", router_choice="softmax_topk"),
     ArchSpec("qwen3_next", ("qwen3_next",), **_QWEN_STYLE, shared_expert="mlp.shared_expert",
              shared_expert_gate="mlp.shared_expert_gate", num_experts_attr="num_experts",
              moe_layer_rule=_qwen_moe_rule, linear_attn_out="linear_attn.out_proj",
+             selection_bias="logits", router_choice="softmax_topk",
              notes="hybrid: Gated-DeltaNet layers (layer_types 'linear_attention') write through linear_attn.out_proj, "
                    "full-attention layers through self_attn.o_proj; MoE as qwen2_moe"),
     ArchSpec("qwen3_5_moe", ("qwen3_5_moe_text",), **_QWEN_STYLE, shared_expert="mlp.shared_expert",
@@ -395,17 +456,20 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         notes="fused on disk as input_linear [E,2I,H] / output_linear [E,H,I], router.layer; residual_multiplier "
               "scales each block's write (a scalar: projections commute with it)",
     ),
-    ArchSpec("olmoe", ("olmoe",), **_QWEN_STYLE, num_experts_attr="num_experts"),
+    ArchSpec("olmoe", ("olmoe",), **_QWEN_STYLE, num_experts_attr="num_experts", selection_bias="logits",
+             router_choice="softmax_topk"),
     ArchSpec("deepseek_v2", ("deepseek_v2",), **_QWEN_STYLE, shared_expert="mlp.shared_experts",
              num_experts_attr="n_routed_experts", moe_layer_rule=_first_k_dense_rule,
-             dense_leading_attr="first_k_dense_replace"),
+             dense_leading_attr="first_k_dense_replace", selection_bias="logits", router_choice="deepseek_v2"),
     ArchSpec("deepseek_v3", ("deepseek_v3",), **_QWEN_STYLE, shared_expert="mlp.shared_experts",
              num_experts_attr="n_routed_experts", moe_layer_rule=_first_k_dense_rule,
-             dense_leading_attr="first_k_dense_replace",
+             dense_leading_attr="first_k_dense_replace", selection_bias="correction_bias",
+             selection_bias_tensor="e_score_correction_bias",
              notes="router adds e_score_correction_bias to choose experts, not to weight them"),
     ArchSpec("glm4_moe", ("glm4_moe",), **_QWEN_STYLE, shared_expert="mlp.shared_experts",
              num_experts_attr="n_routed_experts", moe_layer_rule=_first_k_dense_rule,
-             dense_leading_attr="first_k_dense_replace",
+             dense_leading_attr="first_k_dense_replace", selection_bias="correction_bias",
+             selection_bias_tensor="e_score_correction_bias",
              notes="GLM-4.5-Air architecture; router as DeepSeek-V3"),
     ArchSpec("ernie4_5_moe", ("ernie4_5_moe",), **_QWEN_STYLE, shared_expert="mlp.shared_experts",
              num_experts_attr="num_experts", moe_layer_rule=_ernie_moe_rule, dense_leading_attr="moe_layer_start_index",
@@ -421,12 +485,13 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec(
         "gpt_oss", ("gpt_oss",), is_moe=True, attn_out_bias=True, router="mlp.router", experts="mlp.experts",
         expert_layout="EIH", expert_biases=True, moe_block_returns_tuple=True,
-        num_experts_attr="num_local_experts",
+        num_experts_attr="num_local_experts", selection_bias="router_bias", selection_bias_tensor="bias",
         notes="fused on disk too; down_proj [E,I,H] (H last); published weights are MXFP4",
     ),
     ArchSpec(
         "llama4", ("llama4_text",), is_moe=True, mlp_block="feed_forward", router="feed_forward.router",
         router_output="llama4", experts="feed_forward.experts", expert_layout="EIH",
+        selection_bias="logits", router_choice="llama4",
         shared_expert="feed_forward.shared_expert", moe_block_returns_tuple=True,
         num_experts_attr="num_local_experts", moe_layer_rule=_llama4_rule,
         notes="fused on disk; down_proj [E,I,H]; router score scales the expert input",

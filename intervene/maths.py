@@ -192,3 +192,18 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
         return float((a[support] * (a[support] / mid[support]).log()).sum())
 
     return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+def risk_difference_ranking(harmful_freq: torch.Tensor, harmless_freq: torch.Tensor) -> list[int]:
+    """Expert ids ordered by risk difference ``p_harmful[e] − p_harmless[e]`` (largest first; ties
+    by id): the experts most over-selected on harmful prompts first. ``router_bias: top:N`` and
+    ``analyze`` both rank with this."""
+    diff = harmful_freq.detach().to(torch.float64) - harmless_freq.detach().to(torch.float64)
+    return [int(e) for e in torch.argsort(diff, descending=True, stable=True)]
+
+
+def add_selection_bias(t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``t + bias`` computed in float32 (float64 stays float64) and cast back to ``t``'s dtype: the
+    one arithmetic of a router_bias, live (weight swap) and baked. ``-inf`` survives every cast."""
+    work = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return (t.to(work) + bias.to(device=t.device, dtype=work)).to(t.dtype)

@@ -9,13 +9,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from .. import maths
 from ..arch import ArchSpec, DiskPattern, Target, arch_for_config, split_layer_key, text_config
-from ..config.resolve import LayerEdit, resolve
+from ..config.resolve import LayerEdit, RouterBiasEdit, projection_edits, resolve, router_bias_vectors
 from ..config.schema import InterventionConfig, Method
 from ..errors import CheckpointError, InputError
 from ..text import format_ranges
@@ -40,7 +40,7 @@ class TensorEdit:
     key: str
     shard: str  # file name inside the checkpoint directory
     layer: int
-    target: Target
+    target: Target | Literal["router_bias"]
     hidden_axis: int
     expert_axis: int | None  # fused expert tensors: the axis indexing experts
     experts: tuple[int, ...] | None  # fused: edit only these slices along expert_axis (None = all)
@@ -52,6 +52,7 @@ class TensorEdit:
     post_norm_key: str | None = None  # Gemma3: the norm whose weight rescaled the direction
     dtype: str = ""
     shape: tuple[int, ...] = ()
+    add: torch.Tensor | None = field(default=None, repr=False)  # router_bias: float32 [E] added (maths.add_selection_bias)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class BakePlan:
     spec: ArchSpec
     model_config: Any
     layer_prefix: str
-    layer_edits: list[LayerEdit]
+    layer_edits: list[LayerEdit | RouterBiasEdit]
     edits: dict[str, list[TensorEdit]]  # key -> edits in config order
     measurements_path: str | None = None
     measurements_sha256: str | None = None
@@ -97,7 +98,8 @@ class BakePlan:
             for op in ops:
                 out.append(dict(key=key, shard=op.shard, shape=list(op.shape), dtype=op.dtype, hidden_axis=op.hidden_axis,
                                 layer=op.layer, target=op.target,
-                                experts=_experts_text(op), scale=op.scale, method=op.method,
+                                experts=_experts_text(op), scale=op.scale,
+                                method="add" if op.add is not None else op.method,
                                 post_norm=op.post_norm_key))
         return out
 
@@ -119,6 +121,8 @@ class BakePlan:
 
 
 def _experts_text(op: TensorEdit) -> str:
+    if op.add is not None:  # router_bias: expert:bias
+        return ",".join(f"{e}:{float(op.add[e]):g}" for e in op.experts or ())
     if op.expert is not None:
         return str(op.expert)
     if op.expert_axis is None:
@@ -203,7 +207,8 @@ def plan_bake(cfg: InterventionConfig, source: str | os.PathLike, measurements: 
 
     quant = _quantization_note(full_config)
     edits: dict[str, list[TensorEdit]] = {}
-    for le in layer_edits:
+    _plan_router_bias(checkpoint, spec, model_config, prefix, layer_edits, edits)
+    for le in projection_edits(layer_edits):
         if not spec.sites(model_config, le.layer, [le.target]):
             continue  # target absent at this layer (e.g. experts on a dense leading layer): live skips it too
         patterns = spec.target_patterns(model_config, le.layer, le.target)
@@ -244,6 +249,37 @@ def plan_bake(cfg: InterventionConfig, source: str | os.PathLike, measurements: 
     return BakePlan(source=source, checkpoint=checkpoint, config=cfg, spec=spec, model_config=model_config,
                     layer_prefix=prefix, layer_edits=layer_edits, edits=edits, measurements_path=meas_path,
                     measurements_sha256=sha, skipped_layers=sorted(skipped))
+
+
+def _plan_router_bias(checkpoint: Checkpoint, spec: ArchSpec, model_config: Any, prefix: str,
+                      layer_edits: list[Any], edits: dict[str, list[TensorEdit]]) -> None:
+    """router_bias edits -> additions to the router's selection-bias tensor (``ArchSpec.selection_bias_tensor``).
+    Refuses (before anything is written) where the architecture or the checkpoint has no such tensor:
+    an approximation is never baked."""
+    vectors = router_bias_vectors(layer_edits, spec.num_experts(model_config))
+    if not vectors:
+        return
+    if spec.selection_bias_tensor is None:
+        raise CheckpointError(
+            f"{checkpoint.path}: 'router_bias' cannot be baked into architecture '{spec.name}': its router has no "
+            "selection-bias tensor (live, router_bias is added to its router logits); `intervene try`, "
+            "route, chat, search and intervene.apply() still run it live -- remove 'router_bias' to bake the rest"
+        )
+    for layer, vec in sorted(vectors.items()):
+        key = f"{prefix}.{layer}.{spec.selection_bias_key(model_config, layer)}"
+        if key not in checkpoint.weight_map:
+            raise CheckpointError(
+                f"{checkpoint.path}: 'router_bias' at layer {layer} needs '{key}' ({spec.name}'s selection bias), "
+                "which the checkpoint lacks; `intervene try`/intervene.apply() still run it live"
+            )
+        info = checkpoint.info(key)
+        if editable_dtype(info.dtype) is None or tuple(info.shape) != (vec.numel(),):
+            raise CheckpointError(f"{checkpoint.path}: '{key}' is {info.dtype} {list(info.shape)}; router_bias needs a "
+                                  f"float tensor of shape [{vec.numel()}] (one entry per expert)")
+        edits.setdefault(key, []).append(TensorEdit(
+            key=key, shard=checkpoint.weight_map[key], layer=layer, target="router_bias", hidden_axis=0,
+            expert_axis=None, experts=tuple(int(e) for e in torch.nonzero(vec).flatten()), expert=None, is_bias=True,
+            direction=torch.zeros(0), scale=1.0, dtype=info.dtype, shape=info.shape, add=vec.contiguous()))
 
 
 def _match(patterns: list[DiskPattern], rests: dict[str, str]) -> list[tuple[str, DiskPattern, re.Match]]:
@@ -323,7 +359,7 @@ def _check_shape(checkpoint: Checkpoint, key: str, info: TensorInfo, pat: DiskPa
 def plan_summary(plan: BakePlan) -> dict[str, Any]:
     """JSON-able description of the edit (for metadata and the model card)."""
     cfg = plan.config
-    scales = sorted({e.scale for e in plan.layer_edits})
+    scales = sorted({e.scale for e in projection_edits(plan.layer_edits)})
     return {
         "source": str(plan.source),
         "architecture": plan.spec.name,
@@ -333,6 +369,7 @@ def plan_summary(plan: BakePlan) -> dict[str, Any]:
         "scales": scales,
         "experts": cfg.experts if not isinstance(cfg.experts, dict) else {str(k): v for k, v in cfg.experts.items()},
         "tensors_edited": len(plan.edits),
+        "router_bias": [e.to_dict() for e in cfg.router_bias] or None,
         "measurements": plan.measurements_path,
         "measurements_sha256": plan.measurements_sha256,
     }

@@ -1,5 +1,6 @@
 """``verify``: the baked checkpoint's logits equal the original model's logits under the live
-intervention (``intervene.apply``) of the same config.
+intervention (``intervene.apply``) of the same config -- projections and ``router_bias`` alike (a
+baked selection bias is compared with the live swap of the router's bias tensor).
 
 Both models are loaded in the same dtype and run on the same left-padded batches; every
 non-padding position's logits are compared. Reported: max |Δlogit| (baked − live), the size

@@ -157,7 +157,9 @@ def apply_edits(t: torch.Tensor, ops: Sequence[TensorEdit], block_bytes: int = B
             block = view[sl]
             x = block.to(work)
             for op in chosen:
-                if op.method == "project" or op.is_bias:
+                if op.add is not None:  # router_bias: the [E] selection-bias tensor, whole (maths.add_selection_bias)
+                    x = x + op.add.to(x.dtype)
+                elif op.method == "project" or op.is_bias:
                     x = project_out_in_layout(x, op.direction, op.hidden_axis, op.scale)
                 else:
                     x = maths.edit_tensor(x, op.direction, op.hidden_axis, op.scale, op.method, op.is_bias)

@@ -29,6 +29,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--after", type=int, default=None, help="edited layers end this many layers after the source "
                                                            "(default: the last layer)")
     p.add_argument("--top-experts", type=int, default=5, help="over-selected experts listed per MoE layer (default: 5)")
+    p.add_argument("--expert-plot", default=None, metavar="PNG",
+                   help="MoE: heat map layers x experts of the risk difference p_harmful - p_harmless (last-token "
+                        "statistics where the file has them)")
+    p.add_argument("--router-bias-top", type=int, default=None, metavar="N",
+                   help="MoE: add router_bias (experts: 'top:N', bias -inf) over the suggested layers to the "
+                        "recommended config")
     return p
 
 
@@ -57,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         report.plot(args.plot)
         print(f"plot -> {args.plot}")
+    if args.expert_plot:
+        report.plot_experts(args.expert_plot)
+        print(f"expert heat map -> {args.expert_plot}")
     if args.json:
         write_json(args.json, report.to_dict())
         print(f"analysis -> {args.json}")
@@ -65,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         # the measurements path is written relative to the config file, where load_config looks first
         rel = os.path.relpath(os.path.abspath(args.measurements), os.path.abspath(out.parent or "."))
         cfg = recommend(meas, model=args.model, measurements=rel, band=band, before=args.before, after=args.after,
-                        report=report)
+                        report=report, router_bias_top=args.router_bias_top)
         out.parent.mkdir(parents=True, exist_ok=True)
         cfg.save(out)
         print(f"recommended config -> {out}: {cfg.notes}")

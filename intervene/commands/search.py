@@ -50,6 +50,14 @@ OUT/study.db: running again with the same --out adds --trials more trials.""")
                    help="write targets to search (default: every one the model has: attention mlp experts "
                         "shared_experts)")
     p.add_argument("--no-router", action="store_true", help="MoE: do not search router projection")
+    p.add_argument("--router-bias", action="store_true",
+                   help="MoE: also search expert steering: router_bias with experts 'top:N' (bias -inf) over a "
+                        "searched window of MoE layers (needs measurements with last-token router statistics)")
+    p.add_argument("--router-bias-top", default="1:4", metavar="LO:HI",
+                   help="with --router-bias: range of N, experts steered per layer (default: 1:4)")
+    p.add_argument("--router-bias-alone", action="store_true",
+                   help="with --router-bias: also search without projection (empty ablate), so the front holds "
+                        "expert steering alone, projection alone and both")
     p.add_argument("--methods", nargs="+", default=["project", "norm_preserving"],
                    choices=("project", "norm_preserving"),
                    help="methods to search (default: both)")
@@ -86,8 +94,25 @@ def _whiten(value: str) -> tuple[float, float] | str | None:
     return rng
 
 
+def _top_range(value: str) -> tuple[int, int]:
+    from ..errors import InputError
+
+    lo, sep, hi = value.partition(":")
+    try:
+        rng = (int(lo), int(hi if sep else lo))
+    except ValueError:
+        raise InputError(f"--router-bias-top must be LO:HI (e.g. 1:4), got {value!r}") from None
+    if not 1 <= rng[0] <= rng[1]:
+        raise InputError(f"--router-bias-top must satisfy 1 <= LO <= HI, got {value!r}")
+    return rng
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..errors import InputError
     from ..search.study import search
+
+    if args.router_bias_alone and not args.router_bias:
+        raise InputError("--router-bias-alone needs --router-bias")
 
     result = search(args.model, args.measurements, args.out, trials=args.trials, seed=args.seed,
                     harmful=args.harmful, harmless=args.harmless, eval_harmful=args.eval_harmful,
@@ -97,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
                     full_eval_top=args.full_eval_top, sampler=args.sampler,
                     startup_trials=args.startup_trials, targets=args.targets,
                     router=False if args.no_router else None, methods=tuple(args.methods),
-                    generation_kl_cap=args.kl_cap, whiten=_whiten(args.whiten), dtype=args.dtype, device_map=args.device_map,
+                    generation_kl_cap=args.kl_cap, whiten=_whiten(args.whiten),
+                    router_bias=args.router_bias, router_bias_top=_top_range(args.router_bias_top),
+                    projection_optional=args.router_bias_alone, dtype=args.dtype, device_map=args.device_map,
                     batch_size=args.batch_size, system_prompt=args.system_prompt,
                     chat_template=not args.no_chat_template, progress=not args.no_progress,
                     quantization=args.quantization)

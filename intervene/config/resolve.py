@@ -6,15 +6,15 @@ directions, scales and orders tried live and baked are identical."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence, Union
 
 import torch
 
 from .. import maths
 from ..arch import ArchSpec, Target
 from ..errors import ConfigError
-from ..io.measurements import Measurements
-from .schema import AblateEntry, InterventionConfig, Measurement, Method
+from ..io.measurements import Measurements, router_key
+from .schema import AblateEntry, InterventionConfig, Measurement, Method, RouterBiasEntry
 
 EXPERT_SUBSET_TARGETS = ("experts", "expert_inputs", "routed_expert_inputs")  # targets an 'experts' subset restricts
 
@@ -29,6 +29,103 @@ class LayerEdit:
     scale: float
     method: Method
     experts: tuple[int, ...] | None  # routed-expert subset (EXPERT_SUBSET_TARGETS); None = all
+
+
+@dataclass(frozen=True)
+class RouterBiasEdit:
+    """One resolved router_bias: add ``bias`` to the selection score of ``experts`` at MoE ``layer``
+    (where: ``ArchSpec.selection_bias``). Rides in the same list as :class:`LayerEdit`."""
+
+    layer: int
+    experts: tuple[int, ...]
+    bias: float
+
+    @property
+    def target(self) -> str:
+        return "router_bias"
+
+
+Edit = Union[LayerEdit, RouterBiasEdit]
+
+
+def router_bias_vectors(edits: Sequence[Any], num_experts: int) -> dict[int, torch.Tensor]:
+    """Per MoE layer, the float32 [E] vector a router_bias adds (entries on one layer add up)."""
+    out: dict[int, torch.Tensor] = {}
+    for e in edits:
+        if isinstance(e, RouterBiasEdit):
+            vec = out.setdefault(e.layer, torch.zeros(num_experts, dtype=torch.float32))
+            vec[list(e.experts)] += e.bias
+    return out
+
+
+def projection_edits(edits: Sequence[Any]) -> list[LayerEdit]:
+    """The projection edits of a resolved list (router_bias edits left out)."""
+    return [e for e in edits if isinstance(e, LayerEdit)]
+
+
+def validate_router_bias(cfg: InterventionConfig, spec: ArchSpec, model_config: Any,
+                         measurements: Measurements) -> None:
+    """Named errors: a dense model, a layer that is not a MoE layer, an expert id out of range,
+    'top:N' without the router statistics it ranks on, or -inf on so many experts that fewer than
+    top-k stay choosable."""
+    if not cfg.router_bias:
+        return
+    where = cfg.source or "config"
+    if not spec.is_moe:
+        raise ConfigError(f"{where}: 'router_bias' needs a MoE model; architecture '{spec.name}' has no router")
+    if spec.selection_bias is None:
+        raise ConfigError(f"{where}: 'router_bias' is not supported on architecture '{spec.name}' yet: the "
+                          "architecture table does not describe how its router chooses experts")
+    num_layers = int(model_config.num_hidden_layers)
+    n_exp = spec.num_experts(model_config)
+    for i, entry in enumerate(cfg.router_bias):
+        here = f"{where}: router_bias[{i}]"
+        if entry.top is not None and entry.top > n_exp:
+            raise ConfigError(f"{here}: experts 'top:{entry.top}' but the model has {n_exp} experts")
+        for layer in entry.layers:
+            if not 0 <= layer < num_layers:
+                raise ConfigError(f"{here}: layer {layer} out of range; the model has layers 0..{num_layers - 1}")
+            if not spec.is_moe_layer(model_config, layer):
+                moe = [x for x in range(num_layers) if spec.is_moe_layer(model_config, x)]
+                raise ConfigError(f"{here}: layer {layer} is not a MoE layer (MoE layers: "
+                                  f"{moe[0]}..{moe[-1]})" if moe else f"{here}: layer {layer} is not a MoE layer")
+            if entry.top is not None:
+                for set_name in ("harmful", "harmless"):
+                    key = router_key(set_name, "freq", entry.tokens, layer)
+                    if key not in measurements.tensors:
+                        raise ConfigError(f"{here}: experts 'top:{entry.top}' (tokens: {entry.tokens}) needs '{key}', "
+                                          f"not in {measurements.path or 'the measurements'}; re-measure with "
+                                          "`intervene measure` or give expert ids")
+        bad = [e for e in entry.experts or [] if e >= n_exp]
+        if bad:
+            raise ConfigError(f"{here}: expert {bad[0]} out of range; the model has experts 0..{n_exp - 1}")
+
+
+def resolve_router_bias(cfg: InterventionConfig, spec: ArchSpec, model_config: Any,
+                        measurements: Measurements) -> list[RouterBiasEdit]:
+    """The router_bias entries as per-layer edits ('top:N' ranked by risk difference on the
+    measurements' router statistics over the entry's ``tokens``); validated first."""
+    validate_router_bias(cfg, spec, model_config, measurements)
+    edits: list[RouterBiasEdit] = []
+    for entry in cfg.router_bias:
+        for layer in entry.layers:
+            edits.append(RouterBiasEdit(layer, _entry_experts(entry, layer, measurements), float(entry.bias)))
+    if edits:
+        k, n_exp = spec.top_k(model_config), spec.num_experts(model_config)
+        for layer, vec in router_bias_vectors(edits, n_exp).items():
+            left = int(torch.isfinite(vec).sum())
+            if left < k:
+                raise ConfigError(f"{cfg.source or 'config'}: router_bias -inf on {n_exp - left} of {n_exp} experts at "
+                                  f"layer {layer} leaves {left} choosable, fewer than top-k = {k}")
+    return edits
+
+
+def _entry_experts(entry: RouterBiasEntry, layer: int, measurements: Measurements) -> tuple[int, ...]:
+    if entry.top is None:
+        return tuple(entry.experts or ())
+    p = measurements.tensors[router_key("harmful", "freq", entry.tokens, layer)]
+    q = measurements.tensors[router_key("harmless", "freq", entry.tokens, layer)]
+    return tuple(sorted(maths.risk_difference_ranking(p, q)[:entry.top]))
 
 
 def validate(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measurements: Measurements) -> None:
@@ -155,10 +252,13 @@ def entry_direction(cfg: InterventionConfig, entry: AblateEntry, layer: int, mea
     return maths.unit(r, f"direction for layer {layer} (measurement {m})")
 
 
-def resolve(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measurements: Measurements) -> list[LayerEdit]:
-    """Validate, then expand the config into the ordered list of edits that hooks and bake apply."""
+def resolve(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measurements: Measurements) -> list[Edit]:
+    """Validate, then expand the config into the ordered list of edits that hooks and bake apply:
+    the projections (:class:`LayerEdit`, config order), then the router_bias edits
+    (:class:`RouterBiasEdit`), which touch no tensor a projection touches."""
     validate(cfg, spec, model_config, measurements)
-    edits: list[LayerEdit] = []
+    router_bias = resolve_router_bias(cfg, spec, model_config, measurements)
+    edits: list[Edit] = []
     for entry in cfg.ablate:
         targets = cfg.targets_for(entry, spec)
         for layer in entry.layers:
@@ -169,4 +269,4 @@ def resolve(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measurem
                     continue
                 experts = cfg.experts_for(layer) if target in EXPERT_SUBSET_TARGETS else None
                 edits.append(LayerEdit(layer, target, r_hat, float(scale), cfg.method, experts))
-    return edits
+    return edits + router_bias

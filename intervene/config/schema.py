@@ -28,9 +28,12 @@ Experts = Literal["all"] | list[int] | dict[int, list[int]]  # every MoE layer's
 Indexing = Literal["layer_output", "hidden_state"]
 INDEXINGS: tuple[str, ...] = get_args(Indexing)
 TOP_KEYS = ("model", "measurements", "output", "method", "biprojection", "whiten", "targets", "experts", "ablate",
-            "dtype", "device_map", "system_prompt", "chat_template", "name", "notes", "indexing")
+            "router_bias", "dtype", "device_map", "system_prompt", "chat_template", "name", "notes", "indexing")
 ENTRY_KEYS = ("layer", "layers", "measurement", "scale", "sparsity", "targets", "keep", "biprojection_mean")
 DTYPE_NAMES = tuple(DTYPES)
+RouterTokens = Literal["last", "user", "all"]  # which router statistics rank 'top:N' (intervene.io.measurements)
+ROUTER_TOKENS: tuple[str, ...] = get_args(RouterTokens)
+ROUTER_BIAS_KEYS = ("layer", "layers", "experts", "bias", "tokens")
 
 
 @dataclass
@@ -47,6 +50,28 @@ class AblateEntry:
         if isinstance(self.scale, dict):
             return self.scale.get(target)
         return self.scale
+
+
+@dataclass
+class RouterBiasEntry:
+    """``router_bias`` entry: add ``bias`` to the selection score of ``experts`` (ids) or of the
+    ``top`` experts per layer most over-selected on harmful prompts (risk difference
+    p_harmful − p_harmless of the measurements' router statistics over ``tokens``), at ``layers``.
+    ``-inf``: never chosen. Where the architecture adds it: :attr:`intervene.arch.ArchSpec.selection_bias`."""
+
+    layers: list[int]
+    bias: float
+    experts: list[int] | None = None  # explicit ids, or None with ``top``
+    top: int | None = None  # "top:N"
+    tokens: RouterTokens = "last"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"layers": list(self.layers),
+                             "experts": f"top:{self.top}" if self.top is not None else list(self.experts or []),
+                             "bias": _bias_text(self.bias)}
+        if self.top is not None:
+            d["tokens"] = self.tokens
+        return d
 
 
 @dataclass
@@ -68,12 +93,14 @@ class InterventionConfig:
     notes: str | None = None
     indexing: Indexing | None = None
     source: str | None = field(default=None, compare=False)  # path it was read from
+    router_bias: list[RouterBiasEntry] = field(default_factory=list)  # MoE only; see RouterBiasEntry
 
     # ---- serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("source", None)
         d["ablate"] = [_entry_to_dict(e) for e in self.ablate]
+        d["router_bias"] = [e.to_dict() for e in self.router_bias] or None  # absent when unused
         return {k: v for k, v in d.items() if v is not None}
 
     def to_yaml(self) -> str:
@@ -160,9 +187,16 @@ def parse_config(data: Any, where: str = "config") -> InterventionConfig:
     if targets is not None:
         targets = _targets(targets, where, "targets")
     experts = _experts(data.get("experts", "all"), where)
-    raw_entries = data.get("ablate")
-    if not isinstance(raw_entries, list) or not raw_entries:
-        raise ConfigError(f"{where}: 'ablate' must be a non-empty list of {{layer, measurement, scale, sparsity}}")
+    raw_bias = data.get("router_bias")
+    if raw_bias is not None and (not isinstance(raw_bias, list) or not raw_bias):
+        raise ConfigError(f"{where}: 'router_bias' must be a non-empty list of {{layers, experts, bias}}")
+    router_bias = [_router_bias_entry(e, i, where) for i, e in enumerate(raw_bias or [])]
+    raw_entries = data.get("ablate", [] if router_bias else None)
+    if raw_entries is None and router_bias:
+        raw_entries = []
+    if not isinstance(raw_entries, list) or (not raw_entries and not router_bias):
+        raise ConfigError(f"{where}: 'ablate' must be a non-empty list of {{layer, measurement, scale, sparsity}} "
+                          "(it may be empty when 'router_bias' is given)")
     entries = [_entry(e, i, where) for i, e in enumerate(raw_entries)]
     biprojection = data.get("biprojection", False)
     if not isinstance(biprojection, bool):
@@ -194,7 +228,7 @@ def parse_config(data: Any, where: str = "config") -> InterventionConfig:
         ablate=entries, model=data.get("model"), measurements=data.get("measurements"), output=data.get("output"),
         method=method, biprojection=biprojection, whiten=whiten, targets=targets, experts=experts, dtype=data.get("dtype"),
         device_map=data.get("device_map"), system_prompt=data.get("system_prompt"), chat_template=chat_template,
-        name=data.get("name"), notes=data.get("notes"), indexing=indexing,
+        name=data.get("name"), notes=data.get("notes"), indexing=indexing, router_bias=router_bias,
     )
 
 
@@ -258,16 +292,21 @@ def parse_layers(value: Any, where: str) -> list[int]:
     raise ConfigError(f"{where}: layers must be an int, a list of ints, or a range 'a:b', got {value!r}")
 
 
-def _entry(raw: Any, index: int, where: str) -> AblateEntry:
-    here = f"{where}: ablate[{index}]"
+def _entry_layers(raw: Any, here: str, keys: tuple[str, ...], what: str) -> list[int]:
+    """A list entry's shape (a mapping of known keys) and its 'layer'/'layers'."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{here} must be a mapping with layer/layers, measurement, scale, sparsity")
-    unknown = sorted(set(raw) - set(ENTRY_KEYS))
+        raise ConfigError(f"{here} must be a mapping with {what}")
+    unknown = sorted(set(raw) - set(keys))
     if unknown:
-        raise ConfigError(f"{here}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(ENTRY_KEYS)}")
+        raise ConfigError(f"{here}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(keys)}")
     if ("layer" in raw) == ("layers" in raw):
         raise ConfigError(f"{here}: give exactly one of 'layer' or 'layers'")
-    layers = parse_layers(raw.get("layer", raw.get("layers")), here)
+    return parse_layers(raw.get("layer", raw.get("layers")), here)
+
+
+def _entry(raw: Any, index: int, where: str) -> AblateEntry:
+    here = f"{where}: ablate[{index}]"
+    layers = _entry_layers(raw, here, ENTRY_KEYS, "layer/layers, measurement, scale, sparsity")
     if "measurement" not in raw:
         raise ConfigError(f"{here}: missing 'measurement' (the layer whose direction is used)")
     meas = raw["measurement"]
@@ -300,3 +339,48 @@ def _entry(raw: Any, index: int, where: str) -> AblateEntry:
         raise ConfigError(f"{here}: biprojection_mean must be a measured layer index or 'embed', got {bmean!r}")
     return AblateEntry(layers=layers, measurement=meas, scale=scale, sparsity=sparsity, targets=targets, keep=keep,
                        biprojection_mean=bmean)
+
+
+def _bias_text(bias: float) -> float | str:
+    """YAML/JSON spelling of a bias: infinities as the strings '-inf'/'inf' (JSON has no infinity)."""
+    return ("-inf" if bias < 0 else "inf") if math.isinf(bias) else bias
+
+
+def _bias(value: Any, here: str) -> float:
+    spelled = {"-inf": -math.inf, "-.inf": -math.inf, "-infinity": -math.inf, "inf": math.inf, "+inf": math.inf,
+               ".inf": math.inf, "infinity": math.inf, "nan": math.nan, ".nan": math.nan}
+    if isinstance(value, str) and value.strip().lower() in spelled:
+        value = spelled[value.strip().lower()]
+    b = _number(value, here, "bias")
+    if math.isnan(b):
+        raise ConfigError(f"{here}: bias is NaN; give a number or -inf (never chosen)")
+    if b == math.inf:
+        raise ConfigError(f"{here}: bias +inf is not allowed (softmax routers turn it into NaN); force an expert with "
+                          "a large finite bias, e.g. 1e4")
+    return b
+
+
+def _router_bias_entry(raw: Any, index: int, where: str) -> RouterBiasEntry:
+    here = f"{where}: router_bias[{index}]"
+    layers = _entry_layers(raw, here, ROUTER_BIAS_KEYS, "layers, experts, bias")
+    if "bias" not in raw:
+        raise ConfigError(f"{here}: missing 'bias' (added to the experts' selection score; -inf = never chosen)")
+    bias = _bias(raw["bias"], here)
+    experts = raw.get("experts")
+    ids: list[int] | None = None
+    top: int | None = None
+    if isinstance(experts, str) and experts.startswith("top:") and experts[4:].isdigit() and int(experts[4:]) > 0:
+        top = int(experts[4:])
+    elif isinstance(experts, int) and not isinstance(experts, bool) and experts >= 0:
+        ids = [experts]
+    elif isinstance(experts, list) and experts and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in experts):
+        ids = sorted(set(experts))
+    else:
+        raise ConfigError(f"{here}: experts must be a non-empty list of expert ids or 'top:N' (N >= 1), got {experts!r}")
+    tokens = raw.get("tokens", "last")
+    if "tokens" in raw and top is None:
+        raise ConfigError(f"{here}: 'tokens' only applies to experts: 'top:N'")
+    if tokens not in ROUTER_TOKENS:
+        raise ConfigError(f"{here}: tokens '{tokens}' unknown; valid: {', '.join(ROUTER_TOKENS)}")
+    return RouterBiasEntry(layers=layers, bias=bias, experts=ids, top=top, tokens=tokens)

@@ -35,6 +35,13 @@ Gemma3: ``o_proj``/``down_proj`` outputs pass through a per-channel post-norm; t
 ``post_norm`` and the direction used there is ``maths.post_norm_direction(r̂, norm.weight)``,
 which removes r̂ exactly from the residual (live and bake alike).
 
+Router bias (config ``router_bias``, :class:`~intervene.config.resolve.RouterBiasEdit`): added where
+the architecture adds its own selection bias (``ArchSpec.selection_bias``). ``correction_bias``
+(GLM-4 MoE, DeepSeek-V3) and ``router_bias`` (gpt-oss): the router's ``e_score_correction_bias`` /
+``bias`` is swapped for ``maths.add_selection_bias`` of itself -- the tensor and the arithmetic the
+bake writes -- and restored on exit. ``logits`` (the others): a forward hook on the router returns
+its output as if the bias had been added to its logits before top-k (``ArchSpec.rechoose``).
+
 Site names are stable and printable (``layers.12.attn.out``, ``layers.3.router.in``):
 :func:`list_sites` lists them for a model.
 """
@@ -50,8 +57,8 @@ import torch
 
 from .. import maths
 from ..arch import ArchSpec, Site, TensorRef, arch_for_config, decoder_layers, get_module, site_name, text_config
-from ..config.resolve import LayerEdit, resolve
 from ..config.reference import load_any_config
+from ..config.resolve import LayerEdit, RouterBiasEdit, projection_edits, resolve, router_bias_vectors
 from ..config.schema import InterventionConfig
 from ..errors import ArchitectureError, ConfigError
 from ..io.measurements import Measurements, load_measurements
@@ -76,16 +83,21 @@ class LiveIntervention:
     """What ``apply`` installed (yielded by the context manager)."""
 
     sites: list[SiteEdit]
-    edits: list[LayerEdit]
+    edits: list[LayerEdit | RouterBiasEdit]
+    router_bias: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E] added to the selection score
+    router_bias_mechanism: str = ""  # "hook" (logits re-chosen) or "swap" (the router's own bias tensor)
 
     @property
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
 
     def describe(self) -> str:
-        return "\n".join(f"{s.name:32s} {s.mechanism:5s} " + ", ".join(
+        steered = [f"layers.{layer}.router.bias{'':14s} {self.router_bias_mechanism:5s} experts "
+                   + ",".join(f"{e}:{float(v[e]):g}" for e in torch.nonzero(v).flatten().tolist())
+                   for layer, v in sorted(self.router_bias.items())]
+        return "\n".join(steered + [f"{s.name:32s} {s.mechanism:5s} " + ", ".join(
             f"s={e.scale:g}" + (f" experts={list(e.experts)}" if e.experts is not None and _has_expert_axis(s.site) else "")
-            for e in s.edits) for s in self.sites)
+            for e in s.edits) for s in self.sites])
 
 
 # ---- public API --------------------------------------------------------------------------------
@@ -133,10 +145,17 @@ def apply_edits(model: Any, edits: Sequence[LayerEdit], mode: str = "auto") -> I
     if mode not in MODES:
         raise ConfigError(f"unknown live mode '{mode}'; valid: {', '.join(MODES)}")
     plan = plan_sites(model, edits, mode)
+    spec = arch_for_config(model.config)
+    biases = router_bias_vectors(edits, spec.num_experts(text_config(model.config)))
+    if biases and spec.selection_bias != "logits" and mode == "hooks":
+        raise ConfigError(f"router_bias on '{spec.name}' swaps the router's '{spec.selection_bias_tensor}'; "
+                          "mode='hooks' cannot apply it")
     handles: list[Any] = []
     saved: list[tuple[torch.Tensor, torch.Tensor, int | None, int | None]] = []
     try:
         layers = decoder_layers(model)
+        for layer, vec in biases.items():
+            _install_router_bias(spec, layers[layer], layer, vec, handles, saved)
         for site_edit in plan:
             layer_module = layers[site_edit.layer]
             module = get_module(layer_module, site_edit.site.module)
@@ -146,7 +165,8 @@ def apply_edits(model: Any, edits: Sequence[LayerEdit], mode: str = "auto") -> I
                 handles.append(module.register_forward_hook(_write_hook(site_edit)))
             else:
                 handles.append(module.register_forward_pre_hook(_read_hook(site_edit), with_kwargs=True))
-        yield LiveIntervention(sites=plan, edits=list(edits))
+        yield LiveIntervention(sites=plan, edits=list(edits), router_bias=biases,
+                               router_bias_mechanism="hook" if spec.selection_bias == "logits" else "swap")
     finally:
         for handle in reversed(handles):
             handle.remove()
@@ -159,6 +179,7 @@ def plan_sites(model: Any, edits: Sequence[LayerEdit], mode: str = "auto") -> li
     config = text_config(model.config)
     layers = decoder_layers(model)
     by_name: dict[str, SiteEdit] = {}
+    edits = projection_edits(edits)  # router_bias edits are installed by apply_edits, not at sites
     for edit in edits:
         if not 0 <= edit.layer < len(layers):
             raise ConfigError(f"edit at layer {edit.layer} out of range; the model has layers 0..{len(layers) - 1}")
@@ -255,6 +276,35 @@ def _read_hook(site_edit: SiteEdit) -> Callable:
         raise ArchitectureError(f"{name}: module called without a positional input or 'hidden_states'")
 
     return pre_hook
+
+
+# ---- router bias ------------------------------------------------------------------------------------
+
+def _install_router_bias(spec: ArchSpec, layer_module: Any, layer: int, vec: torch.Tensor, handles: list[Any],
+                         saved: list[tuple[torch.Tensor, torch.Tensor, int | None, int | None]]) -> None:
+    """``spec.selection_bias``: swap the router's own bias tensor, or hook its output (module docstring)."""
+    router = get_module(layer_module, spec.router)
+    where = f"layers.{layer}.{spec.router}"
+    if spec.selection_bias == "logits":
+        def hook(module: Any, args: Any, output: Any) -> Any:
+            return spec.rechoose(module, output, vec, layer)
+
+        handles.append(router.register_forward_hook(hook))
+        return
+    tensor = getattr(router, spec.selection_bias_tensor or "", None)
+    if not isinstance(tensor, torch.Tensor):
+        raise ArchitectureError(f"{where}: router has no tensor '{spec.selection_bias_tensor}' to add router_bias to")
+    if tensor.device.type == "meta":
+        resident = _cpu_offloaded(router, spec.selection_bias_tensor)
+        if resident is None:
+            raise ArchitectureError(f"{where}.{spec.selection_bias_tensor} is offloaded to disk; router_bias needs it in memory")
+        tensor = resident
+    if tensor.shape != vec.shape:
+        raise ArchitectureError(f"{where}.{spec.selection_bias_tensor} has shape {list(tensor.shape)}, "
+                                f"expected [{vec.numel()}] (one entry per expert)")
+    with torch.no_grad():
+        saved.append((tensor, _keep(tensor), None, None))
+        tensor.copy_(maths.add_selection_bias(tensor.detach(), vec))
 
 
 # ---- weight swaps ---------------------------------------------------------------------------------

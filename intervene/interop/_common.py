@@ -17,7 +17,7 @@ from ..config.resolve import LayerEdit
 from ..config.schema import InterventionConfig
 from ..errors import ConfigError, InputError
 from ..io.measurements import Measurements
-from ..io.models import batches, encode, format_prompts, model_device
+from ..io.models import encode, format_prompts, model_device
 from ..measure.accumulate import SetStats, build_measurements, check_prompt_sets, measurement_meta
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
@@ -48,14 +48,21 @@ def forward_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
 
 
 def prompt_batches(tokenizer: Any, prompts: Sequence[str], batch_size: int, system_prompt: str | None,
-                   chat_template: bool, device: torch.device | str) -> Iterator[dict[str, torch.Tensor]]:
+                   chat_template: bool, device: torch.device | str
+                   ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
     """Chat-formatted, left-padded batches, exactly as :func:`intervene.measure.collect.measure` makes them
-    (prompts sorted by token length, stable, so that batches carry little padding)."""
+    (prompts sorted by token length, stable, so that batches carry little padding), each with its
+    user-token mask (:func:`intervene.measure.collect.user_token_mask`)."""
+    from ..measure.collect import user_token_mask
+
     texts = format_prompts(tokenizer, prompts, system_prompt, chat_template)
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: lengths[i])]
-    for chunk in batches(texts, batch_size):
-        yield encode(tokenizer, chunk, device)
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    texts, users = [texts[i] for i in order], [prompts[i] for i in order]
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        enc = encode(tokenizer, chunk, device)
+        yield enc, user_token_mask(tokenizer, chunk, users[start:start + batch_size])
 
 
 # ---- means -------------------------------------------------------------------------------------
@@ -76,10 +83,11 @@ def capture_means(model: Any, capture_batch: CaptureBatch, library: str, tokeniz
     stats: dict[str, SetStats] = {}
     for set_name, prompts in (("harmful", harmful), ("harmless", harmless)):
         st = stats[set_name] = SetStats(keep_rows=set_name == "harmless" and whiten_rank > 0)
-        for enc in prompt_batches(tokenizer, prompts, batch_size, system_prompt, chat_template, model_device(model)):
+        for enc, user in prompt_batches(tokenizer, prompts, batch_size, system_prompt, chat_template,
+                                        model_device(model)):
             mask = enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
             acts = capture_batch(enc["input_ids"], mask, wanted, embed, bool(moe_layers))
-            st.add_batch(acts, mask, wanted, embed, moe_layers, num_experts)
+            st.add_batch(acts, mask, wanted, embed, moe_layers, num_experts, last_token=True, user_mask=user)
     meta = measurement_meta(model, tokenizer, harmful, harmless, moe_layers=moe_layers, batch_size=batch_size,
                             system_prompt=system_prompt, chat_template=chat_template, whiten_rank=whiten_rank,
                             stats=stats, library=library, layers=wanted)
@@ -114,8 +122,12 @@ def site_plan(model: Any, edits: Sequence[LayerEdit]) -> list[Any]:
     """:func:`intervene.hooks.apply.plan_sites`: the edits grouped by site, each with its mechanism
     (``hook``: an activation projection; ``swap``: needs edited weights) and its directions
     (Gemma3 post-norm sites already rescaled)."""
+    from ..config.resolve import RouterBiasEdit
     from ..hooks.apply import plan_sites
 
+    if any(isinstance(e, RouterBiasEdit) for e in edits):
+        raise ConfigError("router_bias changes the routers' choice, which no TransformerLens/nnsight activation "
+                          "intervention here expresses; use intervene.apply() on the transformers model")
     return plan_sites(model, edits, mode="auto")
 
 

@@ -5,6 +5,10 @@ Keys (L = decoder layer whose OUTPUT residual was measured; ``embed`` = embeddin
     harmful_mean.embed, harmless_mean.embed, direction.embed
     router.harmful_freq.{L}, router.harmless_freq.{L}      per-expert top-k selection frequency
     router.harmful_logits.{L}, router.harmless_logits.{L}  mean router logits (MoE layers only)
+        (both over ALL non-pad prompt tokens, chat-template tokens included)
+    router.<set>_freq_last.{L}, router.<set>_logits_last.{L}  the same at the last prompt token only
+    router.<set>_freq_user.{L}, router.<set>_logits_user.{L}  the same over the user's own tokens only
+        (tokens overlapping the user message's characters; template and system prompt excluded)
     harmless_moment.eigvals.{L} [k], harmless_moment.eigvecs.{L} [k, H], harmless_moment.trace.{L} [1]
         top-k eigenpairs and trace of the harmless uncentred second moment (``whiten`` in configs;
         absent in files measured with whiten_rank 0 or converted from .refuse)
@@ -30,6 +34,13 @@ from ..text import format_ranges
 from ..maths import whiten
 
 META_KEY = "intervene"
+# which tokens router statistics are taken over -> the suffix of their keys (router.<set>_freq<suffix>.{L})
+ROUTER_TOKEN_SUFFIX = {"all": "", "last": "_last", "user": "_user"}
+
+
+def router_key(set_name: str, kind: str, tokens: str, layer: int) -> str:
+    """``router.harmful_freq_last.12`` for ``('harmful', 'freq', 'last', 12)``."""
+    return f"router.{set_name}_{kind}{ROUTER_TOKEN_SUFFIX[tokens]}.{layer}"
 MOMENT_PARTS = ("eigvals", "eigvecs", "trace")  # harmless_moment.{part}.{L}, in this order
 
 

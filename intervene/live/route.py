@@ -73,6 +73,23 @@ class LayerRouting:
 
 
 @dataclass
+class SteeredExpert:
+    """An expert a config's ``router_bias`` steers, and its selection frequency before and after
+    (a -inf bias sends ``freq.<set>.intervened`` to 0)."""
+
+    layer: int
+    expert: int
+    bias: float  # summed over the config's entries on this layer
+    freq: PerSet[dict[Condition, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if math.isinf(self.bias):
+            d["bias"] = "-inf" if self.bias < 0 else "inf"
+        return d
+
+
+@dataclass
 class RoutingSummary:
     changed_fraction: PerSet[float]  # token-weighted over layers
     js: RoutingJS  # mean over layers
@@ -97,12 +114,15 @@ class RouteReport:
     measurements: str | None = None
     sites: list[dict[str, str]] | None = None
     prompt_sources: PromptSources | None = None  # the last three are in the JSON when this is set
+    steered: list[SteeredExpert] = field(default_factory=list)  # router_bias experts (route_config)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report (key order as written)."""
         d = asdict(self)
         d = {k: d[k] for k in ("num_experts", "top_k", "tokens", "layers", "summary")} | {"kind": "route"} | {
             k: d[k] for k in ("model", "config", "versions", "prompts", "intervened")}
+        if self.steered:
+            d["steered"] = [s.to_dict() for s in self.steered]
         if self.prompt_sources is not None:
             d |= {"measurements": self.measurements, "sites": [dict(s) for s in self.sites or []],
                   "prompt_sources": self.prompt_sources.to_dict()}
@@ -271,7 +291,24 @@ def route_config(config: InterventionConfig | str | os.PathLike, harmful: str | 
                          batch_size=batch_size, system_prompt=run.system_prompt, chat_template=run.chat_template,
                          top=top, progress=progress, config=p.config.to_dict(), model_name=p.model_spec)
     report.measurements, report.sites, report.prompt_sources = p.measurements.path, p.sites(), run.prompt_sources
+    report.steered = steered_experts(report, p.edits)
     return report
+
+
+def steered_experts(report: RouteReport, edits: Sequence[Any]) -> list[SteeredExpert]:
+    """The ``router_bias`` experts of resolved ``edits`` with their frequencies from ``report``."""
+    from ..config.resolve import router_bias_vectors
+
+    rows = {row.layer: row for row in report.layers}
+    out = []
+    for layer, vec in sorted(router_bias_vectors(edits, report.num_experts).items()):
+        row = rows.get(layer)
+        if row is None:
+            continue
+        for e in torch.nonzero(vec).flatten().tolist():
+            out.append(SteeredExpert(layer, int(e), float(vec[e]), PerSet.of(
+                lambda name: {c: float(row.freq[name][c][e]) for c in CONDITIONS})))
+    return out
 
 
 # ---- presentation -------------------------------------------------------------------------------
@@ -298,6 +335,13 @@ def format_report(report: RouteReport, top: int = 3) -> str:
                      f"{changes(row.lost.harmful):<28}")
     s = report.summary
     lines.append(f"{'all':>5}  {columns(s.changed_fraction, s.js)}(mean JS over layers; changed: token-weighted)")
+    if report.steered:
+        lines.append("router_bias: steered experts' selection frequency, baseline -> intervened")
+        lines.append(f"{'layer':>5} {'expert':>6} {'bias':>8}  {'harmful':^17}  {'harmless':^17}")
+        for st in report.steered:
+            f = st.freq
+            lines.append(f"{st.layer:>5} {st.expert:>6} {st.bias:>8g}  {f.harmful['baseline']:7.4f} -> "
+                         f"{f.harmful['intervened']:6.4f}  {f.harmless['baseline']:7.4f} -> {f.harmless['intervened']:6.4f}")
     return "\n".join(lines)
 
 
@@ -349,6 +393,6 @@ def plot(report: RouteReport, path: str, title: str | None = None) -> None:
     plt.close(fig)
 
 
-__all__ = ["Condition", "CONDITIONS", "ExpertChange", "RoutingJS", "LayerRouting", "RoutingSummary",
+__all__ = ["Condition", "CONDITIONS", "ExpertChange", "SteeredExpert", "steered_experts", "RoutingJS", "LayerRouting", "RoutingSummary",
            "RouteReport", "route_study", "route_config", "router_choices", "summarize", "selection_freq",
            "changed_fraction", "top_changes", "format_report", "plot"]

@@ -40,9 +40,15 @@ class Prepared:
         return lambda: apply_edits(self.model, self.edits)
 
     def sites(self) -> list[dict[str, str]]:
+        from ..arch import arch_for_config, text_config
+        from ..config.resolve import router_bias_vectors
         from ..hooks.apply import plan_sites
 
-        return [{"site": s.name, "mechanism": s.mechanism} for s in plan_sites(self.model, self.edits)]
+        spec = arch_for_config(self.model.config)
+        steered = router_bias_vectors(self.edits, spec.num_experts(text_config(self.model.config)))
+        return [{"site": s.name, "mechanism": s.mechanism} for s in plan_sites(self.model, self.edits)] + [
+            {"site": f"layers.{layer}.router.bias", "mechanism": "hook" if spec.selection_bias == "logits" else "swap"}
+            for layer in sorted(steered)]
 
     @property
     def system_prompt(self) -> str | None:

@@ -16,12 +16,22 @@ from ..arch import arch_for_config, text_config
 from ..errors import InputError
 from ..hooks.capture import EMBED, resid_site, router_site
 from ..io.files import sha256_lines, sha256_text
-from ..io.measurements import MOMENT_PARTS, Measurements
+from ..io.measurements import MOMENT_PARTS, Measurements, router_key
 from ..io.models import versions
 
 RESIDUAL_POSITION = "last prompt token (position -1, left padding)"
 ROUTER_FREQ_DEFINITION = ("fraction of top-k token-slots choosing each expert, over all non-pad prompt tokens; "
                           "sums to 1 over experts")
+# which tokens each family of router keys is taken over (the measurements' meta 'router_stats')
+ROUTER_STATS = {
+    "router.<set>_freq.{L}, router.<set>_logits.{L}":
+        "all non-pad prompt tokens, chat-template tokens included",
+    "router.<set>_freq_last.{L}, router.<set>_logits_last.{L}":
+        "the last prompt token of each prompt only (position -1, left padding: where the answer starts)",
+    "router.<set>_freq_user.{L}, router.<set>_logits_user.{L}":
+        "the user's own tokens only: tokens whose characters overlap the user message in the formatted prompt "
+        "(chat template, system prompt and generation prompt excluded)",
+}
 
 
 def check_prompt_sets(harmful: Sequence[str], harmless: Sequence[str]) -> None:
@@ -46,21 +56,37 @@ class SetStats:
     expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E]
     logits_sum: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E]
     keep_rows: bool = False  # keep every row (float32, CPU) for the harmless second moment
+    # the same router sums over other token selections: ("last" | "user", layer) -> ...
+    sel_tokens: dict[tuple[str, int], int] = field(default_factory=dict)
+    sel_counts: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    sel_logits: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     rows: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def add_batch(self, acts: Activations, mask: torch.Tensor, layers: Sequence[int], embed: bool,
-                  moe_layers: Sequence[int], num_experts: int) -> None:
+                  moe_layers: Sequence[int], num_experts: int, last_token: bool = False,
+                  user_mask: torch.Tensor | None = None) -> None:
         """Add one captured batch: last-token residuals ``[B, H]`` of ``embed`` and ``layers``, router
-        logits ``[B, S, E]`` and top-k ``[B, S, k]`` of ``moe_layers``; ``mask`` ``[B, S]`` marks real tokens."""
+        logits ``[B, S, E]`` and top-k ``[B, S, k]`` of ``moe_layers``; ``mask`` ``[B, S]`` marks real tokens.
+        ``last_token``: also the router statistics at position -1 (left padding); ``user_mask`` ``[B, S]``:
+        also over those tokens (the user's own, :data:`ROUTER_STATS`)."""
         self.n_prompts += int(mask.shape[0])
         if embed:
             self.add_residual(EMBED, acts[EMBED])
         for layer in layers:
             self.add_residual(str(layer), acts[resid_site(layer)])
         mask = mask.to("cpu").bool()
+        selections: dict[str, torch.Tensor] = {}
+        if last_token:
+            last = torch.zeros_like(mask)
+            last[:, -1] = True
+            selections["last"] = last & mask
+        if user_mask is not None:
+            selections["user"] = user_mask.to("cpu").bool() & mask
         for layer in moe_layers:
-            self.add_router(layer, acts[router_site(layer, "logits")], acts[router_site(layer, "topk")], mask,
-                            num_experts)
+            logits, topk = acts[router_site(layer, "logits")], acts[router_site(layer, "topk")]
+            self.add_router(layer, logits, topk, mask, num_experts)
+            for tokens, sel in selections.items():
+                self.add_router(layer, logits, topk, sel, num_experts, tokens)
 
     def add_residual(self, name: str, rows: torch.Tensor) -> None:
         s = rows.to(torch.float64).sum(dim=0)
@@ -69,10 +95,16 @@ class SetStats:
             self.rows.setdefault(name, []).append(rows.detach().to("cpu", torch.float32))
 
     def add_router(self, layer: int, logits: torch.Tensor, topk: torch.Tensor, mask: torch.Tensor,
-                   num_experts: int) -> None:
+                   num_experts: int, tokens: str = "all") -> None:
         chosen = topk[mask]  # [N, k]
         picked = logits[mask].to(torch.float64)  # [N, E]
         counts = torch.bincount(chosen.reshape(-1), minlength=num_experts).to(torch.float64)
+        if tokens != "all":
+            key = (tokens, layer)
+            self.sel_counts[key] = self.sel_counts.get(key, 0) + counts
+            self.sel_logits[key] = self.sel_logits.get(key, 0) + picked.sum(dim=0)
+            self.sel_tokens[key] = self.sel_tokens.get(key, 0) + int(chosen.shape[0])
+            return
         self.expert_counts[layer] = self.expert_counts.get(layer, 0) + counts
         self.logits_sum[layer] = self.logits_sum.get(layer, 0) + picked.sum(dim=0)
         self.n_tokens[layer] = self.n_tokens.get(layer, 0) + int(chosen.shape[0])
@@ -104,6 +136,14 @@ def build_measurements(stats: Mapping[str, SetStats], meta: dict[str, Any], whit
             counts = st.expert_counts[layer]
             tensors[f"router.{set_name}_freq.{layer}"] = (counts / counts.sum()).to(torch.float32)
             tensors[f"router.{set_name}_logits.{layer}"] = (st.logits_sum[layer] / st.n_tokens[layer]).to(torch.float32)
+    for tokens, layer in harmful.sel_counts:
+        if not all(st.sel_tokens.get((tokens, layer), 0) > 0 for st in stats.values()):
+            continue  # a set without such tokens (e.g. no user span found): no statistic rather than NaN
+        for set_name, st in stats.items():
+            counts = st.sel_counts[(tokens, layer)]
+            tensors[router_key(set_name, "freq", tokens, layer)] = (counts / counts.sum()).to(torch.float32)
+            tensors[router_key(set_name, "logits", tokens, layer)] = (
+                st.sel_logits[(tokens, layer)] / st.sel_tokens[(tokens, layer)]).to(torch.float32)
     return Measurements(tensors=tensors, meta=meta)
 
 
@@ -158,6 +198,11 @@ def measurement_meta(model: Any, tokenizer: Any, harmful: Sequence[str], harmles
         "router_freq": ROUTER_FREQ_DEFINITION if moe_layers else None,
         "router_tokens": {set_name: {str(k): v for k, v in st.n_tokens.items()} for set_name, st in stats.items()}
         if moe_layers else None,
+        "router_stats": ROUTER_STATS if moe_layers else None,
+        "router_tokens_by_selection": {
+            tokens: {set_name: {str(layer): n for (t, layer), n in st.sel_tokens.items() if t == tokens}
+                     for set_name, st in stats.items()}
+            for tokens in sorted({t for st in stats.values() for t, _ in st.sel_tokens})} if moe_layers else None,
         "intervene_version": vers["intervene"],
         "versions": vers,
     })
@@ -165,4 +210,4 @@ def measurement_meta(model: Any, tokenizer: Any, harmful: Sequence[str], harmles
 
 
 __all__ = ["SetStats", "build_measurements", "check_prompt_sets", "measurement_meta", "moment_tensors", "chat_template_sha256",
-           "RESIDUAL_POSITION", "ROUTER_FREQ_DEFINITION"]
+           "RESIDUAL_POSITION", "ROUTER_FREQ_DEFINITION", "ROUTER_STATS"]

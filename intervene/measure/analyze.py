@@ -13,6 +13,16 @@ frequencies (each sums to 1 over experts):
                    in NATS (natural log), so 0 ≤ JS ≤ ln 2 ≈ 0.693
 * ``top_experts``  experts with p > q, sorted by the difference p − q (largest first), with
                    the ratio p / q: the experts over-selected on harmful prompts
+  (both over all prompt tokens, chat template included, which dilutes them), and, where the file
+  has them, the same at the last prompt token and over the user's own tokens:
+* ``router_js_last``, ``router_js_user``  JS(p, q) on those statistics
+* ``expert_ranking``  EVERY expert ranked by risk difference p − q (``maths.risk_difference_ranking``)
+                   on ``ranking_tokens`` (the first of last, user, all the file has): what
+                   ``router_bias: experts: "top:N"`` takes the first N of
+
+``router_bias_suggestions``: ``router_bias`` entries ``{layers, experts: "top:N", bias: -inf, tokens}``
+over the MoE layers in the depth band, for N = 1, 2, 4 (at most E − top_k), to paste into a config,
+try and search (``--router-bias-top N`` writes one into the recommended config).
 
 Recommendation rule (:func:`recommend`), kept simple on purpose:
 
@@ -40,9 +50,12 @@ import torch
 
 from ..errors import MeasurementError
 from ..io.measurements import Measurements
-from ..maths import js_divergence
+from ..io.measurements import router_key
+from ..maths import js_divergence, risk_difference_ranking
 
 DEFAULT_BAND = (0.30, 0.85)
+RANKING_TOKENS = ("last", "user", "all")  # preference order of the router statistics experts are ranked on
+SUGGESTED_TOP = (1, 2, 4)
 
 
 @dataclass
@@ -66,6 +79,10 @@ class LayerRow:
     quality: float
     router_js: float | None = None
     top_experts: list[ExpertShift] = field(default_factory=list)
+    router_js_last: float | None = None  # JS at the last prompt token
+    router_js_user: float | None = None  # JS over the user's own tokens
+    ranking_tokens: str | None = None  # which statistics expert_ranking uses
+    expert_ranking: list[ExpertShift] = field(default_factory=list)  # every expert, risk difference first
 
 
 @dataclass
@@ -76,6 +93,7 @@ class AnalysisReport:
     best_layer: int | None  # highest quality within the band (the recommended direction source)
     source: str | None = None  # measurements file
     meta: dict[str, Any] = field(default_factory=dict)  # the measurements' metadata
+    router_bias_suggestions: list[dict[str, Any]] = field(default_factory=list)  # router_bias entries (top:N)
 
     @property
     def layer_rows(self) -> list[LayerRow]:
@@ -100,7 +118,12 @@ class AnalysisReport:
             "cos": "cos(harmful_mean, harmless_mean)",
             "snr": "|harmful_mean - harmless_mean| / mean(|harmful_mean|, |harmless_mean|)",
             "quality": "(1 - cos) * snr",
-            "router_js": "Jensen-Shannon divergence of expert frequencies harmful vs harmless, natural log (nats)",
+            "router_js": "Jensen-Shannon divergence of expert frequencies harmful vs harmless, natural log (nats), "
+                         "over all prompt tokens",
+            "router_js_last": "the same at the last prompt token",
+            "router_js_user": "the same over the user's own tokens (chat template excluded)",
+            "expert_ranking": "every expert by risk difference p_harmful - p_harmless on ranking_tokens; "
+                              "router_bias 'top:N' takes the first N",
         }
         d["versions"] = versions()
         return _finite(d)
@@ -111,8 +134,11 @@ class AnalysisReport:
     def table(self) -> str:
         head = (f"{'layer':>6} {'depth':>6} {'cos':>8} {'|harmful|':>10} {'|harmless|':>10} {'|r|':>9} "
                 f"{'SNR':>8} {'quality':>8}")
+        ranked = any(r.ranking_tokens for r in self.rows)
         if self.has_router:
             head += f" {'JS(nats)':>9}  top harmful experts (p/q)"
+            if ranked:
+                head += f"  {'JS last':>8} {'JS user':>8}  top risk difference p-q"
         lines = [head]
         for r in self.rows:
             mark = "*" if r.layer == self.best_layer else " "
@@ -122,12 +148,58 @@ class AnalysisReport:
             if r.router_js is not None:
                 tops = ", ".join(f"{e.expert}({_ratio(e.ratio)})" for e in r.top_experts[:3])
                 line += f" {r.router_js:9.5f}  {tops}"
+                if ranked:
+                    line = line.ljust(len(line) + max(0, 28 - len(tops)))
+                    js = [f"{v:8.5f}" if v is not None else f"{'-':>8}" for v in (r.router_js_last, r.router_js_user)]
+                    rd = ", ".join(f"{e.expert}({e.difference:+.3f})" for e in r.expert_ranking[:3])
+                    line += f"  {js[0]} {js[1]}  {rd} [{r.ranking_tokens}]"
             lines.append(line)
         if self.best_layer is not None:
             lo, hi = self.band
             lines.append(f"* best signal quality within {lo:.0%}-{hi:.0%} depth: layer {self.best_layer} "
                          f"(quality {self.row(self.best_layer).quality:.5f})")
+        for suggestion in self.router_bias_suggestions:
+            lines.append(f"router_bias suggestion: layers {suggestion['layers']}, experts {suggestion['experts']}, "
+                         f"bias {suggestion['bias']}, tokens {suggestion['tokens']}")
         return "\n".join(lines)
+
+    def plot_experts(self, path: str | os.PathLike) -> Path:
+        """Heat map layers × experts of the risk difference p_harmful − p_harmless on each layer's
+        ``ranking_tokens`` (as ``route``'s harmful − harmless panel)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        from ..io.models import versions
+
+        rows = [r for r in self.layer_rows if r.expert_ranking]
+        if not rows:
+            raise MeasurementError(f"{self.source or 'measurements'}: no router statistics to plot")
+        n_exp = len(rows[0].expert_ranking)
+        data = np.zeros((len(rows), n_exp))
+        for i, r in enumerate(rows):
+            for e in r.expert_ranking:
+                data[i, e.expert] = e.difference
+        bound = float(np.abs(data).max()) or 1e-12
+        fig, ax = plt.subplots(figsize=(min(28.0, 4.0 + 0.25 * n_exp), min(30.0, 2.5 + 0.3 * len(rows))))
+        im = ax.imshow(data, aspect="auto", cmap="PuOr_r", vmin=-bound, vmax=bound, interpolation="nearest")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        step = max(1, len(rows) // 24)
+        ax.set_yticks(range(0, len(rows), step))
+        ax.set_yticklabels([str(r.layer) for r in rows[::step]])
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="p_harmful - p_harmless")
+        ax.set_title(f"risk difference per expert ({rows[0].ranking_tokens} tokens)")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vers = versions()
+        fig.savefig(path, dpi=110, metadata={"Software": f"intervene {vers['intervene']}",
+                                             "Description": json.dumps({"measurements": self.source, "versions": vers})})
+        plt.close(fig)
+        return path
 
     def plot(self, path: str | os.PathLike) -> Path:
         """PNG of cos, SNR, signal quality (and router JS on MoE) per layer."""
@@ -208,7 +280,42 @@ def layer_row(meas: Measurements, layer: int | str, num_layers: int, top: int = 
     if p_key in meas.tensors and q_key in meas.tensors:
         row.router_js = js_divergence(meas.tensors[p_key], meas.tensors[q_key])
         row.top_experts = expert_shifts(meas.tensors[p_key], meas.tensors[q_key], top)
+    if not isinstance(layer, int):
+        return row
+    js: dict[str, float] = {}
+    for tokens in RANKING_TOKENS:
+        pk, qk = router_key("harmful", "freq", tokens, layer), router_key("harmless", "freq", tokens, layer)
+        if pk in meas.tensors and qk in meas.tensors:
+            js[tokens] = js_divergence(meas.tensors[pk], meas.tensors[qk])
+            if row.ranking_tokens is None:
+                row.ranking_tokens = tokens
+                row.expert_ranking = expert_ranking(meas.tensors[pk], meas.tensors[qk])
+    row.router_js_last, row.router_js_user = js.get("last"), js.get("user")
     return row
+
+
+def expert_ranking(harmful_freq: torch.Tensor, harmless_freq: torch.Tensor) -> list[ExpertShift]:
+    """Every expert, ordered by risk difference p − q (``maths.risk_difference_ranking``)."""
+    p, q = harmful_freq.to(torch.float64), harmless_freq.to(torch.float64)
+    return [ExpertShift(e, float(p[e]), float(q[e]), float(p[e] - q[e]),
+                        float(p[e] / q[e]) if float(q[e]) > 0 else float("inf"))
+            for e in risk_difference_ranking(p, q)]
+
+
+def router_bias_suggestions(rows: list[LayerRow], num_layers: int, band: tuple[float, float],
+                            top_k: int) -> list[dict[str, Any]]:
+    """``router_bias`` entries (top:N, -inf) over the ranked MoE layers in the depth band (all ranked
+    layers if none is), N in :data:`SUGGESTED_TOP` up to E − top_k."""
+    ranked = [r for r in rows if isinstance(r.layer, int) and r.expert_ranking]
+    if not ranked:
+        return []
+    in_band = [r for r in ranked if band[0] <= r.depth <= band[1]] or ranked
+    layers = [r.layer for r in in_band]
+    contiguous = layers == list(range(layers[0], layers[-1] + 1))
+    where: str | list[int] = f"{layers[0]}:{layers[-1] + 1}" if contiguous else layers
+    n_exp = len(ranked[0].expert_ranking)
+    return [{"layers": where, "experts": f"top:{n}", "bias": "-inf", "tokens": in_band[0].ranking_tokens}
+            for n in SUGGESTED_TOP if n <= n_exp - max(top_k, 1)]
 
 
 def analyze(meas: Measurements, band: tuple[float, float] = DEFAULT_BAND, top_experts: int = 5) -> AnalysisReport:
@@ -227,7 +334,9 @@ def analyze(meas: Measurements, band: tuple[float, float] = DEFAULT_BAND, top_ex
         rows.append(layer_row(meas, "embed", num_layers, top_experts))
     rows += [layer_row(meas, layer, num_layers, top_experts) for layer in layers]
     return AnalysisReport(rows=rows, num_layers=num_layers, band=tuple(band),
-                          best_layer=best_layer(rows, num_layers, band), source=meas.path, meta=dict(meas.meta))
+                          best_layer=best_layer(rows, num_layers, band), source=meas.path, meta=dict(meas.meta),
+                          router_bias_suggestions=router_bias_suggestions(rows, num_layers, band,
+                                                                          int(meas.meta.get("top_k") or 1)))
 
 
 def best_layer(rows: list[LayerRow], num_layers: int, band: tuple[float, float] = DEFAULT_BAND) -> int | None:
@@ -240,10 +349,12 @@ def best_layer(rows: list[LayerRow], num_layers: int, band: tuple[float, float] 
 
 def recommend(meas: Measurements, model: str | None = None, measurements: str | None = None,
               band: tuple[float, float] = DEFAULT_BAND, before: int | None = None, after: int | None = None,
-              report: AnalysisReport | None = None) -> Any:
+              report: AnalysisReport | None = None, router_bias_top: int | None = None) -> Any:
     """A starting :class:`~intervene.config.schema.InterventionConfig` (rule in the module docstring).
 
     ``model`` / ``measurements`` default to the model recorded in the file and the file's path.
+    ``router_bias_top=N`` adds a ``router_bias`` entry (``experts: "top:N"``, -inf) over the MoE
+    layers of :func:`router_bias_suggestions`.
     """
     from .. import __version__
     from ..arch import WRITE_TARGETS, get_arch
@@ -262,6 +373,21 @@ def recommend(meas: Measurements, model: str | None = None, measurements: str | 
     if model_type:
         spec = get_arch(model_type)
         targets = [t for t in WRITE_TARGETS if spec.has_target(t)]
+    router_bias = []
+    if router_bias_top is not None:
+        from ..config.schema import parse_layers, RouterBiasEntry
+
+        ranked = [r for r in report.layer_rows if r.expert_ranking]
+        if not ranked:
+            raise MeasurementError(f"{meas.path or 'measurements'}: no router statistics to rank experts on "
+                                   "(--router-bias-top needs a MoE measurements file)")
+        n_exp = len(ranked[0].expert_ranking)
+        if not 1 <= router_bias_top <= n_exp - max(1, int(meas.meta.get("top_k") or 1)):
+            raise MeasurementError(f"--router-bias-top {router_bias_top}: must be 1..E - top_k with {n_exp} experts")
+        where = (report.router_bias_suggestions[0]["layers"] if report.router_bias_suggestions
+                 else router_bias_suggestions(report.rows, n, band, 0)[0]["layers"])
+        router_bias = [RouterBiasEntry(layers=parse_layers(where, "router_bias"), bias=float("-inf"), top=router_bias_top,
+                                       tokens=ranked[0].ranking_tokens)]
     row = report.row(source)
     notes = (f"recommended by intervene {__version__} analyze: direction from layer {source} (signal quality "
              f"{row.quality:.4g}, cos {row.cos:.4f}, depth {row.depth:.0%}; best within {band[0]:.0%}-{band[1]:.0%} "
@@ -272,7 +398,7 @@ def recommend(meas: Measurements, model: str | None = None, measurements: str | 
         measurements=measurements if measurements is not None else meas.path,
         method="project", biprojection=True, targets=targets,
         system_prompt=meas.meta.get("system_prompt"), chat_template=bool(meas.meta.get("chat_template", True)),
-        notes=notes,
+        notes=notes, router_bias=router_bias,
         # numbers here index decoder-layer outputs; said explicitly for files converted from .refuse
         indexing="layer_output" if meas.meta.get("source_indexing") == "hidden_state" else None,
     )

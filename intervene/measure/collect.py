@@ -13,6 +13,12 @@ included, pad positions excluded through the attention mask):
   (each token has k slots) that chose expert e. ``freq[e] = count(e) / (n_tokens · k)``; it
   sums to 1 over experts. Uniform routing gives 1/E.
 * ``router.<set>_logits.{L}`` mean router logits over the same tokens.
+* ``router.<set>_freq_last.{L}``, ``router.<set>_logits_last.{L}``: the same at the last prompt
+  token only (position -1), where the model decides how to answer;
+* ``router.<set>_freq_user.{L}``, ``router.<set>_logits_user.{L}``: the same over the user's own
+  tokens only (:func:`user_token_mask`: tokens whose characters overlap the user message in the
+  formatted prompt; the template's fixed tokens, which dilute the all-token statistics, excluded).
+  Fast tokenizers only (character offsets); the file's meta ``router_stats`` says which is which.
 
 Harmless second moment (for ``whiten`` in configs, see ``intervene.maths.whiten``), at the same
 last-token position, for the embedding and every layer, when ``whiten_rank > 0``:
@@ -59,6 +65,7 @@ def measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequen
     num_experts = spec.num_experts(config)
     harmful_text = format_prompts(tokenizer, harmful, system_prompt, chat_template)
     harmless_text = format_prompts(tokenizer, harmless, system_prompt, chat_template)
+    users = {"harmful": list(harmful), "harmless": list(harmless)}
     total = -(-len(harmful_text) // batch_size) - (-len(harmless_text) // batch_size)
 
     from tqdm.auto import tqdm
@@ -67,7 +74,8 @@ def measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequen
     try:
         stats = {
             name: _measure_set(model, tokenizer, texts, batch_size, moe_layers, num_experts, bar,
-                               keep_rows=name == "harmless" and whiten_rank > 0, on_batch=on_batch)
+                               keep_rows=name == "harmless" and whiten_rank > 0, on_batch=on_batch,
+                               prompts=users[name])
             for name, texts in (("harmful", harmful_text), ("harmless", harmless_text))
         }
     finally:
@@ -82,16 +90,18 @@ def measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequen
 
 def _measure_set(model: Any, tokenizer: Any, texts: list[str], batch_size: int, moe_layers: list[int],
                  num_experts: int, bar: Any, keep_rows: bool = False,
-                 on_batch: Callable[[], None] | None = None) -> SetStats:
+                 on_batch: Callable[[], None] | None = None, prompts: Sequence[str] | None = None) -> SetStats:
     stats = SetStats(keep_rows=keep_rows)
     device = model_device(model)
     # means do not depend on order: batching prompts of similar length wastes less on padding
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: lengths[i])]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    texts = [texts[i] for i in order]
+    users = [prompts[i] for i in order] if prompts is not None else None
     extra = {"use_cache": False}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         extra["logits_to_keep"] = 1  # the lm_head over every position is wasted work here
-    for chunk in batches(texts, batch_size):
+    for start, chunk in zip(range(0, len(texts), batch_size), batches(texts, batch_size)):
         enc = encode(tokenizer, chunk, device)
         if "attention_mask" in enc and not bool(enc["attention_mask"][:, -1].all()):
             raise InputError("the tokenizer pads on the right; the last prompt token must be at position -1 "
@@ -99,8 +109,35 @@ def _measure_set(model: Any, tokenizer: Any, texts: list[str], batch_size: int, 
         with torch.inference_mode(), capture(model, embed=True, router=bool(moe_layers)) as acts:
             model(**enc, **extra)
         layers = range(int(text_config(model.config).num_hidden_layers))
-        stats.add_batch(acts, acts.token_mask(), layers, True, moe_layers, num_experts)
+        user = (user_token_mask(tokenizer, chunk, users[start:start + len(chunk)])
+                if moe_layers and users is not None else None)
+        stats.add_batch(acts, acts.token_mask(), layers, True, moe_layers, num_experts, last_token=True,
+                        user_mask=user)
         bar.update(1)
         if on_batch is not None:
             on_batch()
     return stats
+
+
+def user_token_mask(tokenizer: Any, texts: Sequence[str], prompts: Sequence[str]) -> torch.Tensor | None:
+    """``[B, S]`` bool, aligned with ``encode(tokenizer, texts)`` (left padding): True on tokens whose
+    characters overlap the user message ``prompts[i]`` inside the formatted ``texts[i]`` (its last
+    occurrence: the user turn comes after any system prompt). None for tokenizers without character
+    offsets (slow tokenizers); a prompt not found verbatim in its formatted text has no user tokens."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False,
+                    return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    mask = torch.zeros(offsets.shape[:2], dtype=torch.bool)
+    for i, (text, prompt) in enumerate(zip(texts, prompts)):
+        begin = text.rfind(prompt) if prompt else -1
+        if begin < 0:
+            continue
+        end = begin + len(prompt)
+        s, e = offsets[i, :, 0], offsets[i, :, 1]
+        mask[i] = (e > s) & (s < end) & (e > begin)
+    if "attention_mask" in enc:
+        mask &= enc["attention_mask"].bool()
+    return mask

@@ -12,6 +12,12 @@ One trial's parameters describe::
     method        project | norm_preserving
     whiten        (when the measurements hold the harmless second moment) the whitening strength
                   lambda of ``maths.whiten``, log-uniform; the same lambda for the whole config
+    router_bias   (MoE, opt-in) expert steering on/off; when on: ``router_bias.top`` N (int) and a
+                  layer window ``router_bias.center``/``router_bias.width``: one config entry
+                  ``router_bias: {layers: <the window's MoE layers>, experts: "top:N", bias: -inf,
+                  tokens}`` (N experts per layer most over-selected on harmful prompts)
+    projection    (with ``projection_optional``) on/off: off leaves ``ablate`` empty, so one front
+                  holds expert steering alone, projection alone and both
 
 The config emitted has ONE ablate entry per edited layer with a per-target ``scale`` dict, so
 the YAML written for a trial bakes to exactly what that trial scored. Pure: no model needed.
@@ -24,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..arch import ArchSpec
-from ..config.schema import METHODS, AblateEntry, InterventionConfig
+from ..config.schema import METHODS, AblateEntry, InterventionConfig, RouterBiasEntry
 from ..errors import InputError
-from ..io.measurements import Measurements
+from ..io.measurements import Measurements, router_key
 
 WRITE_TARGETS = ("attention", "mlp", "experts", "shared_experts")
 MIN_SCALE = 1e-3  # scales below this are left out of the config (the schema needs scale > 0)
@@ -68,6 +74,12 @@ class SearchSpace:
     router_scale: Range = field(default_factory=lambda: Range(0.0, 1.0))
     methods: tuple[str, ...] = ("project", "norm_preserving")
     whiten: Range | None = None  # None: the raw direction
+    router_bias: bool = False  # search expert steering (router_bias top:N, -inf) on/off
+    router_bias_top: tuple[int, int] = (1, 4)  # N per layer, inclusive
+    router_bias_center: Range = field(default_factory=lambda: Range(0.0, 0.0))
+    router_bias_width: Range = field(default_factory=lambda: Range(0.5, 0.5))
+    router_bias_tokens: str = "last"
+    projection_optional: bool = False  # with router_bias: also search projection on/off
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -77,6 +89,12 @@ class SearchSpace:
             raise InputError("search space has no target to edit")
         if self.router and not self.moe_layers:
             raise InputError("router search needs a MoE model")
+        if self.router_bias and not self.moe_layers:
+            raise InputError("router_bias search needs a MoE model")
+        if not 1 <= self.router_bias_top[0] <= self.router_bias_top[1]:
+            raise InputError(f"router_bias top range {list(self.router_bias_top)} must satisfy 1 <= LO <= HI")
+        if self.projection_optional and not self.router_bias:
+            raise InputError("projection on/off is only searched together with router_bias")
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -92,13 +110,17 @@ class SearchSpace:
                 width_range: tuple[float, float] = (0.05, 0.6),
                 max_scale: tuple[float, float] = (0.6, 1.5),
                 min_fraction: tuple[float, float] = (0.0, 1.0),
-                whiten_range: tuple[float, float] | str | None = None) -> "SearchSpace":
+                whiten_range: tuple[float, float] | str | None = None,
+                router_bias: bool = False, router_bias_top: tuple[int, int] = (1, 4),
+                router_bias_tokens: str = "last", projection_optional: bool = False) -> "SearchSpace":
         """Ranges given as fractions of the last layer index (``direction_range``,
         ``center_range``, ``width_range``) or absolute (scales, ``whiten_range``). ``direction_range``
         is clipped to the measured layers. ``whiten_range`` is searched (log-uniform) when the
         measurements hold the harmless second moment of every measured layer; ``None`` searches the
         raw direction only; ``"auto"``: :data:`WHITEN_RANGE` when the measurements hold the moment,
-        else the raw direction."""
+        else the raw direction. ``router_bias``: also search expert steering (N in ``router_bias_top``,
+        clipped to E − top_k; its window over the MoE layers), ranked on the measurements' router
+        statistics over ``router_bias_tokens``; ``projection_optional``: also search without projection."""
         num_layers = int(model_config.num_hidden_layers)
         last = max(num_layers - 1, 1)
         measured = measurements.layers
@@ -135,6 +157,22 @@ class SearchSpace:
                     "('harmless_moment.*', stored by `intervene measure` with --whiten-rank > 0): re-measure, "
                     "or search the raw direction (--whiten off)")
             whiten = Range(float(whiten_range[0]), float(whiten_range[1]), log=True)
+        rb: dict[str, Any] = {}
+        if router_bias:
+            if not moe_layers:
+                raise InputError(f"router_bias search needs a MoE model; '{spec.name}' has no experts")
+            lacking = [layer for layer in moe_layers
+                       if router_key("harmful", "freq", router_bias_tokens, layer) not in measurements.tensors]
+            if lacking:
+                raise InputError(f"router_bias search ranks experts on "
+                                 f"'{router_key('harmful', 'freq', router_bias_tokens, lacking[0])}', not in "
+                                 f"{measurements.path or 'the measurements'}: re-measure with `intervene measure`")
+            most = max(1, spec.num_experts(model_config) - max(1, spec.top_k(model_config)))
+            lo_n, hi_n = min(router_bias_top[0], most), min(router_bias_top[1], most)
+            rb = dict(router_bias=True, router_bias_top=(lo_n, hi_n), router_bias_tokens=router_bias_tokens,
+                      router_bias_center=Range(float(moe_layers[0]), float(moe_layers[-1])),
+                      router_bias_width=Range(0.5, max(0.5, round(width_range[1] * last, 3))),
+                      projection_optional=projection_optional)
         return cls(
             num_layers=num_layers,
             direction=Range(round(lo, 3), round(hi, 3)),
@@ -146,6 +184,7 @@ class SearchSpace:
             router=bool(moe_layers) if router is None else router,
             methods=tuple(methods),
             whiten=whiten,
+            **rb,
         )
 
     # ---- sampling ----------------------------------------------------------------------
@@ -167,7 +206,22 @@ class SearchSpace:
                             else str(trial.suggest_categorical("method", list(self.methods))))
         if self.whiten is not None:
             params["whiten"] = self.whiten.suggest(trial, "whiten")
+        if self.router_bias:
+            params["router_bias"] = bool(trial.suggest_categorical("router_bias", [False, True]))
+            if params["router_bias"]:
+                lo, hi = self.router_bias_top
+                params["router_bias.top"] = lo if lo == hi else int(trial.suggest_int("router_bias.top", lo, hi))
+                params["router_bias.center"] = self.router_bias_center.suggest(trial, "router_bias.center")
+                params["router_bias.width"] = self.router_bias_width.suggest(trial, "router_bias.width")
+                if self.projection_optional:
+                    params["projection"] = bool(trial.suggest_categorical("projection", [True, False]))
         return params
+
+    def router_bias_layers(self, params: dict[str, Any]) -> list[int]:
+        """The MoE layers of the router_bias window (the MoE layer nearest the centre if it holds none)."""
+        center, width = float(params["router_bias.center"]), float(params["router_bias.width"])
+        layers = [layer for layer in window(center, width, self.num_layers) if layer in self.moe_layers]
+        return layers or [min(self.moe_layers, key=lambda layer: (abs(layer - center), layer))]
 
     # ---- params -> config --------------------------------------------------------------
     def layer_scales(self, params: dict[str, Any]) -> dict[int, dict[str, float]]:
@@ -206,8 +260,15 @@ class SearchSpace:
         entries = [AblateEntry(layers=[layer], measurement=measurement, scale=dict(scales))
                    for layer, scales in sorted(per_layer.items())]
         whiten = round(float(params["whiten"]), DECIMALS) if params.get("whiten") is not None else None
+        router_bias = []
+        if params.get("router_bias"):
+            router_bias = [RouterBiasEntry(layers=self.router_bias_layers(params), bias=float("-inf"),
+                                           top=int(params["router_bias.top"]), tokens=self.router_bias_tokens)]
+            if params.get("projection") is False:
+                entries, used, whiten = [], None, None
         return InterventionConfig(ablate=entries, model=model, measurements=measurements,
-                                  method=str(params["method"]), whiten=whiten, targets=used, name=name, notes=notes)
+                                  method=str(params["method"]), whiten=whiten, targets=used, name=name, notes=notes,
+                                  router_bias=router_bias)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -215,6 +276,12 @@ class SearchSpace:
         d["moe_layers"] = list(self.moe_layers)
         if self.whiten is None:  # absent, not null: spaces saved before whitening existed compare equal
             d.pop("whiten")
+        if not self.router_bias:  # likewise for spaces saved before router_bias existed
+            for key in ("router_bias", "router_bias_top", "router_bias_center", "router_bias_width",
+                        "router_bias_tokens", "projection_optional"):
+                d.pop(key)
+        else:
+            d["router_bias_top"] = list(self.router_bias_top)
         return d
 
 

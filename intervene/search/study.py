@@ -145,6 +145,7 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
            targets: list[str] | None = None, router: bool | None = None,
            methods: tuple[str, ...] = ("project", "norm_preserving"), generation_kl_cap: float | None = 1.0,
            whiten: tuple[float, float] | str | None = "auto",
+           router_bias: bool = False, router_bias_top: tuple[int, int] = (1, 4), projection_optional: bool = False,
            dtype: str = "float32", device_map: str | None = None, batch_size: int = 16,
            system_prompt: str | None = None, chat_template: bool = True, progress: bool = True,
            say: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
@@ -154,7 +155,9 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
     set, evenly spaced: every trial runs one forward pass over them, so it sets the trial rate;
     ``eval_limit`` caps the final evaluation sets (default: all). ``whiten``: a (low, high) range
     for the whitening lambda, ``None`` for the raw direction only, ``"auto"`` (default): the
-    default range when the measurements hold the harmless second moment, else the raw direction."""
+    default range when the measurements hold the harmless second moment, else the raw direction.
+    ``router_bias``: also search expert steering (:class:`~intervene.search.space.SearchSpace`),
+    ``projection_optional``: and projection on/off, so the front mixes both."""
     settings = SearchSettings(trials=trials, seed=seed, sampler=sampler, startup_trials=startup_trials,
                               full_eval_top=full_eval_top, generation_kl_cap=generation_kl_cap)
     meas = load_measurements(measurements)
@@ -167,7 +170,8 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
     config = text_config(loaded.config)
     meas.check_model(int(config.hidden_size), int(config.num_hidden_layers))
     space = SearchSpace.default(arch_for_config(loaded.config), config, meas, targets=targets, router=router,
-                                methods=methods, whiten_range=whiten)
+                                methods=methods, whiten_range=whiten, router_bias=router_bias,
+                                router_bias_top=router_bias_top, projection_optional=projection_optional)
     say("direction: " + (f"harmless-whitened, lambda searched in [{space.whiten.low}, {space.whiten.high}]"
                          if space.whiten else
                          "raw difference of means (no harmless second moment in the measurements, or --whiten off)"))
