@@ -42,10 +42,12 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
 TokenizerNeed = Literal["required", "optional", "none"]
 
 
-def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float32",
+def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
                device_map: str | dict | None = None, tokenizer: TokenizerNeed = "required") -> tuple[Any, Any]:
     """Load (model, tokenizer) in eval mode. Checks the architecture is supported and the
-    safetensors headers are sound first. ``tokenizer``: ``"optional"`` gives None where the
+    safetensors headers are sound first. ``dtype="auto"`` (the default) keeps the checkpoint's own
+    dtype (a bf16 model is not doubled to float32; GGUF, dequantized on load, gives float32); the
+    measurements, moments and KL are accumulated in float32/float64 whatever it is. ``tokenizer``: ``"optional"`` gives None where the
     checkpoint has none (tiny test checkpoints), ``"none"`` does not load one."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
@@ -57,6 +59,8 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float
     arch_for_config(config)  # named error for unsupported model types, before loading weights
     check_safetensors(src)
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
+    if src.gguf_file and kwargs["dtype"] == "auto":
+        kwargs["dtype"] = torch.float32
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
     if device_map is not None:

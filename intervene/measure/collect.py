@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -80,22 +80,28 @@ def measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequen
     return build_measurements(stats, meta, whiten_rank)
 
 
-def _measure_set(model: Any, tokenizer: Any, texts: list[str], batch_size: int, moe_layers: list[int],
-                 num_experts: int, bar: Any, keep_rows: bool = False,
-                 on_batch: Callable[[], None] | None = None) -> SetStats:
-    stats = SetStats(keep_rows=keep_rows)
-    device = model_device(model)
-    # means do not depend on order: batching prompts of similar length wastes less on padding
+def sorted_batches(tokenizer: Any, texts: Sequence[str], batch_size: int,
+                   device: torch.device | str) -> Iterator[dict[str, torch.Tensor]]:
+    """Encoded, left-padded batches of ``texts`` sorted by token length (means do not depend on the
+    order; batching prompts of similar length wastes less on padding)."""
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: lengths[i])]
-    extra = {"use_cache": False}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        extra["logits_to_keep"] = 1  # the lm_head over every position is wasted work here
-    for chunk in batches(texts, batch_size):
+    ordered = [texts[i] for i in sorted(range(len(texts)), key=lambda i: lengths[i])]
+    for chunk in batches(ordered, batch_size):
         enc = encode(tokenizer, chunk, device)
         if "attention_mask" in enc and not bool(enc["attention_mask"][:, -1].all()):
             raise InputError("the tokenizer pads on the right; the last prompt token must be at position -1 "
                              "(set tokenizer.padding_side = 'left')")
+        yield enc
+
+
+def _measure_set(model: Any, tokenizer: Any, texts: list[str], batch_size: int, moe_layers: list[int],
+                 num_experts: int, bar: Any, keep_rows: bool = False,
+                 on_batch: Callable[[], None] | None = None) -> SetStats:
+    stats = SetStats(keep_rows=keep_rows)
+    extra = {"use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = 1  # the lm_head over every position is wasted work here
+    for enc in sorted_batches(tokenizer, texts, batch_size, model_device(model)):
         with torch.inference_mode(), capture(model, embed=True, router=bool(moe_layers)) as acts:
             model(**enc, **extra)
         layers = range(int(text_config(model.config).num_hidden_layers))

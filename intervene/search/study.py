@@ -145,7 +145,7 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
            targets: list[str] | None = None, router: bool | None = None,
            methods: tuple[str, ...] = ("project", "norm_preserving"), generation_kl_cap: float | None = 1.0,
            whiten: tuple[float, float] | str | None = "auto",
-           dtype: str = "float32", device_map: str | None = None, batch_size: int = 16,
+           dtype: str = "auto", device_map: str | None = None, batch_size: int = 16,
            system_prompt: str | None = None, chat_template: bool = True, progress: bool = True,
            say: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> SearchResult:
     """``intervene search`` as a function: load the model once, build the default search space
