@@ -134,6 +134,8 @@ class LayerLoader:
         try:
             info, _ = convert_and_load_state_dict_in_model(self.model, self._slices(keys), config)
         finally:
+            # drop the shard handles: their memory maps would keep every page read so far resident
+            self._open.clear()
             if bars:
                 hf_logging.enable_progress_bar()
         if info.conversion_errors or info.mismatched_keys:
