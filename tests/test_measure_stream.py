@@ -51,6 +51,24 @@ def test_streamed_equals_in_memory(arch, tmp_path):
     assert streamed.meta["stream_layers"] is True and streamed.meta["router_tokens"] == full.meta["router_tokens"]
 
 
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_layerwise_load_equals_from_pretrained(arch, tmp_path):
+    from intervene.io.layerwise import load_layerwise
+
+    d = saved(tmp_path, arch, shard="60KB")
+    ref, _ = load_model(str(d), dtype="float32", tokenizer="none")
+    ours = load_layerwise(str(d), dtype="float32")
+    a, b = ref.state_dict(), ours.state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    for (na, ba), (nb, bb) in zip(ref.named_buffers(), ours.named_buffers()):
+        assert na == nb and torch.equal(ba, bb), na
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, ours(ids).logits)
+
+
 def test_streamed_many_shards_and_negative_control(tmp_path):
     d = saved(tmp_path, "deepseek_v3", shard="40KB")
     index = json.loads((d / "model.safetensors.index.json").read_text())

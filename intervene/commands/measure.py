@@ -73,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
         m = measure_streamed(args.model, load_tokenizer(args.model), harmful, harmless, dtype=args.dtype,
                              device=args.device, hidden_on=args.hidden_on, **common)
     else:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
+        from ..io.layerwise import can_load_layerwise, load_layerwise
+
+        if can_load_layerwise(args.model, args.device_map):  # peak: the model + one layer (io.layerwise)
+            model, tokenizer = load_layerwise(args.model, dtype=args.dtype), load_tokenizer(args.model)
+        else:
+            model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
         m = measure(model, tokenizer, harmful, harmless, **common)
     m.save(args.output)
     moe = m.meta.get("moe_layers") or []

@@ -30,18 +30,17 @@ from __future__ import annotations
 import inspect
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from ..arch import arch_for_config, decoder_layers, split_layer_key, text_config
+from ..arch import arch_for_config, decoder_layers, text_config
 from ..errors import InputError
 from ..hooks.capture import capture, resid_site, router_site
-from ..io.checkpoint import open_checkpoint
+from ..io.layerwise import LayerLoader, stream_skeleton
 from ..io.measurements import Measurements
-from ..io.models import format_prompts, parse_dtype
-from ..io.sources import load_model_config, resolve_model
+from ..io.models import format_prompts
+from ..io.sources import resolve_model
 from .accumulate import SetStats, build_measurements, check_prompt_sets, measurement_meta
 from .collect import sorted_batches
 
@@ -60,117 +59,6 @@ class _Batch:
     mask: torch.Tensor  # [B, S] bool, True on real tokens (CPU)
     hidden: torch.Tensor  # [B, S, H] entering the next layer
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)  # per layer: (args[1:], kwargs)
-
-
-def stream_skeleton(spec: str, dtype: str | torch.dtype | None = "auto") -> tuple[Any, torch.dtype]:
-    """The model with its parameters on the meta device (buffers real) and its dtype; ``auto`` is the
-    checkpoint's dtype (config ``dtype``), float32 where the config names none."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    config = load_model_config(spec)
-    arch_for_config(config)
-    torch_dtype = parse_dtype(dtype)
-    if torch_dtype == "auto":
-        torch_dtype = _config_dtype(config)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    model.eval()
-    model.requires_grad_(False)
-    return model, torch_dtype
-
-
-def _config_dtype(config: Any) -> torch.dtype:
-    for c in (config, text_config(config)):
-        d = getattr(c, "dtype", None) or getattr(c, "torch_dtype", None)
-        if isinstance(d, str):
-            d = getattr(torch, d, None)
-        if isinstance(d, torch.dtype) and d.is_floating_point:
-            return d
-    return torch.float32
-
-
-class LayerLoader:
-    """Reads one group of checkpoint tensors (a decoder layer, or everything outside the layers) into
-    the skeleton with transformers' own key conversion, and sends a layer back to the meta device."""
-
-    def __init__(self, model: Any, path: str | Path, dtype: torch.dtype, device: torch.device) -> None:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-
-        self.model, self.dtype, self.device = model, dtype, device
-        self.checkpoint = open_checkpoint(path)
-        self.by_layer: dict[int, list[str]] = {}
-        self.outside: list[str] = []
-        head = _output_head_prefix(model)
-        for key in self.checkpoint.weight_map:
-            split = split_layer_key(key)
-            if split is not None:
-                self.by_layer.setdefault(split[1], []).append(key)
-            elif head is None or not key.startswith(head):
-                self.outside.append(key)
-        self.mapping = get_model_conversion_mapping(model, None, None)
-        self._open: dict[str, Any] = {}
-
-    def _slices(self, keys: Sequence[str]) -> dict[str, Any]:
-        from safetensors import safe_open
-
-        out = {}
-        for key in keys:
-            name = self.checkpoint.weight_map[key]
-            if name not in self._open:
-                self._open[name] = safe_open(str(self.checkpoint.path / name), framework="pt", device="cpu")
-            out[key] = self._open[name].get_slice(key)
-        return out
-
-    def load(self, keys: Sequence[str], what: str) -> None:
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
-
-        from transformers.utils import logging as hf_logging
-
-        config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, weight_mapping=self.mapping)
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # one bar per layer is ours; transformers' would add one per load
-        try:
-            info, _ = convert_and_load_state_dict_in_model(self.model, self._slices(keys), config)
-        finally:
-            # drop the shard handles: their memory maps would keep every page read so far resident
-            self._open.clear()
-            if bars:
-                hf_logging.enable_progress_bar()
-        if info.conversion_errors or info.mismatched_keys:
-            bad = next(iter(info.conversion_errors or info.mismatched_keys))
-            raise InputError(f"{self.checkpoint.path}: cannot load '{bad}' of {what} into the model skeleton")
-
-    def load_outside(self) -> None:
-        self.load(self.outside, "the embeddings")
-
-    def load_layer(self, layer: int) -> None:
-        keys = self.by_layer.get(layer)
-        if not keys:
-            raise InputError(f"{self.checkpoint.path}: no tensors of decoder layer {layer} in the checkpoint")
-        self.load(keys, f"layer {layer}")
-        module = decoder_layers(self.model)[layer]
-        left = [n for n, p in module.named_parameters() if p.is_meta]
-        if left:
-            raise InputError(f"{self.checkpoint.path}: layer {layer} parameter '{left[0]}' is not in the checkpoint")
-
-    def unload_layer(self, layer: int) -> None:
-        decoder_layers(self.model)[layer].to("meta")
-
-    def close(self) -> None:
-        self._open.clear()
-
-
-def _output_head_prefix(model: Any) -> str | None:
-    """``'lm_head.'``: the output head is not needed to measure residuals (tied heads are not on disk)."""
-    head = model.get_output_embeddings()
-    if head is None or head.weight is model.get_input_embeddings().weight:
-        return None
-    for name, module in model.named_modules():
-        if module is head:
-            return name + "."
-    return None
 
 
 def measure_streamed(spec: str, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
@@ -282,4 +170,4 @@ def _first_pass(model: Any, tokenizer: Any, texts: dict[str, list[str]], batch_s
     return out
 
 
-__all__ = ["measure_streamed", "stream_skeleton", "LayerLoader", "HiddenOn"]
+__all__ = ["measure_streamed", "HiddenOn"]
