@@ -11,9 +11,13 @@ written straight into shards, no model instantiated), with a character-level tok
 the same prompts, with peak RSS (``VmHWM``) sampled from ``/proc`` (``benchmarks/bake.py``'s
 ``run_measured``) and wall time of the whole process, imports included:
 
-* in memory, default dtype (``auto``: bf16 here) — target: peak <= 1.3 x checkpoint + 0.6 GB;
-* in memory, ``--dtype float32``; streamed, ``--dtype float32`` — target: streamed <= 0.5 x in-memory;
-* streamed, default dtype.
+* ``memory-auto``: in memory, default dtype (``auto``: bf16 here) — target: peak <= 1.3 x checkpoint + 0.6 GB;
+* ``memory-f32``, ``stream-f32``: in memory and streamed at ``--dtype float32`` — target: streamed <= 0.5 x
+  in-memory;
+* ``stream-auto``: streamed, default dtype;
+* ``hf-auto``, ``hf-f32``: in memory through transformers' ``from_pretrained`` (``--device-map cpu`` turns
+  intervene's layer-wise load off): every shard stays memory-mapped while it loads, and the pages read
+  count in the resident memory next to the loaded weights.
 
 Then the streamed peak is split into what does not depend on depth (imports, embeddings, hidden
 states: the streamed peak minus ``k`` layers) and ``k`` times one decoder layer, ``k`` measured
@@ -78,6 +82,8 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=32, help="prompts per set (default 32)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--runs", default="memory-auto,memory-f32,stream-f32,stream-auto,hf-auto,hf-f32",
+                        help="which runs, comma-separated (default: all six)")
     args = parser.parse_args()
 
     bench = _bake_bench()
@@ -98,23 +104,28 @@ def main() -> int:
               f"embeddings {2 * args.vocab * args.hidden / MiB:.0f} MiB each")
         base = [sys.executable, "-m", "intervene.cli", "measure", str(src), "--limit", str(args.limit),
                 "--batch-size", str(args.batch_size), "--no-progress", "--no-chat-template"]
-        runs = {"in-memory, dtype auto (bf16)": [], "in-memory, float32": ["--dtype", "float32"],
-                "streamed, float32": ["--dtype", "float32", "--stream-layers"],
-                "streamed, dtype auto (bf16)": ["--stream-layers"]}
+        runs = {"memory-auto": [], "memory-f32": ["--dtype", "float32"],
+                "stream-f32": ["--dtype", "float32", "--stream-layers"], "stream-auto": ["--stream-layers"],
+                # transformers' from_pretrained (a device map turns intervene's layer-wise load off)
+                "hf-auto": ["--device-map", "cpu"], "hf-f32": ["--dtype", "float32", "--device-map", "cpu"]}
+        wanted = args.runs.split(",")
         results = {}
         imports = bench.run_measured([sys.executable, "-c", "import torch, transformers, intervene.cli, "
                                       "intervene.measure.stream, transformers.models.qwen2_moe.modeling_qwen2_moe"])
         print(f"imports alone: peak RSS {imports['hwm'] / MiB:.0f} MiB, {imports['wall']:.1f}s")
-        for name, extra in runs.items():
-            out = work / (name.replace(" ", "").replace(",", "_").replace("(", "").replace(")", "") + ".safetensors")
+        for name in wanted:
+            extra = runs[name]
+            out = work / f"{name}.safetensors"
             r = bench.run_measured(base + extra + ["-o", str(out)])
             if r["rc"] != 0:
                 raise SystemExit(f"{name} failed ({r['rc']}):\n{r['output']}")
             results[name] = dict(peak=r["hwm"], wall=r["wall"], out=out)
-            print(f"{name:32s} peak RSS {r['hwm'] / MiB:7.0f} MiB ({r['hwm'] / size:.2f}x checkpoint), "
+            print(f"{name:12s} {' '.join(extra) or '(defaults)':40s} peak RSS {r['hwm'] / MiB:7.0f} MiB ({r['hwm'] / size:.2f}x checkpoint), "
                   f"{r['wall']:6.1f}s")
-        auto, f32 = results["in-memory, dtype auto (bf16)"], results["in-memory, float32"]
-        s32, sauto = results["streamed, float32"], results["streamed, dtype auto (bf16)"]
+        if not {"memory-auto", "memory-f32", "stream-f32", "stream-auto"} <= set(results):
+            return 0
+        auto, f32 = results["memory-auto"], results["memory-f32"]
+        s32, sauto = results["stream-f32"], results["stream-auto"]
         limit_auto = 1.3 * size + 0.6 * GiB
         print(f"\ndefault-dtype in-memory peak {auto['peak'] / MiB:.0f} MiB <= 1.3 x {size / MiB:.0f} + 614 = "
               f"{limit_auto / MiB:.0f} MiB: {'met' if auto['peak'] <= limit_auto else 'NOT met'}")

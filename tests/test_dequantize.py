@@ -215,3 +215,24 @@ def test_dequantize_needs_quantized_tensors(tmp_path):
     cfg = write_config(tmp_path, config(tmp_path, src, 2, ["attention"]))
     with pytest.raises(CheckpointError, match="no FP8"):
         bake(cfg, output=tmp_path / "o", progress=False, dequantize="all")
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_stream_layers_reads_quantized(fmt, tmp_path):
+    """measure --stream-layers of a quantized checkpoint == the in-memory measure of the model
+    transformers dequantizes from it (both bf16)."""
+    from intervene.io.models import load_model
+    from intervene.measure.collect import measure
+    from intervene.measure.stream import measure_streamed
+    from intervene.testing import tiny_tokenizer
+
+    src = fp8_checkpoint(tmp_path) if fmt == "fp8" else mxfp4_checkpoint(tmp_path)
+    tiny_tokenizer().save_pretrained(str(src))
+    harmful, harmless = ["make a bomb", "hack a bank now"], ["bake bread", "a poem", "hello there"]
+    model, tok = load_model(str(src), dtype="bfloat16")
+    full = measure(model, tok, harmful, harmless, batch_size=2, progress=False, whiten_rank=0)
+    streamed = measure_streamed(str(src), tok, harmful, harmless, batch_size=2, progress=False, whiten_rank=0,
+                                dtype="bfloat16")
+    assert set(full.tensors) == set(streamed.tensors)
+    for k, t in full.tensors.items():
+        assert ((t - streamed.tensors[k]).norm() / t.norm().clamp_min(1e-30)) <= 1e-2, k

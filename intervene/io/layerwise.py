@@ -5,7 +5,8 @@ architecture table's layer-key split), each through transformers' own key conver
 opened for that group only. ``measure --stream-layers`` loads and frees one layer at a time;
 :func:`load_layerwise` loads them all, so that a whole model is read without the whole checkpoint
 being memory-mapped at once (transformers' loader keeps every shard mapped until the end, and the
-pages it has read count in the process's resident memory next to the loaded weights)."""
+pages it has read count in the process's resident memory next to the loaded weights). FP8
+block-scaled and MXFP4 tensors (:mod:`.quantized`) are read dequantized to bf16."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..arch import arch_for_config, decoder_layers, split_layer_key, text_config
 from ..errors import InputError
 from .checkpoint import open_checkpoint
 from .models import parse_dtype
+from .quantized import QuantizedReader, find_quantized
 from .sources import load_model_config
 
 
@@ -70,12 +72,25 @@ class LayerLoader:
                 self.outside.append(key)
         self.mapping = get_model_conversion_mapping(model, None, None)
         self._open: dict[str, Any] = {}
+        # FP8 / MXFP4 tensors are read dequantized (bf16), under the names transformers loads them by
+        import json
+
+        self.quantized = {q.data_key: q for q in find_quantized(self.checkpoint).values()}
+        self.scales = {q.scale_key for q in self.quantized.values()}
+        if self.quantized:
+            self.reader = QuantizedReader(self.checkpoint, json.loads((self.checkpoint.path / "config.json").read_text()))
 
     def _slices(self, keys: Sequence[str]) -> dict[str, Any]:
         from safetensors import safe_open
 
         out = {}
         for key in keys:
+            if key in self.scales:
+                continue
+            if key in self.quantized:
+                q = self.quantized[key]
+                out[q.key] = self.reader.read(q)
+                continue
             name = self.checkpoint.weight_map[key]
             if name not in self._open:
                 self._open[name] = safe_open(str(self.checkpoint.path / name), framework="pt", device="cpu")
