@@ -10,6 +10,8 @@ block-scaled and MXFP4 tensors (:mod:`.quantized`) are read dequantized to bf16.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -106,9 +108,17 @@ class LayerLoader:
         config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, weight_mapping=self.mapping)
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one bar per layer is ours; transformers' would add one per load
+        # synchronous: the loader's thread pool is made anew per call, and every new thread's malloc
+        # arena keeps what the layer it read left behind (measured: +24 MB resident per layer)
+        was = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
         try:
             info, _ = convert_and_load_state_dict_in_model(self.model, self._slices(keys), config)
         finally:
+            if was is None:
+                os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+            else:
+                os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = was
             # drop the shard handles: their memory maps would keep every page read so far resident
             self._open.clear()
             if bars:
@@ -135,9 +145,23 @@ class LayerLoader:
 
     def unload_layer(self, layer: int) -> None:
         decoder_layers(self.model)[layer].to("meta")
+        _release_free_memory()
 
     def close(self) -> None:
         self._open.clear()
+
+
+def _release_free_memory() -> None:
+    """Hand the freed heap of the layer just unloaded back to the OS (glibc keeps it otherwise)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def _output_head_prefix(model: Any) -> str | None:
@@ -172,6 +196,7 @@ def load_layerwise(spec: str, dtype: str | torch.dtype | None = "auto", device: 
     loader.load_outside()
     for layer in range(int(text_config(model.config).num_hidden_layers)):
         loader.load_layer(layer)
+        _release_free_memory()  # the conversion's temporaries (per-expert copies before stacking)
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
