@@ -51,56 +51,52 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed.contiguous(), (exp + 127).to(torch.uint8).contiguous()
 
 
-def fp8_checkpoint(tmp_path):
-    """A tiny DeepSeek-V3 with every linear weight of its decoder layers (not the router) stored in FP8."""
-    src = tmp_path / "bf16"
-    save_tiny(tiny_model("deepseek_v3", dtype=torch.bfloat16), src, max_shard_size="100KB")
-    out = tmp_path / "fp8"
+def quantized_copy(src, out, convert, quantization_config):
+    """``src`` with each tensor ``convert(key, t)`` maps to a dict replaced by that dict, and the config's
+    ``quantization_config`` set."""
     out.mkdir()
-    checkpoint = open_checkpoint(src)
     weight_map = {}
-    for header in checkpoint.shards:
-        tensors = load_file(str(header.path))
+    for header in open_checkpoint(src).shards:
         new = {}
-        for key, t in tensors.items():
-            if ".layers." in key and key.endswith("proj.weight") and t.dim() == 2:
-                new[key], new[key + "_scale_inv"] = quantize_fp8(t, CHECKPOINT_BLOCK)
-            else:
-                new[key] = t
+        for key, t in load_file(str(header.path)).items():
+            new.update(convert(key, t) or {key: t})
         save_file({k: v.contiguous() for k, v in new.items()}, str(out / header.path.name), metadata={"format": "pt"})
         weight_map.update({k: header.path.name for k in new})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": list(CHECKPOINT_BLOCK)}
+    cfg["quantization_config"] = quantization_config
     (out / "config.json").write_text(json.dumps(cfg))
     return out
+
+
+def fp8_checkpoint(tmp_path):
+    """A tiny DeepSeek-V3 with every linear weight of its decoder layers (not the router) stored in FP8."""
+    src = tmp_path / "bf16"
+    save_tiny(tiny_model("deepseek_v3", dtype=torch.bfloat16), src, max_shard_size="100KB")
+
+    def convert(key, t):
+        if ".layers." in key and key.endswith("proj.weight") and t.dim() == 2:
+            q, s = quantize_fp8(t, CHECKPOINT_BLOCK)
+            return {key: q, key + "_scale_inv": s}
+        return None
+
+    return quantized_copy(src, tmp_path / "fp8", convert, {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(CHECKPOINT_BLOCK)})
 
 
 def mxfp4_checkpoint(tmp_path):
     """A tiny gpt-oss (intermediate 32: MXFP4 groups of 32) with its experts stored as MXFP4."""
     src = tmp_path / "bf16"
     save_tiny(tiny_model("gpt_oss", dtype=torch.bfloat16, intermediate_size=32), src, max_shard_size="100KB")
-    out = tmp_path / "mxfp4"
-    out.mkdir()
-    checkpoint = open_checkpoint(src)
-    weight_map = {}
-    for header in checkpoint.shards:
-        tensors = load_file(str(header.path))
-        new = {}
-        for key, t in tensors.items():
-            if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                new[key + "_blocks"], new[key + "_scales"] = quantize_mxfp4(t)
-            else:
-                new[key] = t
-        save_file({k: v.contiguous() for k, v in new.items()}, str(out / header.path.name), metadata={"format": "pt"})
-        weight_map.update({k: header.path.name for k in new})
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
+
+    def convert(key, t):
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = quantize_mxfp4(t)
+            return {key + "_blocks": blocks, key + "_scales": scales}
+        return None
+
+    return quantized_copy(src, tmp_path / "mxfp4", convert, {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
 
 
 def transformers_state(path) -> dict[str, torch.Tensor]:

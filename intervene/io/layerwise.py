@@ -21,7 +21,7 @@ from ..arch import arch_for_config, decoder_layers, split_layer_key, text_config
 from ..errors import InputError
 from .checkpoint import open_checkpoint
 from .models import parse_dtype
-from .quantized import QuantizedReader, find_quantized
+from .quantized import QuantizedReader, find_quantized, raw_tensor
 from .sources import load_model_config
 
 
@@ -74,6 +74,7 @@ class LayerLoader:
                 self.outside.append(key)
         self.mapping = get_model_conversion_mapping(model, None, None)
         self._open: dict[str, Any] = {}
+        self._infos: dict[str, dict[str, Any]] = {}  # shard -> key -> TensorInfo
         # FP8 / MXFP4 tensors are read dequantized (bf16), under the names transformers loads them by
         import json
 
@@ -83,8 +84,9 @@ class LayerLoader:
             self.reader = QuantizedReader(self.checkpoint, json.loads((self.checkpoint.path / "config.json").read_text()))
 
     def _slices(self, keys: Sequence[str]) -> dict[str, Any]:
-        from safetensors import safe_open
-
+        """The group's tensors, read into fresh memory through the one header reader (no memory map:
+        a tensor viewing a mapped shard would keep the whole mapping, and every page read from it,
+        resident for as long as the layer lives)."""
         out = {}
         for key in keys:
             if key in self.scales:
@@ -95,8 +97,10 @@ class LayerLoader:
                 continue
             name = self.checkpoint.weight_map[key]
             if name not in self._open:
-                self._open[name] = safe_open(str(self.checkpoint.path / name), framework="pt", device="cpu")
-            out[key] = self._open[name].get_slice(key)
+                self._open[name] = open(self.checkpoint.path / name, "rb")
+            if name not in self._infos:
+                self._infos[name] = self.checkpoint.shard(name).by_key()
+            out[key] = raw_tensor(self._open[name], self.checkpoint.shard(name), self._infos[name][key])
         return out
 
     def load(self, keys: Sequence[str], what: str) -> None:
@@ -119,8 +123,7 @@ class LayerLoader:
                 os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
             else:
                 os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = was
-            # drop the shard handles: their memory maps would keep every page read so far resident
-            self._open.clear()
+            self.close()
             if bars:
                 hf_logging.enable_progress_bar()
         if info.conversion_errors or info.mismatched_keys:
@@ -145,13 +148,15 @@ class LayerLoader:
 
     def unload_layer(self, layer: int) -> None:
         decoder_layers(self.model)[layer].to("meta")
-        _release_free_memory()
+        release_free_memory()
 
     def close(self) -> None:
+        for f in self._open.values():
+            f.close()
         self._open.clear()
 
 
-def _release_free_memory() -> None:
+def release_free_memory() -> None:
     """Hand the freed heap of the layer just unloaded back to the OS (glibc keeps it otherwise)."""
     import ctypes
     import ctypes.util
@@ -196,7 +201,7 @@ def load_layerwise(spec: str, dtype: str | torch.dtype | None = "auto", device: 
     loader.load_outside()
     for layer in range(int(text_config(model.config).num_hidden_layers)):
         loader.load_layer(layer)
-        _release_free_memory()  # the conversion's temporaries (per-expert copies before stacking)
+        release_free_memory()  # the conversion's temporaries (per-expert copies before stacking)
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
@@ -204,4 +209,4 @@ def load_layerwise(spec: str, dtype: str | torch.dtype | None = "auto", device: 
     return model
 
 
-__all__ = ["stream_skeleton", "LayerLoader", "load_layerwise", "can_load_layerwise"]
+__all__ = ["stream_skeleton", "LayerLoader", "load_layerwise", "can_load_layerwise", "release_free_memory"]

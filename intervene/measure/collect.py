@@ -36,6 +36,7 @@ import torch
 from ..arch import arch_for_config, text_config
 from ..errors import InputError
 from ..hooks.capture import capture
+from ..io.layerwise import release_free_memory
 from ..io.measurements import Measurements
 from ..io.models import batches, encode, format_prompts, model_device
 from .accumulate import SetStats, build_measurements, check_prompt_sets, measurement_meta
@@ -106,6 +107,8 @@ def _measure_set(model: Any, tokenizer: Any, texts: list[str], batch_size: int, 
             model(**enc, **extra)
         layers = range(int(text_config(model.config).num_hidden_layers))
         stats.add_batch(acts, acts.token_mask(), layers, True, moe_layers, num_experts)
+        del acts
+        release_free_memory()  # the forward's temporaries: glibc would keep the heap they leave
         bar.update(1)
         if on_batch is not None:
             on_batch()
