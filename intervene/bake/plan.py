@@ -314,8 +314,8 @@ def _refuse_quantized(checkpoint: Checkpoint, patterns: list[DiskPattern], rests
                         ".weight_scale": "FP8 scales"}.get(suffix, "quantized storage")
                 raise CheckpointError(
                     f"{checkpoint.path}: layer {le.layer} target '{le.target}' is quantized ('{key}', {kind}){quant}; "
-                    "quantized weights cannot be edited in place: dequantize the checkpoint to bf16/fp32 first "
-                    "(e.g. transformers' dequantize=True on load, then save_pretrained), then bake the dequantized copy"
+                    "quantized weights cannot be edited in place: bake with --dequantize edited (or all) for FP8 / MXFP4, "
+                    "or dequantize the checkpoint to bf16/fp32 first and bake the dequantized copy"
                 )
 
 

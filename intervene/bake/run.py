@@ -12,6 +12,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config.reference import load_any_config
 from ..config.schema import InterventionConfig
@@ -22,6 +23,9 @@ from .plan import BakePlan, plan_bake, resolve_source
 from .publish import check_output, make_temporary, mark_complete, publish
 from .workers import run_jobs
 from .writer import ShardJob, TensorHook
+
+if TYPE_CHECKING:
+    from .dequantize import Dequantize
 
 
 @dataclass
@@ -60,20 +64,33 @@ def bake(config: InterventionConfig | str | os.PathLike, output: str | os.PathLi
          overwrite: bool = False, dry_run: bool = False, workers: int = 1, progress: bool = True,
          verify_hashes: bool = False, *, model: str | os.PathLike | None = None,
          measurements: Measurements | str | os.PathLike | None = None, threads: int | None = None,
-         on_tensor: TensorHook | None = None) -> BakeResult:
+         on_tensor: TensorHook | None = None, dequantize: Dequantize | None = None) -> BakeResult:
     """Bake ``config`` into a new checkpoint at ``output`` (default: the config's ``output``).
 
     ``model`` / ``measurements`` override the config's entries. Returns what was done; with
     ``dry_run`` only the plan is made (every check runs, nothing is written). ``threads``: torch
     threads for the edit arithmetic (default: at most 4; 1 per worker process when
     ``workers > 1``) — 1 is best on a machine whose cores are busy with other work. ``on_tensor(key)``
-    runs after each tensor is written, in worker processes too (picklable, then).
+    runs after each tensor is written, in worker processes too (picklable, then). ``dequantize``
+    (``"edited"`` or ``"all"``): a FP8 / MXFP4 checkpoint's edited (or all) quantized tensors are
+    dequantized to bf16 first (:mod:`.dequantize`).
     """
     cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model=model)
     source = resolve_source(model if model is not None else cfg.model)
     meas = _measurements(measurements if measurements is not None else cfg.measurements)
-    plan = plan_bake(cfg, source, meas)
     out = output if output is not None else cfg.output
+    if dequantize is not None:
+        from .dequantize import dequantized_copy, keys_to_dequantize
+
+        keys_to_dequantize(cfg, Path(source), meas, dequantize)  # named errors before anything is written
+        if dry_run or out is None:
+            raise InputError("--dequantize writes a checkpoint: give --output DIR and no --dry-run")
+        check_output(source, Path(out), overwrite)
+        with dequantized_copy(cfg, Path(source), meas, dequantize, Path(os.path.abspath(out))) as copy:
+            plan = plan_bake(cfg, copy, meas)
+            return execute(plan, Path(out), overwrite=overwrite, workers=workers, progress=progress,
+                           verify_hashes=verify_hashes, threads=threads, on_tensor=on_tensor)
+    plan = plan_bake(cfg, source, meas)
     if dry_run:
         if out is not None:
             check_output(source, Path(out), overwrite)

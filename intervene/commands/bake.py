@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "live), then streams every shard: edited tensors are projected in float32 and cast back to their "
                     "dtype, all others copied byte for byte. Memory stays around one tensor. The output is written "
                     "to a hidden temporary sibling directory and renamed at the end; the input is never modified. "
-                    "Quantized checkpoints (MXFP4, FP8, GGUF) are refused: dequantize them first.")
+                    "FP8 block-scaled (DeepSeek-V3, GLM-4.5-Air-FP8) and MXFP4 (gpt-oss) checkpoints need --dequantize: "
+                    "the edited (or all) quantized tensors are dequantized to bf16 one tensor at a time and "
+                    "config.json's quantization_config is updated (or removed). GGUF is refused.")
     p.add_argument("config", help="intervention config (YAML)")
     p.add_argument("-o", "--output", default=None, help="output directory (default: 'output' in the config)")
     p.add_argument("--model", default=None, help="input checkpoint directory (default: 'model' in the config)")
@@ -33,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "projection, exact; fused [E, out, in] experts via PEFT target_parameters) instead of a full "
                         "checkpoint; needs the 'lora' extra (peft). Refused by name: norm_preserving, bias edits, "
                         "[E, in, out] experts, routers that are not nn.Linear")
+    p.add_argument("--dequantize", choices=("edited", "all"), default=None,
+                   help="FP8/MXFP4 input: dequantize the tensors the edit touches ('edited': the rest stay quantized "
+                        "and are listed in quantization_config.modules_to_not_convert) or every quantized tensor "
+                        "('all': quantization_config removed) to bf16; a dequantized copy is streamed to a hidden "
+                        "sibling of the output first (disk: one more checkpoint), memory stays one tensor")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan (dry run) or result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_reference_options(p)
@@ -49,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_lora(args, cfg)
     result = bake(cfg, output=args.output, overwrite=args.overwrite, dry_run=args.dry_run,
                   workers=args.workers, progress=not args.no_progress, verify_hashes=args.verify_hashes,
-                  model=args.model, measurements=args.measurements, threads=args.threads)
+                  model=args.model, measurements=args.measurements, threads=args.threads,
+                  dequantize=args.dequantize)
     print(result.summary())
     if args.json:
         data = {"dry_run": result.dry_run, "output": str(result.output) if result.output else None,

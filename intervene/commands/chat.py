@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--side-by-side needs --config (there is nothing to compare without an intervention)")
         from ..io.models import load_model
 
-        model, tokenizer = load_model(args.model, dtype=args.dtype or "float32", device_map=args.device_map,
+        model, tokenizer = load_model(args.model, dtype=args.dtype or "auto", device_map=args.device_map,
                                       quantization=args.quantization)
         intervention, system_prompt, chat_template = None, args.system_prompt, not args.no_chat_template
     chat(model, tokenizer, intervention=intervention, side_by_side=args.side_by_side,

@@ -28,8 +28,9 @@ def add_model_argument(p: argparse.ArgumentParser, config_default: bool = True) 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model loading")
-    g.add_argument("--dtype", default="float32",
-                   help="weights dtype: float32, bfloat16, float16 or auto (default: float32)")
+    g.add_argument("--dtype", default="auto",
+                   help="weights dtype: auto (the checkpoint's own), float32, bfloat16 or float16; means, moments "
+                        "and KL are accumulated in float32/float64 whatever it is (default: auto)")
     g.add_argument("--device-map", default=None,
                    help="transformers device_map, e.g. 'auto' or 'cuda:0' (default: CPU)")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default: 16)")
@@ -68,7 +69,7 @@ def add_run_options(p: argparse.ArgumentParser, split: str) -> None:
 
 def add_config_options(p: argparse.ArgumentParser) -> None:
     """The config and overrides of its model and measurements (try, route); ``--dtype`` unset means
-    the config's dtype, else float32."""
+    the config's dtype, else auto (the checkpoint's)."""
     p.add_argument("config", help="intervention config (YAML), see configs/")
     p.add_argument("--model", default=None, help="override the config's 'model' (directory, .gguf, 'smollm2', 'organism')")
     p.add_argument("--measurements", default=None, help="override the config's 'measurements' file")

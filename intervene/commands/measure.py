@@ -10,8 +10,9 @@ SUMMARY = "measure harmful vs harmless residual means (the refusal direction) pe
 DESCRIPTION = """One forward pass per batch over both prompt sets (chat template, left padding); stores the
 float64-accumulated mean residual at the last prompt token after every decoder layer and the embedding,
 their difference (the direction), and on MoE layers the router's expert frequencies and mean logits, and
-the top eigenpairs of the harmless second moment (for 'whiten' in configs and searches). With
---from-refuse, converts a jim-plus .refuse file instead."""
+the top eigenpairs of the harmless second moment (for 'whiten' in configs and searches). The weights
+load in the checkpoint's own dtype (--dtype auto). For a model larger than memory, --stream-layers holds
+one decoder layer at a time. With --from-refuse, converts a jim-plus .refuse file instead."""
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -24,6 +25,16 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="eigenpairs of the harmless second moment stored per layer (K*H floats each; the harmless "
                         "last-token rows are held in CPU memory until the end); 0: none, and no 'whiten' "
                         "(default: 64)")
+    g = p.add_argument_group("models larger than memory")
+    g.add_argument("--stream-layers", action="store_true",
+                   help="build the model on the meta device and run all prompts through one decoder layer at a "
+                        "time, read from the safetensors shards and freed after (peak: one layer + embeddings + "
+                        "the prompts' hidden states); same measurements as without it")
+    g.add_argument("--device", default="cpu",
+                   help="with --stream-layers: where each layer runs, e.g. cuda:0 (default: cpu)")
+    g.add_argument("--hidden-on", choices=("device", "cpu"), default="device",
+                   help="with --stream-layers: where the prompts' hidden states wait between layers; 'cpu' for "
+                        "prompt sets that do not fit next to one layer on the device (default: device)")
     add_run_options(p, "train")
     add_quantization_options(p)
     return p
@@ -50,13 +61,27 @@ def run(args: argparse.Namespace) -> int:
     harmless = load_prompts(args.harmless, field=args.field, limit=args.limit)
     if not args.no_chat_template:  # no chat template: named error before any weights are read
         format_prompts(load_tokenizer(args.model), harmful[:1], args.system_prompt)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
-                                  quantization=args.quantization)
-    m = measure(model, tokenizer, harmful, harmless, batch_size=args.batch_size, system_prompt=args.system_prompt,
-                chat_template=not args.no_chat_template, model_path=model_reference(args.model),
-                progress=not args.no_progress, whiten_rank=args.whiten_rank,
-                extra_meta={"quantization": args.quantization, "harmful_source": args.harmful, "harmless_source": args.harmless, "field": args.field,
-                            "limit": args.limit, "model_spec": args.model})
+    extra_meta = {"quantization": args.quantization, "harmful_source": args.harmful, "harmless_source": args.harmless, "field": args.field,
+                  "limit": args.limit, "model_spec": args.model}
+    common = dict(batch_size=args.batch_size, system_prompt=args.system_prompt, chat_template=not args.no_chat_template,
+                  model_path=model_reference(args.model), progress=not args.no_progress, whiten_rank=args.whiten_rank,
+                  extra_meta=extra_meta)
+    if args.stream_layers:
+        from ..measure.stream import measure_streamed
+
+        if args.device_map:
+            raise InputError("--stream-layers places each layer itself: give --device, not --device-map")
+        m = measure_streamed(args.model, load_tokenizer(args.model), harmful, harmless, dtype=args.dtype,
+                             device=args.device, hidden_on=args.hidden_on, **common)
+    else:
+        from ..io.layerwise import can_load_layerwise, load_layerwise
+
+        if can_load_layerwise(args.model, args.device_map) and args.quantization is None:  # peak: the model + one layer (io.layerwise)
+            model, tokenizer = load_layerwise(args.model, dtype=args.dtype), load_tokenizer(args.model)
+        else:
+            model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
+                                          quantization=args.quantization)
+        m = measure(model, tokenizer, harmful, harmless, **common)
     m.save(args.output)
     moe = m.meta.get("moe_layers") or []
     print(f"measured {len(m.layers)} layers + embedding on {len(harmful)} harmful / {len(harmless)} harmless "

@@ -82,13 +82,15 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float32",
+def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
                device_map: str | dict | None = None, tokenizer: TokenizerNeed = "required",
                quantization: Quantization | None = None) -> tuple[Any, Any]:
     """Load (model, tokenizer) in eval mode. Checks the architecture is supported and the
-    safetensors headers are sound first. ``tokenizer``: ``"optional"`` gives None where the
-    checkpoint has none (tiny test checkpoints), ``"none"`` does not load one. ``quantization``:
-    bitsandbytes 4-bit or 8-bit weights (:func:`quantization_config`)."""
+    safetensors headers are sound first. ``dtype="auto"`` (the default) keeps the checkpoint's own
+    dtype (a bf16 model is not doubled to float32; GGUF, dequantized on load, gives float32); the
+    measurements, moments and KL are accumulated in float32/float64 whatever it is. ``tokenizer``:
+    ``"optional"`` gives None where the checkpoint has none (tiny test checkpoints), ``"none"`` does
+    not load one. ``quantization``: bitsandbytes 4-bit or 8-bit weights (:func:`quantization_config`)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -99,6 +101,8 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "float
     arch_for_config(config)  # named error for unsupported model types, before loading weights
     check_safetensors(src)
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
+    if src.gguf_file and kwargs["dtype"] == "auto":
+        kwargs["dtype"] = torch.float32
     if quantization is not None:
         if src.gguf_file:
             raise InputError(f"--load-in-{quantization} quantizes safetensors weights; {src.display} is a GGUF file")

@@ -67,7 +67,7 @@ def prepare(config: InterventionConfig | str | os.PathLike, model_spec: str | No
     model (unless ``model``/``tokenizer`` are given) and resolve the edits.
 
     ``model_spec``, ``dtype`` and ``device_map`` override the config's ``model``, ``dtype`` and
-    ``device_map``; the default dtype is float32."""
+    ``device_map``; the default dtype is ``auto`` (the checkpoint's own)."""
     from ..arch import arch_for_config, text_config
     from ..hooks.apply import load_config_measurements, resolve_for_model
 
@@ -82,7 +82,7 @@ def prepare(config: InterventionConfig | str | os.PathLike, model_spec: str | No
 
         hf_config = load_model_config(spec)
         resolve(cfg, arch_for_config(hf_config), text_config(hf_config), meas)  # named errors before weights load
-        model, tokenizer = load_model(spec, dtype=dtype or cfg.dtype or "float32",
+        model, tokenizer = load_model(spec, dtype=dtype or cfg.dtype or "auto",
                                       device_map=device_map or cfg.device_map, quantization=quantization)
     elif tokenizer is None:
         raise ConfigError("prepare: a model was given without its tokenizer")

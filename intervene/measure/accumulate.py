@@ -75,18 +75,18 @@ class SetStats:
         for layer in layers:
             self.add_residual(str(layer), acts[resid_site(layer)])
         mask = mask.to("cpu").bool()
-        selections: dict[str, torch.Tensor] = {}
-        if last_token:
-            last = torch.zeros_like(mask)
-            last[:, -1] = True
-            selections["last"] = last & mask
-        if user_mask is not None:
-            selections["user"] = user_mask.to("cpu").bool() & mask
+        selections = router_selections(mask, last_token, user_mask)
         for layer in moe_layers:
-            logits, topk = acts[router_site(layer, "logits")], acts[router_site(layer, "topk")]
-            self.add_router(layer, logits, topk, mask, num_experts)
-            for tokens, sel in selections.items():
-                self.add_router(layer, logits, topk, sel, num_experts, tokens)
+            self.add_router_all(layer, acts[router_site(layer, "logits")], acts[router_site(layer, "topk")], mask,
+                                num_experts, selections)
+
+    def add_router_all(self, layer: int, logits: torch.Tensor, topk: torch.Tensor, mask: torch.Tensor,
+                       num_experts: int, selections: dict[str, torch.Tensor]) -> None:
+        """One MoE layer's router statistics over all real tokens (``mask``) and over each of
+        ``selections`` (:func:`router_selections`)."""
+        self.add_router(layer, logits, topk, mask, num_experts)
+        for tokens, sel in selections.items():
+            self.add_router(layer, logits, topk, sel, num_experts, tokens)
 
     def add_residual(self, name: str, rows: torch.Tensor) -> None:
         s = rows.to(torch.float64).sum(dim=0)
@@ -108,6 +108,20 @@ class SetStats:
         self.expert_counts[layer] = self.expert_counts.get(layer, 0) + counts
         self.logits_sum[layer] = self.logits_sum.get(layer, 0) + picked.sum(dim=0)
         self.n_tokens[layer] = self.n_tokens.get(layer, 0) + int(chosen.shape[0])
+
+
+def router_selections(mask: torch.Tensor, last_token: bool, user_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The token selections router statistics are also kept over (:data:`ROUTER_STATS`): ``last``, the
+    last prompt token (position -1: left padding), and ``user``, the user's own tokens (``user_mask``)."""
+    mask = mask.to("cpu").bool()
+    selections: dict[str, torch.Tensor] = {}
+    if last_token:
+        last = torch.zeros_like(mask)
+        last[:, -1] = True
+        selections["last"] = last & mask
+    if user_mask is not None:
+        selections["user"] = user_mask.to("cpu").bool() & mask
+    return selections
 
 
 def moment_tensors(name: str, rows: Sequence[torch.Tensor], rank: int) -> dict[str, torch.Tensor]:

@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import inspect
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from ..arch import arch_for_config, text_config
 from ..errors import InputError
 from ..hooks.capture import capture
+from ..io.layerwise import release_free_memory
 from ..io.measurements import Measurements
 from ..io.models import batches, encode, format_prompts, model_device
 from .accumulate import SetStats, build_measurements, check_prompt_sets, measurement_meta
@@ -88,31 +89,39 @@ def measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequen
     return build_measurements(stats, meta, whiten_rank)
 
 
-def _measure_set(model: Any, tokenizer: Any, texts: list[str], batch_size: int, moe_layers: list[int],
-                 num_experts: int, bar: Any, keep_rows: bool = False,
-                 on_batch: Callable[[], None] | None = None, prompts: Sequence[str] | None = None) -> SetStats:
-    stats = SetStats(keep_rows=keep_rows)
-    device = model_device(model)
-    # means do not depend on order: batching prompts of similar length wastes less on padding
+def sorted_batches(tokenizer: Any, texts: Sequence[str], batch_size: int, device: torch.device | str,
+                   prompts: Sequence[str] | None = None) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+    """Encoded, left-padded batches of ``texts`` sorted by token length (means do not depend on the
+    order; batching prompts of similar length wastes less on padding), each with the mask of its
+    user tokens (:func:`user_token_mask`) when the user ``prompts`` are given, else None."""
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
-    texts = [texts[i] for i in order]
+    ordered = [texts[i] for i in order]
     users = [prompts[i] for i in order] if prompts is not None else None
-    extra = {"use_cache": False}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        extra["logits_to_keep"] = 1  # the lm_head over every position is wasted work here
-    for start, chunk in zip(range(0, len(texts), batch_size), batches(texts, batch_size)):
+    for start, chunk in zip(range(0, len(ordered), batch_size), batches(ordered, batch_size)):
         enc = encode(tokenizer, chunk, device)
         if "attention_mask" in enc and not bool(enc["attention_mask"][:, -1].all()):
             raise InputError("the tokenizer pads on the right; the last prompt token must be at position -1 "
                              "(set tokenizer.padding_side = 'left')")
+        yield enc, (user_token_mask(tokenizer, chunk, users[start:start + len(chunk)]) if users is not None else None)
+
+
+def _measure_set(model: Any, tokenizer: Any, texts: list[str], batch_size: int, moe_layers: list[int],
+                 num_experts: int, bar: Any, keep_rows: bool = False,
+                 on_batch: Callable[[], None] | None = None, prompts: Sequence[str] | None = None) -> SetStats:
+    stats = SetStats(keep_rows=keep_rows)
+    extra = {"use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = 1  # the lm_head over every position is wasted work here
+    for enc, user in sorted_batches(tokenizer, texts, batch_size, model_device(model),
+                                    prompts if moe_layers else None):
         with torch.inference_mode(), capture(model, embed=True, router=bool(moe_layers)) as acts:
             model(**enc, **extra)
         layers = range(int(text_config(model.config).num_hidden_layers))
-        user = (user_token_mask(tokenizer, chunk, users[start:start + len(chunk)])
-                if moe_layers and users is not None else None)
         stats.add_batch(acts, acts.token_mask(), layers, True, moe_layers, num_experts, last_token=True,
                         user_mask=user)
+        del acts
+        release_free_memory()  # the forward's temporaries: glibc would keep the heap they leave
         bar.update(1)
         if on_batch is not None:
             on_batch()

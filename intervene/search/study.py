@@ -146,7 +146,7 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
            methods: tuple[str, ...] = ("project", "norm_preserving"), generation_kl_cap: float | None = 1.0,
            whiten: tuple[float, float] | str | None = "auto",
            router_bias: bool = False, router_bias_top: tuple[int, int] = (1, 4), projection_optional: bool = False,
-           dtype: str = "float32", device_map: str | None = None, batch_size: int = 16,
+           dtype: str = "auto", device_map: str | None = None, batch_size: int = 16,
            system_prompt: str | None = None, chat_template: bool = True, progress: bool = True,
            say: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
            quantization: Quantization | None = None) -> SearchResult:

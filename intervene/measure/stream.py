@@ -1,0 +1,176 @@
+"""``measure --stream-layers``: the same measurements as :func:`intervene.measure.collect.measure`,
+for a model that does not fit in memory, one decoder layer in memory at a time.
+
+1. The model skeleton is built with its parameters on the meta device (buffers such as the rotary
+   frequencies are real: they are computed, not stored); the tensors outside the decoder layers
+   (embeddings, final norm; not the unused output head) are loaded from the shards.
+2. Every batch of both prompt sets runs through the model with each decoder layer's ``forward``
+   replaced by a recorder: it keeps the layer's arguments (the hidden states entering layer 0 and
+   the per-layer keyword arguments the model computed: masks of that layer's attention type,
+   rotary embeddings, positions) and hands the hidden states on unchanged; the last one stops the
+   forward. The embedding and the attention mask are captured by :func:`intervene.hooks.capture`.
+3. For each layer L: its tensors are read from the shards (keys from the index through the
+   architecture table's layer-key split), converted to the in-memory layout by transformers' own
+   loader (``convert_and_load_state_dict_in_model``: fused experts, renamed keys), the layer runs
+   on every batch with :func:`capture` hooks on it (residual at the last token, router logits and
+   top-k), and its tensors go back to the meta device before the next layer is read.
+
+The hidden states of all prompts (``[B, S, H]`` per batch, in the model's dtype) are kept between
+layers: on the compute device by default (``hidden_on="device"``: they are small next to one layer of
+a big model, e.g. 300 prompts × 150 tokens × 4096 × bf16 = 370 MB against 4.4 GB for one GLM-4.5-Air
+MoE layer, and moving them every layer would cost two copies per layer); ``hidden_on="cpu"`` parks them
+in CPU memory between batches for a prompt set that does not fit next to a layer on the accelerator.
+
+Everything is accumulated by :class:`intervene.measure.accumulate.SetStats`, the accumulator the
+in-memory path uses, so both paths define a mean, a routing frequency and a moment the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+
+from ..arch import arch_for_config, decoder_layers, text_config
+from ..errors import InputError
+from ..hooks.capture import capture, resid_site, router_site
+from ..io.layerwise import LayerLoader, stream_skeleton
+from ..io.measurements import Measurements
+from ..io.models import format_prompts
+from ..io.sources import resolve_model
+from .accumulate import SetStats, build_measurements, check_prompt_sets, measurement_meta, router_selections
+from .collect import sorted_batches
+
+HiddenOn = Literal["device", "cpu"]
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's recorder: nothing after the decoder layers is needed."""
+
+
+@dataclass
+class _Batch:
+    """One batch of one prompt set between layers."""
+
+    set_name: str
+    mask: torch.Tensor  # [B, S] bool, True on real tokens (CPU)
+    hidden: torch.Tensor  # [B, S, H] entering the next layer
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)  # per layer: (args[1:], kwargs)
+    selections: dict[str, torch.Tensor] = field(default_factory=dict)  # router statistics' token selections
+
+
+def measure_streamed(spec: str, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
+                     batch_size: int = 16, system_prompt: str | None = None, chat_template: bool = True,
+                     dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
+                     hidden_on: HiddenOn = "device", model_path: str | None = None, progress: bool = True,
+                     extra_meta: dict[str, Any] | None = None, whiten_rank: int = 64,
+                     on_layer: Callable[[int], None] | None = None) -> Measurements:
+    """:func:`intervene.measure.collect.measure` with one decoder layer in memory at a time (module
+    docstring). ``spec`` names a local safetensors checkpoint; ``device`` is where each layer runs.
+    ``on_layer(L)`` runs after layer L (the memory benchmark samples there)."""
+    if isinstance(whiten_rank, bool) or not isinstance(whiten_rank, int) or whiten_rank < 0:
+        raise InputError(f"whiten_rank must be an integer >= 0, got {whiten_rank!r}")
+    if hidden_on not in ("device", "cpu"):
+        raise InputError(f"hidden_on must be 'device' or 'cpu', got {hidden_on!r}")
+    check_prompt_sets(harmful, harmless)
+    src = resolve_model(spec)
+    if src.is_hub or src.gguf_file:
+        raise InputError(f"--stream-layers reads a local safetensors checkpoint; {src.display} is not one")
+    device = torch.device(device)
+    model, torch_dtype = stream_skeleton(spec, dtype)
+    config = text_config(model.config)
+    arch = arch_for_config(model.config)
+    num_layers = int(config.num_hidden_layers)
+    moe_layers = [i for i in range(num_layers) if arch.is_moe_layer(config, i)]
+    num_experts = arch.num_experts(config)
+    texts = {"harmful": format_prompts(tokenizer, harmful, system_prompt, chat_template),
+             "harmless": format_prompts(tokenizer, harmless, system_prompt, chat_template)}
+    stats = {name: SetStats(keep_rows=name == "harmless" and whiten_rank > 0) for name in texts}
+    loader = LayerLoader(model, src.path, torch_dtype, device)
+    layers = decoder_layers(model)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=num_layers + 1, desc="measure (streamed)", unit="layer", file=sys.stderr, disable=not progress)
+    try:
+        loader.load_outside()
+        users = {"harmful": list(harmful), "harmless": list(harmless)} if moe_layers else {"harmful": None, "harmless": None}
+        batches = _first_pass(model, tokenizer, texts, users, batch_size, device, stats, hidden_on)
+        bar.update(1)
+        for layer in range(num_layers):
+            loader.load_layer(layer)
+            moe = layer in moe_layers
+            for b in batches:
+                args, kwargs = b.calls[layer]
+                with torch.inference_mode(), capture(model, layers=[layer], router=moe) as acts:
+                    out = layers[layer](b.hidden.to(device), *args, **kwargs)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                b.hidden = out if hidden_on == "device" else out.to("cpu")
+                st = stats[b.set_name]
+                st.add_residual(str(layer), acts[resid_site(layer)])
+                if moe:
+                    st.add_router_all(layer, acts[router_site(layer, "logits")], acts[router_site(layer, "topk")],
+                                      b.mask, num_experts, b.selections)
+                b.calls[layer] = ((), {})  # this layer's masks are not needed again
+            loader.unload_layer(layer)
+            bar.update(1)
+            if on_layer is not None:
+                on_layer(layer)
+    finally:
+        bar.close()
+        loader.close()
+    meta = measurement_meta(model, tokenizer, harmful, harmless, moe_layers=moe_layers, batch_size=batch_size,
+                            system_prompt=system_prompt, chat_template=chat_template, whiten_rank=whiten_rank,
+                            stats=stats, model_path=model_path)
+    meta.update({"stream_layers": True, "device": str(device)})
+    meta.update(extra_meta or {})
+    return build_measurements(stats, meta, whiten_rank)
+
+
+def _first_pass(model: Any, tokenizer: Any, texts: dict[str, list[str]], prompts: dict[str, list[str] | None],
+                batch_size: int, device: torch.device,
+                stats: dict[str, SetStats], hidden_on: HiddenOn) -> list[_Batch]:
+    """Run every batch up to the first decoder layer: the embedding (accumulated here) and, per layer,
+    the arguments the model passes it (recorded, the hidden states handed on unchanged)."""
+    layers = decoder_layers(model)
+    n = len(layers)
+    extra = {"use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = 1
+    out: list[_Batch] = []
+    for set_name, set_texts in texts.items():
+        for enc, user in sorted_batches(tokenizer, set_texts, batch_size, device, prompts[set_name]):
+            current: dict[str, Any] = {}
+
+            def recorder(index: int):
+                def forward(hidden_states, *args, **kwargs):
+                    if index == 0:
+                        current["hidden"] = hidden_states.detach()
+                    current.setdefault("calls", []).append((args, kwargs))
+                    if index == n - 1:
+                        raise _StopForward
+                    return hidden_states
+                return forward
+
+            for i, layer in enumerate(layers):
+                layer.forward = recorder(i)
+            try:
+                with torch.inference_mode(), capture(model, layers=[], embed=True, router=False) as acts:
+                    try:
+                        model(**enc, **extra)
+                    except _StopForward:
+                        pass
+            finally:
+                for layer in layers:
+                    del layer.forward  # back to the class's forward
+            mask = acts.token_mask()
+            stats[set_name].add_batch(acts, mask, [], True, [], 0)
+            hidden = current["hidden"] if hidden_on == "device" else current["hidden"].to("cpu")
+            out.append(_Batch(set_name, mask, hidden, current["calls"], router_selections(mask, True, user)))
+    return out
+
+
+__all__ = ["measure_streamed", "HiddenOn"]
