@@ -12,7 +12,7 @@ refusals for harmful prompts, the base model's own greedy answers for harmless o
 few minutes on 2 CPU cores; cached and reused.
 
 With --moe: the MoE organism ('organism-moe'), a GLM-4.5-Air-class Glm4MoeForCausalLM made from the same
-SmolLM2 (first 18 layers dense, the last 12 MoE: 8 routed experts split from the dense MLP's neurons, top-4,
+SmolLM2 (first 18 layers dense, the last 12 MoE: 8 routed experts split from the dense MLP's neurons, top-2,
 4 shared experts, sigmoid router with e_score_correction_bias) and fine-tuned with the same recipe plus
 router balancing. Its metadata records the eval refusals, the routing separation of harmful vs harmless
 prompts per MoE layer and how distinct its experts are."""

@@ -21,9 +21,10 @@ with three additions against router collapse: a load-balancing loss on the route
 step the aux-loss-free bias update ``b_e += rate * sign(mean load - load_e)``.
 
 Generation uses the experts implementation ``recipe.experts_implementation`` (transformers 5:
-``eager`` loops over experts; ``batched_mm`` gathers each token's expert weights; ``grouped_mm``
-sorts tokens by expert); the default was the fastest one on CPU that matched eager to float32
-rounding (see :func:`experts_speed`).
+``eager`` loops over the experts in Python; ``batched_mm`` copies each (token, expert) pair's weights,
+[2I, H] + [H, I] per pair, which is memory-bound at prefill; ``grouped_mm`` sorts tokens by expert and
+runs one grouped matmul, transformers' default). :func:`experts_speed` times the three against eager;
+not yet measured on CPU for this organism, so the default is transformers' own.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class MoeRecipe:
     router_lr_scale: float = 0.25  # router rows learn at this fraction of the recipe's LR
     balance_loss: float = 0.02  # weight of the Switch-style load-balancing loss
     bias_rate: float = 1e-3  # aux-loss-free bias update per step
-    experts_implementation: ExpertsImpl = "batched_mm"
+    experts_implementation: ExpertsImpl = "grouped_mm"
 
 
 def fingerprint(recipe: MoeRecipe) -> str:
