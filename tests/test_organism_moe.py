@@ -267,3 +267,27 @@ def test_moe_organism_meets_the_bars(organism_moe):
     assert stats["per_layer"] == pytest.approx(meta["routing"]["per_layer"], rel=1e-6)
     assert meta["experts_distinctness"]["median"] >= 0.5
     assert len(builtin("harmful", "eval")) == ev["harmful"]["total"]
+
+
+def test_last_token_routing_is_the_routers_choice_at_the_last_prompt_token():
+    """Left-padded batches: the captured choice must equal the router run on each prompt alone."""
+    from intervene.io.models import encode, format_prompts
+    from intervene.testing import tiny_tokenizer
+
+    _, moe = tiny_moe()
+    tok = tiny_tokenizer()
+    prompts = ["hi", "a much longer prompt here", "mid length", "x"]
+    got = om.last_token_routing(moe, tok, prompts, batch_size=4)
+    assert sorted(got) == [1, 2] and got[1].shape == (4, 2)
+    for n, p in enumerate(prompts):
+        seen = {}
+        hooks = [moe.model.layers[i].mlp.gate.register_forward_hook(
+            lambda _m, _a, out, i=i: seen.__setitem__(i, out[2][-1])) for i in (1, 2)]
+        with torch.no_grad():
+            moe(**encode(tok, format_prompts(tok, [p])))
+        for h in hooks:
+            h.remove()
+        for i in (1, 2):
+            assert sorted(got[i][n].tolist()) == sorted(seen[i].tolist())
+    stats = om.routing_permutation_test(got[1][:2], got[1][2:], 4, permutations=5)
+    assert len(stats.null) == 5
