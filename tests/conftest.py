@@ -23,3 +23,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def organism_moe():
+    """Directory of the MoE organism (organism-moe): built once or reused from the cache."""
+    from intervene.products.organism_moe import build_moe_organism
+
+    return build_moe_organism(progress=False)

