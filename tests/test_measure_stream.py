@@ -112,6 +112,8 @@ def test_cli_stream_layers(tmp_path, capsys):
     capsys.readouterr()
     assert main(base + ["-o", str(tmp_path / "c.safetensors"), "--stream-layers", "--device-map", "auto"]) == 2
     assert "--device" in capsys.readouterr().err
+    assert main(base + ["-o", str(tmp_path / "d.safetensors"), "--stream-layers", "--load-in-4bit"]) == 2
+    assert "--load-in-4bit" in capsys.readouterr().err and not (tmp_path / "d.safetensors").exists()
 
 
 def test_stream_refuses_gguf_and_bad_options(tmp_path):

@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     harmless = load_prompts(args.harmless, field=args.field, limit=args.limit)
     if not args.no_chat_template:  # no chat template: named error before any weights are read
         format_prompts(load_tokenizer(args.model), harmful[:1], args.system_prompt)
-    extra_meta = {"quantization": args.quantization, "harmful_source": args.harmful, "harmless_source": args.harmless, "field": args.field,
-                  "limit": args.limit, "model_spec": args.model}
+    extra_meta = {"quantization": args.quantization, "harmful_source": args.harmful, "harmless_source": args.harmless,
+                  "field": args.field, "limit": args.limit, "model_spec": args.model}
     common = dict(batch_size=args.batch_size, system_prompt=args.system_prompt, chat_template=not args.no_chat_template,
                   model_path=model_reference(args.model), progress=not args.no_progress, whiten_rank=args.whiten_rank,
                   extra_meta=extra_meta)
@@ -71,12 +71,16 @@ def run(args: argparse.Namespace) -> int:
 
         if args.device_map:
             raise InputError("--stream-layers places each layer itself: give --device, not --device-map")
+        if args.quantization:
+            raise InputError(f"--stream-layers loads each layer's own weights; --load-in-{args.quantization} "
+                             "quantizes a whole model (use one or the other)")
         m = measure_streamed(args.model, load_tokenizer(args.model), harmful, harmless, dtype=args.dtype,
                              device=args.device, hidden_on=args.hidden_on, **common)
     else:
         from ..io.layerwise import can_load_layerwise, load_layerwise
 
-        if can_load_layerwise(args.model, args.device_map) and args.quantization is None:  # peak: the model + one layer (io.layerwise)
+        # a local checkpoint loads one layer at a time (peak: the model + one layer, io.layerwise)
+        if can_load_layerwise(args.model, args.device_map) and args.quantization is None:
             model, tokenizer = load_layerwise(args.model, dtype=args.dtype), load_tokenizer(args.model)
         else:
             model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
