@@ -9,8 +9,9 @@ builds the gpt-oss case H == I where only the architecture table can tell the ax
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -171,6 +172,20 @@ def make_measurements(num_layers: int, hidden: int = 64, seed: int = 1, path: st
         tensors[f"direction.{layer}"] = tensors[f"harmful_mean.{layer}"] - tensors[f"harmless_mean.{layer}"]
     return Measurements(tensors=tensors, path=path)
 
+
+
+@contextmanager
+def edited_weight(weight: torch.nn.Parameter, edit: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """``edit(weight)`` in place (under no_grad) for the block's duration; the weight is restored on exit.
+    A cheap "intervened model" for tests that need a model which differs from its baseline."""
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        edit(weight)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
 
 def tiny_tokenizer() -> Any:
     """A character-level fast tokenizer (101 ids, fits the tiny models' vocab of 128) with a

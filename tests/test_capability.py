@@ -3,7 +3,6 @@ exists and is scored; lm-eval on a tiny local task equals an independent multipl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from intervene.live.capability import LmEvalMissing, capability, heldout_text, perplexity, run_lm_eval
-from intervene.testing import tiny_model, tiny_tokenizer
+from intervene.testing import edited_weight, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -23,17 +22,8 @@ def tiny():
     return tiny_model("llama", vocab_size=len(tokenizer)), tokenizer
 
 
-@contextlib.contextmanager
 def halved(model):
-    w = model.model.layers[0].self_attn.o_proj.weight
-    saved = w.detach().clone()
-    with torch.no_grad():
-        w.mul_(-3.0)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            w.copy_(saved)
+    return edited_weight(model.model.layers[0].self_attn.o_proj.weight, lambda w: w.mul_(-3.0))
 
 
 def test_perplexity_equals_an_independent_windowed_computation(tiny):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from intervene.live.evaluate import (REFUSAL_MARKERS, evaluate, first_token_logp
                                 kl_divergence, refusal_score, refusal_token_ids)
 from intervene.io.measurements import Measurements
 from intervene.io.models import format_prompts
-from intervene.testing import saying, tiny_model, tiny_tokenizer
+from intervene.testing import edited_weight, saying, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -129,18 +128,10 @@ def test_first_token_logprobs_equal_an_unpadded_forward(tiny):
         assert torch.allclose(lp[i], expected, atol=1e-5)
 
 
-@contextlib.contextmanager
 def perturbed(model, scale: float = 0.5):
     """Adds noise to one weight; restores it on exit."""
-    weight = model.model.layers[0].mlp.down_proj.weight
-    saved = weight.detach().clone()
-    with torch.no_grad():
-        weight.add_(scale * torch.randn(weight.shape, generator=torch.Generator().manual_seed(3)))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            weight.copy_(saved)
+    noise = lambda w: w.add_(scale * torch.randn(w.shape, generator=torch.Generator().manual_seed(3)))  # noqa: E731
+    return edited_weight(model.model.layers[0].mlp.down_proj.weight, noise)
 
 
 def test_evaluate_without_intervention_has_zero_kl_and_exact_keys(tiny):
