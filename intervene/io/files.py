@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -26,10 +27,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None],
     ``before_publish(tmp)`` runs between the two (tests use it to interrupt a complete write)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"  # O_EXCL below: never another's
+    # the name is known before the file exists and it is created inside the try: a Ctrl-C that lands
+    # right after the file appears (mkstemp returns only later) still removes it
     try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         write(tmp)
         if before_publish is not None:
             before_publish(tmp)
