@@ -27,7 +27,6 @@ in-memory path uses, so both paths define a mean, a routing frequency and a mome
 
 from __future__ import annotations
 
-import inspect
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
@@ -37,6 +36,7 @@ import torch
 from ..arch import arch_for_config, decoder_layers, text_config
 from ..errors import InputError
 from ..hooks.capture import capture, resid_site, router_site
+from ..io.layer_calls import record_layer_calls
 from ..io.layerwise import LayerLoader, stream_skeleton
 from ..io.measurements import Measurements
 from ..io.models import format_prompts
@@ -45,10 +45,6 @@ from .accumulate import SetStats, build_measurements, check_prompt_sets, measure
 from .collect import sorted_batches
 
 HiddenOn = Literal["device", "cpu"]
-
-
-class _StopForward(Exception):
-    """Raised by the last layer's recorder: nothing after the decoder layers is needed."""
 
 
 @dataclass
@@ -134,42 +130,16 @@ def _first_pass(model: Any, tokenizer: Any, texts: dict[str, list[str]], prompts
                 batch_size: int, device: torch.device,
                 stats: dict[str, SetStats], hidden_on: HiddenOn) -> list[_Batch]:
     """Run every batch up to the first decoder layer: the embedding (accumulated here) and, per layer,
-    the arguments the model passes it (recorded, the hidden states handed on unchanged)."""
-    layers = decoder_layers(model)
-    n = len(layers)
-    extra = {"use_cache": False}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        extra["logits_to_keep"] = 1
+    the arguments the model passes it (:func:`intervene.io.layer_calls.record_layer_calls`)."""
     out: list[_Batch] = []
     for set_name, set_texts in texts.items():
         for enc, user in sorted_batches(tokenizer, set_texts, batch_size, device, prompts[set_name]):
-            current: dict[str, Any] = {}
-
-            def recorder(index: int):
-                def forward(hidden_states, *args, **kwargs):
-                    if index == 0:
-                        current["hidden"] = hidden_states.detach()
-                    current.setdefault("calls", []).append((args, kwargs))
-                    if index == n - 1:
-                        raise _StopForward
-                    return hidden_states
-                return forward
-
-            for i, layer in enumerate(layers):
-                layer.forward = recorder(i)
-            try:
-                with torch.inference_mode(), capture(model, layers=[], embed=True, router=False) as acts:
-                    try:
-                        model(**enc, **extra)
-                    except _StopForward:
-                        pass
-            finally:
-                for layer in layers:
-                    del layer.forward  # back to the class's forward
+            with torch.inference_mode(), capture(model, layers=[], embed=True, router=False) as acts:
+                hidden, calls = record_layer_calls(model, enc)
             mask = acts.token_mask()
             stats[set_name].add_batch(acts, mask, [], True, [], 0)
-            hidden = current["hidden"] if hidden_on == "device" else current["hidden"].to("cpu")
-            out.append(_Batch(set_name, mask, hidden, current["calls"], router_selections(mask, True, user)))
+            hidden = hidden if hidden_on == "device" else hidden.to("cpu")
+            out.append(_Batch(set_name, mask, hidden, calls, router_selections(mask, True, user)))
     return out
 
 
