@@ -179,22 +179,14 @@ def plan_sites(model: Any, edits: Sequence[LayerEdit], mode: str = "auto") -> li
     config = text_config(model.config)
     layers = decoder_layers(model)
     by_name: dict[str, SiteEdit] = {}
-    edits = projection_edits(edits)  # router_bias edits are installed by apply_edits, not at sites
-    for edit in edits:
-        if not 0 <= edit.layer < len(layers):
-            raise ConfigError(f"edit at layer {edit.layer} out of range; the model has layers 0..{len(layers) - 1}")
-        sites = spec.sites(config, edit.layer, [edit.target])
-        for site in sites:
+    # router_bias edits are installed by apply_edits, not at sites
+    for edit in projection_edits(sited_edits(model, edits)):
+        for site in spec.sites(config, edit.layer, [edit.target]):
             name = site_name(edit.layer, site)
             entry = by_name.setdefault(name, SiteEdit(name, edit.layer, site))
             entry.edits.append(edit)
             entry.directions.append(_site_direction(spec, layers[edit.layer], site, edit.direction, name))
     plan = list(by_name.values())
-    if edits and not plan:
-        wanted = sorted({e.target for e in edits})
-        layers_ = sorted({e.layer for e in edits})
-        raise ConfigError(f"the config edits nothing on this model: target(s) {', '.join(wanted)} have no module at "
-                          f"layer(s) {', '.join(map(str, layers_))} (e.g. 'mlp' on MoE layers, 'experts' on dense ones)")
     for entry in plan:
         needs_swap = any(e.method == "norm_preserving" for e in entry.edits) or (
             _has_expert_axis(entry.site) and any(e.experts is not None for e in entry.edits))
@@ -203,6 +195,28 @@ def plan_sites(model: Any, edits: Sequence[LayerEdit], mode: str = "auto") -> li
                               "mode='hooks' cannot apply them")
         entry.mechanism = "swap" if (needs_swap or mode == "weights") else "hook"
     return plan
+
+
+def sited_edits(model: Any, edits: Sequence[LayerEdit | RouterBiasEdit]) -> list[LayerEdit | RouterBiasEdit]:
+    """The edits that act on this model: a projection edit whose target has no module at its layer
+    ('mlp' on a MoE layer, 'experts' on a dense one) is left out (router_bias edits are kept). Named
+    errors: a layer out of range, or projection edits none of which has a module. Reads no weights
+    (a meta-device skeleton will do), so a layer-streamed pass can check a config before any layer loads
+    and install each layer's share of it when that layer is in memory."""
+    spec = arch_for_config(model.config)
+    config = text_config(model.config)
+    n_layers = len(decoder_layers(model))
+    projections = projection_edits(edits)
+    for edit in projections:
+        if not 0 <= edit.layer < n_layers:
+            raise ConfigError(f"edit at layer {edit.layer} out of range; the model has layers 0..{n_layers - 1}")
+    kept = [e for e in edits if not isinstance(e, LayerEdit) or spec.sites(config, e.layer, [e.target])]
+    if projections and not projection_edits(kept):
+        wanted = sorted({e.target for e in projections})
+        layers_ = sorted({e.layer for e in projections})
+        raise ConfigError(f"the config edits nothing on this model: target(s) {', '.join(wanted)} have no module at "
+                          f"layer(s) {', '.join(map(str, layers_))} (e.g. 'mlp' on MoE layers, 'experts' on dense ones)")
+    return kept
 
 
 def list_sites(model: Any, targets: Sequence[str] | None = None) -> list[str]:
@@ -400,5 +414,5 @@ def _restore(saved: list[tuple[torch.Tensor, torch.Tensor, int | None, int | Non
     saved.clear()
 
 
-__all__ = ["apply", "apply_edits", "resolve_for_model", "plan_sites", "list_sites", "LiveIntervention", "SiteEdit",
+__all__ = ["apply", "apply_edits", "resolve_for_model", "plan_sites", "sited_edits", "list_sites", "LiveIntervention", "SiteEdit",
            "MODES"]
