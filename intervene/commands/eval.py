@@ -4,6 +4,9 @@ complied / degenerate counts, first-token and full-answer KL and samples, baseli
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from ..errors import InputError
 
 from .common import (add_generation_options, add_model_argument, add_run_options, add_verb,
                      check_generation_options, write_report)
@@ -24,6 +27,12 @@ checkpoint vs its original: `intervene eval baked/ --reference organism`). --con
 MODEL live (hooks); with both, MODEL+config is compared with SOURCE. With neither, MODEL is scored
 against itself (KL = 0).
 
+--first-token scores only the first response token (no generation): the refusal score per set and the
+first-token KL, in memory or, with --stream-layers, one decoder layer in memory at a time (a local
+safetensors checkpoint; --device is where each layer runs) for a model that does not fit -- baseline and
+--config come out of one pass over the layers. Generation needs the whole model: for a model larger than
+memory run the generation-based counts with --device-map auto (transformers/accelerate offload to CPU and disk).
+
 --capability adds perplexity on a held-out text shipped with intervene (base vs edited), and with
 lm-eval installed (pip install 'intervene[capability]') --lm-eval-tasks FILE|DIR runs lm-eval on your
 own task YAML files."""
@@ -39,6 +48,17 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--judge", default=None, metavar="DIR",
                    help="local judge model directory (sequence classifier or causal LM) deciding refused/complied")
     p.add_argument("--no-answer-kl", action="store_true", help="skip the full-answer (teacher-forced) KL")
+    f = p.add_argument_group("first token only (no generation), and models larger than memory")
+    f.add_argument("--first-token", action="store_true",
+                   help="only the first-token refusal scores and KL (no generation): JSON key 'first_token'")
+    f.add_argument("--stream-layers", action="store_true",
+                   help="with --first-token: build the model on the meta device and run all prompts through one "
+                        "decoder layer at a time, read from the safetensors shards and freed after (baseline and "
+                        "config in one pass); same numbers as without it")
+    f.add_argument("--device", default="cpu",
+                   help="with --stream-layers: where each layer runs, e.g. cuda:0 (default: cpu)")
+    f.add_argument("--hidden-on", choices=("device", "cpu"), default="device",
+                   help="with --stream-layers: where the prompts' hidden states wait between layers (default: device)")
     g = p.add_argument_group("capability")
     g.add_argument("--capability", action="store_true",
                    help="also report perplexity on the shipped held-out text, base vs edited")
@@ -52,13 +72,23 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InputError
     from ..io.models import load_model
     from ..io.prompts import load_prompts
     from ..live.evaluate import evaluate, format_report
     from ..live.tryout import EvalRunReport, PromptSources
 
     check_generation_options(args)
+    if args.stream_layers and not args.first_token:
+        raise InputError("--stream-layers needs --first-token: generation needs the whole model; for a model larger "
+                         "than memory run the generation-based eval with --device-map auto (CPU/disk offload)")
+    if args.first_token:
+        bad = [flag for flag, given in (("--reference", args.reference), ("--judge", args.judge),
+                                        ("--capability", args.capability or args.capability_text or args.lm_eval_tasks),
+                                        ("--no-answer-kl", args.no_answer_kl)) if given]
+        if bad:
+            raise InputError(f"--first-token scores the first token only; {bad[0]} needs the full eval (drop one)")
+    if args.stream_layers and args.device_map:
+        raise InputError("--stream-layers places each layer itself: give --device, not --device-map")
     cfg = None
     if args.config:
         from ..config.reference import load_any_config
@@ -73,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     harmless = load_prompts(args.harmless, field=args.field, limit=args.limit)
     system_prompt = args.system_prompt if args.system_prompt is not None else (cfg.system_prompt if cfg else None)
     chat_template = False if args.no_chat_template else (cfg.chat_template if cfg else True)
+
+    if args.first_token:
+        return _first_token(args, model_spec, cfg, harmful, harmless, system_prompt, chat_template)
 
     judge = None
     if args.judge:
@@ -125,4 +158,47 @@ def run(args: argparse.Namespace) -> int:
         write_report(args.json, EvalRunReport(report, model_spec, args.config,
                                               PromptSources(args.harmful, args.harmless, args.field, args.limit),
                                               reference=args.reference, capability=capability_report))
+    return 0
+
+
+def _first_token(args: argparse.Namespace, model_spec: str, cfg: Any, harmful: list[str], harmless: list[str],
+                 system_prompt: str | None, chat_template: bool) -> int:
+    """``--first-token``: the first-token scores, in memory or streamed one layer at a time."""
+    from ..io.models import load_tokenizer
+    from ..live.evaluate import format_first_token
+    from ..live.tryout import FirstTokenRunReport, PromptSources
+
+    measurements = None
+    if cfg is not None:
+        from ..io.measurements import load_measurements
+
+        meas_path = args.measurements or cfg.measurements
+        if not meas_path:
+            raise InputError(f"{args.config} names no 'measurements' file; pass --measurements")
+        measurements = load_measurements(meas_path)
+    common = dict(batch_size=args.batch_size, system_prompt=system_prompt, chat_template=chat_template,
+                  progress=not args.no_progress)
+    if args.stream_layers:
+        from ..live.stream_eval import first_token_streamed
+
+        report = first_token_streamed(model_spec, load_tokenizer(model_spec), harmful, harmless, cfg, measurements,
+                                      dtype=args.dtype, device=args.device, hidden_on=args.hidden_on, **common)
+    else:
+        from ..hooks.apply import apply
+        from ..io.models import load_model
+        from ..live.evaluate import first_token_scores
+
+        model, tokenizer = load_model(model_spec, dtype=args.dtype, device_map=args.device_map)
+        intervention = None
+        if cfg is not None:
+            with apply(model, cfg, measurements):  # config errors surface now, not after the baseline
+                pass
+            intervention = lambda: apply(model, cfg, measurements)  # noqa: E731
+        report = first_token_scores(model, tokenizer, harmful, harmless, intervention=intervention,
+                                    config=cfg.to_dict() if cfg else None, **common)
+    print(f"{model_spec}{f' with {args.config} (live)' if cfg else ' (no intervention: scored against itself)'}")
+    print(format_first_token(report))
+    if args.json:
+        write_report(args.json, FirstTokenRunReport(report, model_spec, args.config,
+                                                    PromptSources(args.harmful, args.harmless, args.field, args.limit)))
     return 0

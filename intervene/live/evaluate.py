@@ -145,6 +145,86 @@ class EvalReport:
         return d
 
 
+@dataclass
+class FirstTokenSettings:
+    batch_size: int
+    system_prompt: str | None
+    chat_template: bool
+    stream_layers: bool  # computed one decoder layer at a time (live.stream_eval)
+    dtype: str | None = None
+    device: str | None = None
+
+
+@dataclass
+class FirstTokenReport:
+    """The first-token numbers of :func:`evaluate` without generation (``eval --first-token``): the
+    refusal score per set and first-token KL(base ‖ intervened), same definitions and names."""
+
+    refusal_score: RefusalScores
+    kl_divergence: float  # harmless prompts, nats
+    kl_divergence_harmful: float
+    intervened: bool
+    n_prompts: PerSet[int]
+    settings: FirstTokenSettings
+    versions: dict[str, str]
+    config: dict[str, Any] | None = None  # absent from the JSON when None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.config is None:
+            del d["config"]
+        return d
+
+
+def first_token_report(tokenizer: Any, base: PerSet[torch.Tensor], new: PerSet[torch.Tensor], intervened: bool,
+                       settings: FirstTokenSettings, config: dict[str, Any] | None = None) -> FirstTokenReport:
+    """:class:`FirstTokenReport` of first-token log-probabilities [N, V] per set, baseline and intervened."""
+    from ..io.models import versions
+
+    token_ids = refusal_token_ids(tokenizer)
+
+    def score(lp: PerSet[torch.Tensor]) -> PerSet[float]:
+        return PerSet.of(lambda name: float(refusal_score(lp[name], token_ids).mean()))
+
+    return FirstTokenReport(
+        refusal_score=RefusalScores(score(base), score(new), [tokenizer.decode([i]) for i in token_ids]),
+        kl_divergence=kl_divergence(base.harmless, new.harmless),
+        kl_divergence_harmful=kl_divergence(base.harmful, new.harmful),
+        intervened=intervened, n_prompts=PerSet.of(lambda name: int(base[name].shape[0])),
+        settings=settings, versions=versions(), config=config)
+
+
+def first_token_scores(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
+                       intervention: Intervention | None = None, batch_size: int = 16,
+                       system_prompt: str | None = None, chat_template: bool = True,
+                       config: dict[str, Any] | None = None, progress: bool = True) -> FirstTokenReport:
+    """The first-token part of :func:`evaluate` (no generation): the model as is, and under
+    ``intervention`` (without one the intervened numbers are the baseline's, KL = 0)."""
+    if not harmful or not harmless:
+        raise ValueError("first_token_scores needs at least one harmful and one harmless prompt")
+    prompts = PerSet(harmful, harmless)
+    kw = dict(batch_size=batch_size, system_prompt=system_prompt, chat_template=chat_template, progress=progress)
+    base = PerSet.of(lambda name: first_token_logprobs(model, tokenizer, prompts[name], **kw))
+    new = base
+    if intervention is not None:
+        with intervention():
+            new = PerSet.of(lambda name: first_token_logprobs(model, tokenizer, prompts[name], **kw))
+    settings = FirstTokenSettings(batch_size, system_prompt, chat_template, stream_layers=False)
+    return first_token_report(tokenizer, base, new, intervention is not None, settings, config)
+
+
+def format_first_token(report: FirstTokenReport) -> str:
+    """A printable table of :class:`FirstTokenReport`."""
+    score = report.refusal_score
+    return "\n".join([
+        f"{'first-token refusal score':<28}{'baseline':<14}{'intervened':<14}",
+        f"{'  harmful':<28}{score.baseline.harmful:<14.4f}{score.intervened.harmful:<14.4f}",
+        f"{'  harmless':<28}{score.baseline.harmless:<14.4f}{score.intervened.harmless:<14.4f}",
+        f"first-token KL(base || intervened), harmless: {report.kl_divergence:.6f} nats "
+        f"(harmful: {report.kl_divergence_harmful:.6f})"
+        + (" [streamed one layer at a time]" if report.settings.stream_layers else "")])
+
+
 def is_refusal(text: str) -> bool:
     """True if the output contains a refusal marker (case-insensitive) or is empty/whitespace (the
     two-class view the organism recipe uses; :func:`classify` is the three-class one)."""
@@ -474,4 +554,5 @@ __all__ = ["REFUSAL_MARKERS", "PromptSet", "SETS", "PerSet", "RefusalCounts", "R
            "EvalSettings", "EvalReport", "Intervention", "is_refusal", "classify", "generate", "generate_ids",
            "decode_answers", "answer_kl", "check_same_vocabulary", "first_token_logprobs",
            "next_token_logprobs", "refusal_token_ids", "refusal_score", "refusal_counts", "kl_divergence", "evaluate",
-           "format_report"]
+           "format_report", "FirstTokenReport", "FirstTokenSettings", "first_token_report", "first_token_scores",
+           "format_first_token"]

@@ -19,7 +19,7 @@ from ..config.schema import InterventionConfig
 from ..errors import ConfigError
 from ..io.measurements import Measurements
 from ..io.models import Quantization
-from .evaluate import EvalReport, Intervention, evaluate
+from .evaluate import EvalReport, FirstTokenReport, Intervention, evaluate
 
 
 @dataclass
@@ -148,6 +148,20 @@ class EvalRunReport:
                                             "capability": self.capability.to_dict() if self.capability else None}
 
 
+@dataclass
+class FirstTokenRunReport:
+    """``intervene eval --first-token``'s JSON report: the first-token numbers under ``first_token``."""
+
+    first_token: FirstTokenReport
+    model: str
+    config_path: str | None
+    prompt_sources: PromptSources
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "eval_first_token", "model": self.model, "config_path": self.config_path,
+                "prompt_sources": self.prompt_sources.to_dict(), "first_token": self.first_token.to_dict()}
+
+
 def try_config(config: InterventionConfig | str | os.PathLike, harmful: str | list[str] = "builtin:harmful:eval",
                harmless: str | list[str] = "builtin:harmless:eval", *, field: str | None = None,
                limit: int | None = None, model_spec: str | None = None,
@@ -212,5 +226,6 @@ def load_prompt_set(spec: str | Sequence[str], field: str | None = None, limit: 
     return list(spec)[:limit] if limit else list(spec)
 
 
-__all__ = ["Prepared", "prepare", "PromptSources", "TryReport", "EvalRunReport", "try_config", "LiveRun", "prepare_run",
+__all__ = ["Prepared", "prepare", "PromptSources", "TryReport", "EvalRunReport", "FirstTokenRunReport", "try_config",
+           "LiveRun", "prepare_run",
            "load_prompt_set"]

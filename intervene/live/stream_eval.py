@@ -1,0 +1,190 @@
+"""``eval --first-token --stream-layers`` and ``search --stream-layers``' cheap proxy: first-token
+log-probabilities of a model that does not fit in memory, one decoder layer in memory at a time, the
+unedited model and the model under a config out of ONE pass over the layers.
+
+The skeleton, the layer loader and the recorded layer arguments are those of
+:func:`intervene.measure.stream.measure_streamed` (:mod:`intervene.io.layerwise`,
+:mod:`intervene.io.layer_calls`); the output head is loaded too (tied heads are re-tied). Each batch
+carries two hidden-state streams: the baseline's and the edited one. For each layer L, once it is
+loaded, the edited stream runs through it under :func:`intervene.hooks.apply.apply_edits` of the
+config's edits at layer L -- the live hooks and weight swaps themselves, installed on the loaded layer
+and removed before the baseline stream runs through it unedited. Before the first edited layer the
+edited stream IS the baseline's (not computed twice). At the end the model's own output part (final
+norm, lm_head at the last position, any logit scaling) runs on each stream
+(:func:`~intervene.io.layer_calls.head_logits`) and the log-softmax is taken in float32.
+
+A layer's edits only touch that layer's modules (sites and the router's selection bias belong to one
+decoder layer), so installing them layer by layer is the whole config's ``apply``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..arch import decoder_layers, text_config
+from ..config.reference import load_any_config
+from ..config.resolve import LayerEdit, RouterBiasEdit
+from ..config.schema import InterventionConfig
+from ..errors import InputError
+from ..hooks.apply import apply_edits, resolve_for_model, sited_edits
+from ..io.layer_calls import LayerCall, head_logits, record_layer_calls
+from ..io.layerwise import LayerLoader, stream_skeleton
+from ..io.measurements import Measurements
+from ..io.models import batches, encode, format_prompts
+from ..io.sources import resolve_model
+from .evaluate import FirstTokenReport, FirstTokenSettings, PerSet, first_token_report
+
+Edits = Sequence[LayerEdit | RouterBiasEdit]
+HIDDEN_ON = ("device", "cpu")
+
+
+@dataclass
+class _Streams:
+    """One batch between layers: its layer arguments and its two hidden-state streams."""
+
+    enc: dict[str, torch.Tensor]
+    calls: list[LayerCall]
+    base: torch.Tensor | None  # the unedited model's (None once not needed)
+    edited: torch.Tensor | None = None  # None: the same as ``base`` (no edited layer yet)
+
+
+class LayerStream:
+    """A local safetensors checkpoint opened for first-token passes one decoder layer at a time:
+    the skeleton with its embeddings, final norm and output head loaded. ``device`` is where each
+    layer runs; ``hidden_on`` where the hidden states wait between layers (as ``measure``'s)."""
+
+    def __init__(self, spec: str, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
+                 hidden_on: str = "device") -> None:
+        if hidden_on not in HIDDEN_ON:
+            raise InputError(f"hidden_on must be 'device' or 'cpu', got {hidden_on!r}")
+        src = resolve_model(spec)
+        if src.is_hub or src.gguf_file:
+            raise InputError(f"--stream-layers reads a local safetensors checkpoint; {src.display} is not one")
+        self.spec, self.hidden_on, self.device = spec, hidden_on, torch.device(device)
+        self.model, self.dtype = stream_skeleton(spec, dtype)
+        self.num_layers = int(text_config(self.model.config).num_hidden_layers)
+        self.loader = LayerLoader(self.model, src.path, self.dtype, self.device, with_head=True)
+        self.loader.load_outside()
+        self.model.tie_weights()
+        head = self.model.get_output_embeddings()
+        left = [n for n, p in head.named_parameters() if p.is_meta] if head is not None else ["weight"]
+        if left:
+            raise InputError(f"{self.loader.checkpoint.path}: the output head's '{left[0]}' is not in the checkpoint")
+
+    def resolve(self, config: InterventionConfig | str | os.PathLike,
+                measurements: Measurements | str | os.PathLike | None = None) -> list[LayerEdit | RouterBiasEdit]:
+        """The config's edits on this model, checked (:func:`~intervene.hooks.apply.sited_edits`)
+        before any layer is read."""
+        return sited_edits(self.model, resolve_for_model(self.model, config, measurements))
+
+    def encode(self, texts: Sequence[str], tokenizer: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        """Left-padded batches of already formatted ``texts`` on the compute device."""
+        return [encode(tokenizer, chunk, self.device) for chunk in batches(list(texts), batch_size)]
+
+    def logprobs(self, encoded: Sequence[dict[str, torch.Tensor]], edits: Edits | None, *, baseline: bool = True,
+                 progress: bool = False, desc: str = "first-token (streamed)"
+                 ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """One pass over the layers: per batch, float32 log-softmax of the next token at the last
+        position [B, V] (CPU) of the unedited model (``baseline``; else None) and of the model under
+        ``edits`` (None when ``edits`` is None; ``[]`` gives the baseline's numbers)."""
+        if not baseline and edits is None:
+            raise ValueError("LayerStream.logprobs: nothing to compute (no baseline and no edits)")
+        layers = decoder_layers(self.model)
+        by_layer: dict[int, list[LayerEdit | RouterBiasEdit]] = {}
+        for edit in sited_edits(self.model, edits or []):
+            by_layer.setdefault(edit.layer, []).append(edit)
+        first_edited = min(by_layer, default=self.num_layers)
+        streams = []
+        for enc in encoded:
+            hidden, calls = record_layer_calls(self.model, enc)
+            streams.append(_Streams(enc, list(calls), self._park(hidden)))
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.num_layers, desc=desc, unit="layer", file=sys.stderr, disable=not progress, leave=False)
+        try:
+            for layer in range(self.num_layers):
+                self.loader.load_layer(layer)
+                if edits is not None and (layer >= first_edited or not baseline):
+                    here = by_layer.get(layer)
+                    with apply_edits(self.model, here) if here else contextlib.nullcontext():
+                        for s in streams:
+                            start = s.edited if s.edited is not None else s.base
+                            s.edited = self._run(layers[layer], start, s.calls[layer])
+                            if not baseline:
+                                s.base = None
+                if baseline:
+                    for s in streams:
+                        s.base = self._run(layers[layer], s.base, s.calls[layer])
+                for s in streams:
+                    s.calls[layer] = ((), {})  # this layer's masks are not needed again
+                self.loader.unload_layer(layer)
+                bar.update(1)
+        finally:
+            bar.close()
+            self.loader.close()
+        base_out = [self._logprobs(s.enc, s.base) for s in streams] if baseline else None
+        if edits is None:
+            return base_out, None
+        edited_out = [self._logprobs(s.enc, s.edited) if s.edited is not None else base_out[i]
+                      for i, s in enumerate(streams)]
+        return base_out, edited_out
+
+    def _park(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden if self.hidden_on == "device" else hidden.to("cpu")
+
+    def _run(self, layer: Any, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        args, kwargs = call
+        with torch.no_grad():
+            out = layer(hidden.to(self.device), *args, **kwargs)
+        return self._park(out[0] if isinstance(out, (tuple, list)) else out)
+
+    def _logprobs(self, enc: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(head_logits(self.model, enc, hidden).float(), dim=-1).cpu()
+
+    def describe(self) -> dict[str, Any]:
+        return {"stream_layers": True, "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+                "hidden_on": self.hidden_on}
+
+
+def first_token_streamed(model: str, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
+                         config: InterventionConfig | str | os.PathLike | None = None,
+                         measurements: Measurements | str | os.PathLike | None = None, *, batch_size: int = 16,
+                         system_prompt: str | None = None, chat_template: bool = True,
+                         dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
+                         hidden_on: str = "device", progress: bool = True) -> FirstTokenReport:
+    """:func:`intervene.live.evaluate.first_token_scores` of the checkpoint ``model`` (a local
+    safetensors directory) with ``config`` applied live, one decoder layer in memory at a time
+    (module docstring): first-token refusal scores per set and KL(base ‖ intervened), baseline and
+    intervened from one pass. Without a config the intervened numbers are the baseline's (KL = 0)."""
+    if not harmful or not harmless:
+        raise InputError("first_token_streamed needs at least one harmful and one harmless prompt")
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    stream = LayerStream(model, dtype=dtype, device=device, hidden_on=hidden_on)
+    if config is not None and not isinstance(config, InterventionConfig):
+        config = load_any_config(config, model_config=stream.model.config)
+    edits = stream.resolve(config, measurements) if config is not None else None
+    texts = PerSet.of(lambda name: format_prompts(tokenizer, (harmful, harmless)[name == "harmless"],
+                                                  system_prompt, chat_template))
+    encoded = PerSet.of(lambda name: stream.encode(texts[name], tokenizer, batch_size))
+    n_harmful = len(encoded.harmful)
+    base, new = stream.logprobs(encoded.harmful + encoded.harmless, edits, progress=progress)
+
+    def split(rows: list[torch.Tensor]) -> PerSet[torch.Tensor]:
+        return PerSet(torch.cat(rows[:n_harmful]), torch.cat(rows[n_harmful:]))
+
+    base_lp = split(base)
+    new_lp = split(new) if new is not None else base_lp
+    settings = FirstTokenSettings(batch_size, system_prompt, chat_template, stream_layers=True,
+                                  dtype=stream.describe()["dtype"], device=str(stream.device))
+    return first_token_report(tokenizer, base_lp, new_lp, config is not None, settings,
+                              config.to_dict() if config is not None else None)
+
+
+__all__ = ["LayerStream", "first_token_streamed"]
