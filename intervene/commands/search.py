@@ -26,7 +26,15 @@ on harmful prompts (no generation) and the first-token KL on harmless prompts. T
 running Pareto front also get a greedy-generation refusal count; at the end the front is
 re-evaluated on the eval prompts (generation refusals + KL) and written as ready-to-bake YAML
 configs (OUT/front/trial_XXXX.yaml), OUT/front.json and OUT/front.png. The study lives in
-OUT/study.db: running again with the same --out adds --trials more trials.""")
+OUT/study.db: running again with the same --out adds --trials more trials.
+
+A model larger than memory: --stream-layers [--device cuda:0] never loads the model whole; every
+trial's first-token proxy and KL run one decoder layer at a time, read from the safetensors shards
+(the baseline is streamed once), with the trial's hooks installed on each loaded layer. There is no
+generation then: the front is the (proxy, KL) one (re-scored on the eval prompts' first token). Count
+refusals by generation afterwards on its configs with the whole model offloaded to CPU and disk:
+  intervene eval MODEL --config OUT/front/trial_XXXX.yaml --device-map auto
+(or intervene try OUT/front/trial_XXXX.yaml --device-map auto).""")
     p.add_argument("model", help="model directory, .gguf file, 'smollm2', 'organism', 'organism-moe' or hub id")
     p.add_argument("--measurements", "-m", required=True, help="measurements file (intervene measure)")
     p.add_argument("--out", "-o", default="search-study", help="study directory (default: search-study)")
@@ -68,6 +76,13 @@ OUT/study.db: running again with the same --out adds --trials more trials.""")
     p.add_argument("--kl-cap", type=float, default=1.0,
                    help="no generation for front trials whose KL exceeds this (default: 1.0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("models larger than memory")
+    g.add_argument("--stream-layers", action="store_true",
+                   help="score every trial's first-token proxy and KL one decoder layer at a time (no generation; "
+                        "count the front's refusals afterwards with 'intervene eval MODEL --config CFG "
+                        "--device-map auto')")
+    g.add_argument("--device", default="cpu",
+                   help="with --stream-layers: where each layer runs, e.g. cuda:0 (default: cpu)")
     add_model_options(p)
     add_quantization_options(p)
     add_prompt_options(p, "train")
@@ -127,13 +142,16 @@ def run(args: argparse.Namespace) -> int:
                     projection_optional=args.router_bias_alone, dtype=args.dtype, device_map=args.device_map,
                     batch_size=args.batch_size, system_prompt=args.system_prompt,
                     chat_template=not args.no_chat_template, progress=not args.no_progress,
-                    quantization=args.quantization)
+                    quantization=args.quantization, stream_layers=args.stream_layers, device=args.device)
     print(result.table())
     rate = f", {result.seconds:.0f} s, {result.trials_per_hour:.0f} trials/hour" if result.new_trials else ""
     print(f"\n{len(result.records)} trials in the study ({result.new_trials} new{rate})")
     for path in result.config_paths:
         print(f"  {path}")
     print(f"front: {result.json_path}, plot: {result.png_path}")
-    if result.config_paths:
+    if result.config_paths and args.stream_layers:
+        print(f"next (refusals by generation, the model offloaded): intervene eval {args.model} --config "
+              f"{result.config_paths[0]} --device-map auto")
+    elif result.config_paths:
         print(f"next: intervene try {result.config_paths[0]}  |  intervene bake {result.config_paths[0]} --output DIR")
     return 0

@@ -2,7 +2,9 @@
 trial, a generation refusal count for promising ones, a description whose hash identifies it) and
 :class:`PromptObjective`, the default one on prompt sets (first-token scores and greedy generation
 from :mod:`intervene.live.evaluate`, unedited layers skipped with a
-:class:`~intervene.hooks.residual_cache.ResidualCache`). A test can inject its own objective."""
+:class:`~intervene.hooks.residual_cache.ResidualCache`), and :class:`StreamedObjective`, its cheap
+proxy one decoder layer at a time for a model that does not fit (``search --stream-layers``). A test
+can inject its own objective."""
 
 from __future__ import annotations
 
@@ -32,20 +34,18 @@ class Objective(Protocol):
     def describe(self) -> dict[str, Any]:
         """JSON-able description; its hash decides whether cached results can be reused."""
 
+    # optional: ``cheap_edits(model, edits) -> (proxy, KL)`` scores resolved edits itself (installing
+    # them where it runs the layers, :class:`StreamedObjective`); the study then calls it instead of
+    # installing the edits on ``model`` and calling ``cheap``
 
-class PromptObjective:
-    """The default objective: prompts, first-token scores, greedy generation (intervene.live.evaluate).
 
-    The search prompts are tokenised once. With ``skip_unedited=True`` the residual entering
-    every decoder layer is cached from the unedited model, and a trial whose first edited layer
-    is ``k`` runs layers ``k..L-1`` only (:meth:`cheap_from`): the layers before ``k`` compute
-    exactly what they computed for the baseline. A self-check at start-up compares a skipped
-    forward with a full one and turns skipping off for a model where they differ."""
+class _PromptSets:
+    """The prompts an objective scores, tokenised once: both sets joined and sorted by length (one
+    forward over both per trial, less padding), the refusal-opening tokens, the description."""
 
-    def __init__(self, model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
-                 batch_size: int = 16, max_new_tokens: int = 48, system_prompt: str | None = None,
-                 chat_template: bool = True, label: str = "search",
-                 sources: dict[str, str] | None = None, skip_unedited: bool = True):
+    def __init__(self, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], device: Any, *,
+                 batch_size: int, max_new_tokens: int, system_prompt: str | None, chat_template: bool, label: str,
+                 sources: dict[str, str] | None):
         if not harmful or not harmless:
             raise InputError(f"{label} prompts: need at least one harmful and one harmless prompt")
         self.tokenizer = tokenizer
@@ -58,13 +58,49 @@ class PromptObjective:
         self.label = label
         self.sources = dict(sources or {})
         self.refusal_ids = ev.refusal_token_ids(tokenizer)
-        self._base_answers: list[list[int]] | None = None
-        # one forward over both sets per trial, prompts sorted by length (less padding)
         joined = self.harmful + self.harmless
         self._order = sorted(range(len(joined)), key=lambda i: len(joined[i]))
         texts = format_prompts(tokenizer, [joined[i] for i in self._order], system_prompt, chat_template)
-        device = model_device(model)
         self._batches = [encode(tokenizer, chunk, device) for chunk in batches(texts, batch_size)]
+
+    def _score(self, harmful_lp: torch.Tensor) -> float:
+        # mean probability mass on refusal openings: ~ the expected fraction of refusals, each
+        # prompt counting at most 1 (a mean log-mass would reward pushing non-refusals further)
+        return float(ev.refusal_score(harmful_lp, self.refusal_ids).exp().mean())
+
+    def _restore_order(self, lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        restored = torch.empty_like(lp)
+        restored[torch.tensor(self._order)] = lp
+        n = len(self.harmful)
+        return restored[:n], restored[n:]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "label": self.label, "sources": self.sources,
+            "harmful": {"n": len(self.harmful), "sha256": sha256_lines(self.harmful)},
+            "harmless": {"n": len(self.harmless), "sha256": sha256_lines(self.harmless)},
+            "max_new_tokens": self.max_new_tokens, "system_prompt": self.system_prompt, "classes": "three",
+            "chat_template": self.chat_template, "batch_size": self.batch_size,
+        }
+
+
+class PromptObjective(_PromptSets):
+    """The default objective: prompts, first-token scores, greedy generation (intervene.live.evaluate).
+
+    The search prompts are tokenised once. With ``skip_unedited=True`` the residual entering
+    every decoder layer is cached from the unedited model, and a trial whose first edited layer
+    is ``k`` runs layers ``k..L-1`` only (:meth:`cheap_from`): the layers before ``k`` compute
+    exactly what they computed for the baseline. A self-check at start-up compares a skipped
+    forward with a full one and turns skipping off for a model where they differ."""
+
+    def __init__(self, model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
+                 batch_size: int = 16, max_new_tokens: int = 48, system_prompt: str | None = None,
+                 chat_template: bool = True, label: str = "search",
+                 sources: dict[str, str] | None = None, skip_unedited: bool = True):
+        super().__init__(tokenizer, harmful, harmless, model_device(model), batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, system_prompt=system_prompt, chat_template=chat_template,
+                         label=label, sources=sources)
+        self._base_answers: list[list[int]] | None = None
         self.cache: ResidualCache | None = ResidualCache(model, self._batches) if skip_unedited else None
         # the cache's own forward already gave the baseline's first-token log-probs
         harmful_lp, self.base_harmless = (self._restore_order(torch.cat(self.cache.logprobs)) if self.cache
@@ -72,11 +108,6 @@ class PromptObjective:
         self.base_score = self._score(harmful_lp)
         if self.cache is not None and not self.cache.self_check(model, self._batches[0]):
             self.cache = None
-
-    def _score(self, harmful_lp: torch.Tensor) -> float:
-        # mean probability mass on refusal openings: ~ the expected fraction of refusals, each
-        # prompt counting at most 1 (a mean log-mass would reward pushing non-refusals further)
-        return float(ev.refusal_score(harmful_lp, self.refusal_ids).exp().mean())
 
     def _first_token(self, model: Any, start_layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
@@ -86,12 +117,6 @@ class PromptObjective:
                 with self.cache.starting_at(model, i, start_layer) if skip else contextlib.nullcontext():
                     rows.append(ev.next_token_logprobs(model, enc["input_ids"], enc.get("attention_mask")))
         return self._restore_order(torch.cat(rows))
-
-    def _restore_order(self, lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        restored = torch.empty_like(lp)
-        restored[torch.tensor(self._order)] = lp
-        n = len(self.harmful)
-        return restored[:n], restored[n:]
 
     def cheap(self, model: Any) -> tuple[float, float]:
         return self.cheap_from(model, 0)
@@ -122,14 +147,46 @@ class PromptObjective:
                             batch_size=min(self.batch_size, 8), system_prompt=self.system_prompt,
                             chat_template=self.chat_template, progress=False)
 
+
+
+class StreamedObjective(_PromptSets):
+    """The cheap proxy of :class:`PromptObjective` for a model that does not fit: first-token scores one
+    decoder layer in memory at a time (:class:`intervene.live.stream_eval.LayerStream`). The baseline
+    is streamed once, here; every trial then streams the edited model only, with the trial's edits
+    installed layer by layer (:meth:`cheap_edits`, which the study calls instead of installing the
+    edits on the model itself: the model is a meta-device skeleton). No generation: :meth:`refusals`
+    is None, so a search on it ranks by the proxy; count refusals by generation afterwards on the
+    front's configs with a whole (offloaded) model, ``intervene eval MODEL --config CFG --device-map auto``."""
+
+    def __init__(self, stream: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
+                 batch_size: int = 16, max_new_tokens: int = 48, system_prompt: str | None = None,
+                 chat_template: bool = True, label: str = "search", sources: dict[str, str] | None = None,
+                 progress: bool = False):
+        super().__init__(tokenizer, harmful, harmless, stream.device, batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, system_prompt=system_prompt, chat_template=chat_template,
+                         label=label, sources=sources)
+        self.stream = stream
+        self.progress = progress
+        base, _ = stream.logprobs(self._batches, None, progress=progress, desc=f"{label} baseline (streamed)")
+        harmful_lp, self.base_harmless = self._restore_order(torch.cat(base))
+        self.base_score = self._score(harmful_lp)
+
+    def cheap(self, model: Any) -> tuple[float, float]:
+        """The unedited model's (a skeleton holds no edit): the baseline streamed at start-up."""
+        return self.base_score, 0.0
+
+    def cheap_edits(self, model: Any, edits: Sequence[Any]) -> tuple[float, float]:
+        """(refusal proxy, KL) of the model under ``edits`` (resolved), streamed."""
+        _, rows = self.stream.logprobs(self._batches, edits, baseline=False, progress=self.progress,
+                                       desc=f"{self.label} trial (streamed)")
+        harmful_lp, harmless_lp = self._restore_order(torch.cat(rows))
+        return self._score(harmful_lp), float(ev.kl_divergence(self.base_harmless, harmless_lp))
+
+    def refusals(self, model: Any) -> None:
+        return None
+
     def describe(self) -> dict[str, Any]:
-        return {
-            "label": self.label, "sources": self.sources,
-            "harmful": {"n": len(self.harmful), "sha256": sha256_lines(self.harmful)},
-            "harmless": {"n": len(self.harmless), "sha256": sha256_lines(self.harmless)},
-            "max_new_tokens": self.max_new_tokens, "system_prompt": self.system_prompt, "classes": "three",
-            "chat_template": self.chat_template, "batch_size": self.batch_size,
-        }
+        return super().describe() | {"stream_layers": True, "generates": False}
 
 
-__all__ = ["Objective", "PromptObjective"]
+__all__ = ["Objective", "PromptObjective", "StreamedObjective"]

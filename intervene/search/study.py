@@ -9,6 +9,7 @@ re-evaluated on the eval prompts (cached in ``OUT/eval_cache.json``) and written
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -28,10 +29,11 @@ from ..errors import InputError
 from ..hooks.apply import apply_edits
 from ..io.files import atomic_write_text, sha256_text
 from ..io.measurements import Measurements, load_measurements
-from ..io.models import Quantization, load_model, versions
+from ..io.models import Quantization, load_model, load_tokenizer, versions
 from ..io.prompts import load_prompts
 from ..io.sources import model_reference
-from .objective import Objective, PromptObjective
+from ..live.stream_eval import LayerStream
+from .objective import Objective, PromptObjective, StreamedObjective
 from .pareto import best_so_far, dominates, pareto_front, spread
 from .report import SearchResult, TrialRecord, write_outputs
 from .space import SearchSpace
@@ -149,7 +151,8 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
            dtype: str = "auto", device_map: str | None = None, batch_size: int = 16,
            system_prompt: str | None = None, chat_template: bool = True, progress: bool = True,
            say: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-           quantization: Quantization | None = None) -> SearchResult:
+           quantization: Quantization | None = None, stream_layers: bool = False,
+           device: str = "cpu") -> SearchResult:
     """``intervene search`` as a function: load the model once, build the default search space
     and prompt objectives, run :func:`run_search`. ``limit`` (default 64) caps each SEARCH prompt
     set, evenly spaced: every trial runs one forward pass over them, so it sets the trial rate;
@@ -157,7 +160,11 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
     for the whitening lambda, ``None`` for the raw direction only, ``"auto"`` (default): the
     default range when the measurements hold the harmless second moment, else the raw direction.
     ``router_bias``: also search expert steering (:class:`~intervene.search.space.SearchSpace`),
-    ``projection_optional``: and projection on/off, so the front mixes both."""
+    ``projection_optional``: and projection on/off, so the front mixes both. ``stream_layers``: the
+    model is never loaded whole; every trial's first-token proxy runs one decoder layer at a time on
+    ``device`` (:class:`~intervene.search.objective.StreamedObjective`), no generation: the front is the
+    (proxy, KL) one, its configs then counted by generation with a whole, offloaded model
+    (``intervene eval MODEL --config CFG --device-map auto``)."""
     settings = SearchSettings(trials=trials, seed=seed, sampler=sampler, startup_trials=startup_trials,
                               full_eval_top=full_eval_top, generation_kl_cap=generation_kl_cap)
     meas = load_measurements(measurements)
@@ -165,8 +172,19 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
         ("harmful", harmful, limit), ("harmless", harmless, limit),
         ("eval_harmful", eval_harmful, eval_limit), ("eval_harmless", eval_harmless, eval_limit))
         if full_eval_top > 0 or not name.startswith("eval")}
-    say(f"loading {model} ...")
-    loaded, tokenizer = load_model(model, dtype=dtype, device_map=device_map, quantization=quantization)
+    stream = None
+    if stream_layers:
+        if device_map:
+            raise InputError("--stream-layers places each layer itself: give --device, not --device-map")
+        if quantization:
+            raise InputError(f"--stream-layers loads each layer's own weights; --load-in-{quantization} "
+                             "quantizes a whole model (use one or the other)")
+        say(f"opening {model} for streamed passes (one decoder layer at a time on {device}) ...")
+        stream = LayerStream(model, dtype=dtype, device=device)
+        loaded, tokenizer = stream.model, load_tokenizer(model)
+    else:
+        say(f"loading {model} ...")
+        loaded, tokenizer = load_model(model, dtype=dtype, device_map=device_map, quantization=quantization)
     config = text_config(loaded.config)
     meas.check_model(int(config.hidden_size), int(config.num_hidden_layers))
     space = SearchSpace.default(arch_for_config(loaded.config), config, meas, targets=targets, router=router,
@@ -178,15 +196,20 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
     common = dict(batch_size=batch_size, system_prompt=system_prompt, chat_template=chat_template)
     say(f"baseline first-token scores on {len(prompt_sets['harmful'])} harmful / "
         f"{len(prompt_sets['harmless'])} harmless search prompts ...")
-    objective = PromptObjective(loaded, tokenizer, prompt_sets["harmful"], prompt_sets["harmless"], label="search",
-                                sources={"harmful": harmful, "harmless": harmless, "limit": str(limit)},
-                                max_new_tokens=search_new_tokens, **common)
+
+    def make(harmful_set: list[str], harmless_set: list[str], **kw: Any) -> Objective:
+        if stream is not None:
+            return StreamedObjective(stream, tokenizer, harmful_set, harmless_set, progress=progress, **kw)
+        return PromptObjective(loaded, tokenizer, harmful_set, harmless_set, **kw)
+
+    objective = make(prompt_sets["harmful"], prompt_sets["harmless"], label="search",
+                     sources={"harmful": harmful, "harmless": harmless, "limit": str(limit)},
+                     max_new_tokens=search_new_tokens, **common)
     final = None
     if full_eval_top > 0:
-        final = PromptObjective(loaded, tokenizer, prompt_sets["eval_harmful"], prompt_sets["eval_harmless"],
-                                label="eval", sources={"harmful": eval_harmful, "harmless": eval_harmless,
-                                                       "limit": str(eval_limit)},
-                                max_new_tokens=max_new_tokens, **common)
+        final = make(prompt_sets["eval_harmful"], prompt_sets["eval_harmless"], label="eval",
+                     sources={"harmful": eval_harmful, "harmless": eval_harmless, "limit": str(eval_limit)},
+                     max_new_tokens=max_new_tokens, **common)
     return run_search(loaded, meas, space, objective, out, settings, final=final, model_spec=model_reference(model),
                       measurements_path=str(Path(measurements).resolve()), progress=progress, say=say)
 
@@ -263,10 +286,11 @@ def _records(study: Any) -> list[TrialRecord]:
     return sorted(out, key=lambda r: r.number)
 
 
-def _scores(objective: Objective, model: Any) -> dict[str, Any]:
-    """``{"proxy", "kl"}`` of the model as it is now, with ``"refusals"``/``"total"`` when the
+def _scores(objective: Objective, model: Any, edits: list[Any] | None = None) -> dict[str, Any]:
+    """``{"proxy", "kl"}`` of the model as it is now -- or, for an objective that scores edits itself
+    (``cheap_edits``: streamed), under ``edits`` -- with ``"refusals"``/``"total"`` when the
     objective generates."""
-    proxy, kl = objective.cheap(model)
+    proxy, kl = objective.cheap_edits(model, edits) if edits is not None else objective.cheap(model)
     counted = objective.refusals(model)
     out: dict[str, Any] = {"proxy": proxy, "kl": kl}
     if counted:
@@ -304,9 +328,13 @@ def _run_trial(study: Any, model: Any, spec: Any, model_config: Any, measurement
         edits = resolve(cfg, spec, model_config, measurements)
         refusals = None
         cheap_from = getattr(objective, "cheap_from", None)
+        cheap_edits = getattr(objective, "cheap_edits", None)  # installs the edits itself (streamed)
         start_layer = min(e.layer for e in edits)
-        with torch.no_grad(), apply_edits(model, edits):
-            proxy, kl = cheap_from(model, start_layer) if cheap_from else objective.cheap(model)
+        with torch.no_grad(), contextlib.nullcontext() if cheap_edits else apply_edits(model, edits):
+            if cheap_edits is not None:
+                proxy, kl = cheap_edits(model, edits)
+            else:
+                proxy, kl = cheap_from(model, start_layer) if cheap_from else objective.cheap(model)
             if not (math.isfinite(proxy) and math.isfinite(kl)):
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 return None
@@ -376,8 +404,11 @@ def _final_front(records: list[TrialRecord], settings: SearchSettings, final: Ob
     for r in chosen:
         if str(r.number) not in entries["trials"]:
             edits = resolve(r.config(), spec, model_config, measurements)
-            with torch.no_grad(), apply_edits(model, edits):
-                entries["trials"][str(r.number)] = _scores(final, model)
+            if getattr(final, "cheap_edits", None) is not None:  # streamed: installs the edits itself
+                entries["trials"][str(r.number)] = _scores(final, model, edits)
+            else:
+                with torch.no_grad(), apply_edits(model, edits):
+                    entries["trials"][str(r.number)] = _scores(final, model)
             if hasattr(final, "answer_kl"):  # full-answer KL, toggling the edit around each forward
                 entries["trials"][str(r.number)]["answer_kl"] = final.answer_kl(
                     model, lambda edits=edits: apply_edits(model, edits))
