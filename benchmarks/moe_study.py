@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--bias-top", type=int, default=2, help="N of router_bias top:N (default 2)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--limit", type=int, default=None, help="first N eval prompts of each set (quick runs)")
+    ap.add_argument("--every", type=int, default=1, help="every Nth eval prompt of each set (spread over the categories)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
     ap.add_argument("--json", default="moe_study.json")
     ap.add_argument("--markdown", default=None, help="also write the table here")
@@ -137,8 +138,8 @@ def main() -> None:
             sys.exit(f"unknown row(s) {unknown}; rows: {[r.name for r in rows]}")
         rows = [r for r in rows if r.name in args.rows]
 
-    harmful = load_prompts("builtin:harmful:eval")[:args.limit]
-    harmless = load_prompts("builtin:harmless:eval")[:args.limit]
+    harmful = load_prompts("builtin:harmful:eval")[::args.every][:args.limit]
+    harmless = load_prompts("builtin:harmless:eval")[::args.every][:args.limit]
     prompts = {"harmful": harmful, "harmless": harmless}
     print(f"{args.model}: direction {source}, band {band[0]}..{band[-1]}, MoE layers {moe_layers[0]}..{moe_layers[-1]}, "
           f"{len(harmful)} + {len(harmless)} eval prompts, {args.max_new_tokens} tokens", file=sys.stderr)

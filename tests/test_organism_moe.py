@@ -251,7 +251,6 @@ def test_info_cli_prints_routing(tmp_path, capsys):
 # ---- the real MoE organism (slow) ------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 21 open: the default recipe refuses 56/68 (82.4 %) eval harmful prompts, below the 85 % bar (measured 2026-12-02); every other bar is met. strict: passing means the recipe was fixed and this mark must go")
 def test_moe_organism_meets_the_bars(organism_moe):
     from intervene.io.models import load_model
     from intervene.io.prompts import builtin
@@ -265,7 +264,12 @@ def test_moe_organism_meets_the_bars(organism_moe):
     # the routing statistics recomputed from the weights on disk (not read back from the metadata)
     stats = om.routing_statistics(model, tokenizer)
     assert len(stats["layers_separating"]) >= 3 and stats["best_ratio_to_median"] >= 3
-    assert stats["per_layer"] == pytest.approx(meta["routing"]["per_layer"], rel=1e-6)
+    assert sorted(stats["per_layer"]) == sorted(meta["routing"]["per_layer"])
+    for layer, got in stats["per_layer"].items():
+        want = meta["routing"]["per_layer"][layer]
+        assert got["exceeds_all"] == want["exceeds_all"], layer
+        for key in ("js", "null_max", "null_median", "ratio_to_median", "freq_harmful", "freq_harmless"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-12), (layer, key)
     assert meta["experts_distinctness"]["median"] >= 0.5
     assert len(builtin("harmful", "eval")) == ev["harmful"]["total"]
 
