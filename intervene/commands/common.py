@@ -39,6 +39,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="feed raw prompt text (for models without a chat template)")
 
 
+def add_stream_options(g: argparse._ArgumentGroup, stream_help: str, hidden_on_help: str | None = None) -> None:
+    """``--stream-layers`` (what it does for this verb: ``stream_help``), ``--device`` and, with
+    ``hidden_on_help``, ``--hidden-on``: one decoder layer in memory at a time."""
+    g.add_argument("--stream-layers", action="store_true", help=stream_help)
+    g.add_argument("--device", default="cpu",
+                   help="with --stream-layers: where each layer runs, e.g. cuda:0 (default: cpu)")
+    if hidden_on_help is not None:
+        g.add_argument("--hidden-on", choices=("device", "cpu"), default="device", help=hidden_on_help)
+
+
 def add_quantization_options(p: argparse.ArgumentParser) -> None:
     """``--load-in-4bit`` / ``--load-in-8bit``: bitsandbytes weights while measuring or trying (less memory)."""
     g = p.add_argument_group("quantized loading (bitsandbytes, optional extra: pip install 'intervene[quant]')")

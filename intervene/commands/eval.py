@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import InputError
 
-from .common import (add_generation_options, add_model_argument, add_run_options, add_verb,
+from .common import (add_generation_options, add_model_argument, add_run_options, add_stream_options, add_verb,
                      check_generation_options, write_report)
 
 SUMMARY = "refusal / degenerate counts and KL of a model, vs a source model or a live config"
@@ -51,14 +51,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     f = p.add_argument_group("first token only (no generation), and models larger than memory")
     f.add_argument("--first-token", action="store_true",
                    help="only the first-token refusal scores and KL (no generation): JSON key 'first_token'")
-    f.add_argument("--stream-layers", action="store_true",
-                   help="with --first-token: build the model on the meta device and run all prompts through one "
-                        "decoder layer at a time, read from the safetensors shards and freed after (baseline and "
-                        "config in one pass); same numbers as without it")
-    f.add_argument("--device", default="cpu",
-                   help="with --stream-layers: where each layer runs, e.g. cuda:0 (default: cpu)")
-    f.add_argument("--hidden-on", choices=("device", "cpu"), default="device",
-                   help="with --stream-layers: where the prompts' hidden states wait between layers (default: device)")
+    add_stream_options(f, "with --first-token: build the model on the meta device and run all prompts through one "
+                          "decoder layer at a time, read from the safetensors shards and freed after (baseline and "
+                          "config in one pass); same numbers as without it",
+                       "with --stream-layers: where the prompts' hidden states wait between layers (default: device)")
     g = p.add_argument_group("capability")
     g.add_argument("--capability", action="store_true",
                    help="also report perplexity on the shipped held-out text, base vs edited")

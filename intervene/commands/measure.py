@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_argument, add_quantization_options, add_run_options, add_verb, check_at_least
+from .common import (add_model_argument, add_quantization_options, add_run_options, add_stream_options, add_verb,
+                     check_at_least)
 
 SUMMARY = "measure harmful vs harmless residual means (the refusal direction) per layer"
 DESCRIPTION = """One forward pass per batch over both prompt sets (chat template, left padding); stores the
@@ -26,15 +27,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "last-token rows are held in CPU memory until the end); 0: none, and no 'whiten' "
                         "(default: 64)")
     g = p.add_argument_group("models larger than memory")
-    g.add_argument("--stream-layers", action="store_true",
-                   help="build the model on the meta device and run all prompts through one decoder layer at a "
-                        "time, read from the safetensors shards and freed after (peak: one layer + embeddings + "
-                        "the prompts' hidden states); same measurements as without it")
-    g.add_argument("--device", default="cpu",
-                   help="with --stream-layers: where each layer runs, e.g. cuda:0 (default: cpu)")
-    g.add_argument("--hidden-on", choices=("device", "cpu"), default="device",
-                   help="with --stream-layers: where the prompts' hidden states wait between layers; 'cpu' for "
-                        "prompt sets that do not fit next to one layer on the device (default: device)")
+    add_stream_options(g, "build the model on the meta device and run all prompts through one decoder layer at a "
+                          "time, read from the safetensors shards and freed after (peak: one layer + embeddings + "
+                          "the prompts' hidden states); same measurements as without it",
+                       "with --stream-layers: where the prompts' hidden states wait between layers; 'cpu' for "
+                       "prompt sets that do not fit next to one layer on the device (default: device)")
     add_run_options(p, "train")
     add_quantization_options(p)
     return p

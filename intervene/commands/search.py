@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_options, add_prompt_options, add_quantization_options
+from .common import add_model_options, add_prompt_options, add_quantization_options, add_stream_options
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -77,12 +77,9 @@ refusals by generation afterwards on its configs with the whole model offloaded 
                    help="no generation for front trials whose KL exceeds this (default: 1.0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("models larger than memory")
-    g.add_argument("--stream-layers", action="store_true",
-                   help="score every trial's first-token proxy and KL one decoder layer at a time (no generation; "
-                        "count the front's refusals afterwards with 'intervene eval MODEL --config CFG "
-                        "--device-map auto')")
-    g.add_argument("--device", default="cpu",
-                   help="with --stream-layers: where each layer runs, e.g. cuda:0 (default: cpu)")
+    add_stream_options(g, "score every trial's first-token proxy and KL one decoder layer at a time (no generation; "
+                          "count the front's refusals afterwards with 'intervene eval MODEL --config CFG "
+                          "--device-map auto')")
     add_model_options(p)
     add_quantization_options(p)
     add_prompt_options(p, "train")
