@@ -122,12 +122,8 @@ def run(args: argparse.Namespace) -> int:
     intervention = None
     if cfg is not None:
         from ..hooks.apply import apply  # lazy: only --config needs the hooks
-        from ..io.measurements import load_measurements
 
-        meas_path = args.measurements or cfg.measurements
-        if not meas_path:
-            raise InputError(f"{args.config} names no 'measurements' file; pass --measurements")
-        measurements = load_measurements(meas_path)
+        measurements = _config_measurements(args, cfg)
         with apply(model, cfg, measurements):  # config errors surface now, not after the baseline
             pass
         intervention = lambda: apply(model, cfg, measurements)  # noqa: E731
@@ -157,6 +153,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_measurements(args: argparse.Namespace, cfg: Any) -> Any:
+    """The measurements of ``--config``: ``--measurements`` or the config's own file."""
+    from ..io.measurements import load_measurements
+
+    meas_path = args.measurements or cfg.measurements
+    if not meas_path:
+        raise InputError(f"{args.config} names no 'measurements' file; pass --measurements")
+    return load_measurements(meas_path)
+
+
 def _first_token(args: argparse.Namespace, model_spec: str, cfg: Any, harmful: list[str], harmless: list[str],
                  system_prompt: str | None, chat_template: bool) -> int:
     """``--first-token``: the first-token scores, in memory or streamed one layer at a time."""
@@ -164,14 +170,7 @@ def _first_token(args: argparse.Namespace, model_spec: str, cfg: Any, harmful: l
     from ..live.evaluate import format_first_token
     from ..live.tryout import FirstTokenRunReport, PromptSources
 
-    measurements = None
-    if cfg is not None:
-        from ..io.measurements import load_measurements
-
-        meas_path = args.measurements or cfg.measurements
-        if not meas_path:
-            raise InputError(f"{args.config} names no 'measurements' file; pass --measurements")
-        measurements = load_measurements(meas_path)
+    measurements = _config_measurements(args, cfg) if cfg is not None else None
     common = dict(batch_size=args.batch_size, system_prompt=system_prompt, chat_template=chat_template,
                   progress=not args.no_progress)
     if args.stream_layers:
