@@ -148,8 +148,8 @@ def main() -> None:
         """Answers, first-token logprobs and routing of the model as it is now."""
         ids = {k: generate_ids(model, tokenizer, ps, max_new_tokens=args.max_new_tokens, progress=False)
                for k, ps in prompts.items()}
-        counts = {k: refusal_counts(decode_answers(tokenizer, ids[k]),
-                                    classify(decode_answers(tokenizer, ids[k]), prompts[k])) for k in prompts}
+        texts = {k: decode_answers(tokenizer, v) for k, v in ids.items()}
+        counts = {k: refusal_counts(texts[k], classify(texts[k], prompts[k])) for k in prompts}
         return {"counts": counts,
                 "logprobs": first_token_logprobs(model, tokenizer, harmless, progress=False),
                 "choices": {k: router_choices(model, tokenizer, ps) for k, ps in prompts.items()},
