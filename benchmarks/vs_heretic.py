@@ -290,6 +290,27 @@ def drive_heretic(python: Path, work: Path, log_path: Path, timeout_s: float) ->
     return finished_at, saved
 
 
+COMPONENT_LINE = re.compile(r"^\s*\*\s+(\S+): (\d+) modules total", re.M)
+ERROR_LINE = re.compile(r"^(\w+(?:Error|Exception)\b.*)$", re.M)
+
+
+def heretic_failure(log_path: Path) -> str:
+    """What heretic's log says it edits (its 'Abliterable components') and the error it died of."""
+    if not log_path.exists():
+        return "no log"
+    text = log_path.read_text(errors="replace")
+    parts = [f"{name} ({count})" for name, count in COMPONENT_LINE.findall(text)]
+    edits = "edits " + ", ".join(parts) if parts else "listed no abliterable components"
+    trials = len(TRIAL_LINE.findall(text))
+    errors = ERROR_LINE.findall(text)
+    where = errors[-1].strip() if errors else "no exception in its log"
+    return f"{edits}; {trials} trials finished; last error in its log: {where} (log: {log_path})"
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
 def run_heretic(python: Path, judge: Judge, files: dict[str, Path], work: Path, args: argparse.Namespace) -> ToolRun:
     from transformers import AutoModelForCausalLM
 
@@ -467,7 +488,11 @@ def main(argv: list[str] | None = None) -> int:
         skipped.append(f"heretic: not installed ({args.heretic_python} missing); see this file's docstring")
     else:
         print("running heretic ...", file=sys.stderr)
-        runs.append(run_heretic(Path(args.heretic_python), judge, files, work, args))
+        try:
+            runs.append(run_heretic(Path(args.heretic_python), judge, files, work, args))
+        except Exception as e:  # a failing opponent is a result: say what it edits and where it failed
+            skipped.append(f"heretic: failed ({type(e).__name__}: {first_line(e)}); "
+                           + heretic_failure(work / "heretic" / "heretic.log"))
     if args.skip_senbonzakura:
         skipped.append("senbonzakura: skipped (--skip-senbonzakura)")
     elif not Path(args.senbonzakura_python).exists():
@@ -477,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run = run_senbonzakura(Path(args.senbonzakura_python), judge, files, work, args)
         except Exception as e:  # an external tool's failure is reported, not fatal
-            skipped.append(f"senbonzakura: failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            skipped.append(f"senbonzakura: failed ({type(e).__name__}: {first_line(e)})")
         else:
             runs.append(run)
 

@@ -271,11 +271,11 @@ def bake_lora(config: InterventionConfig | str | os.PathLike, output: str | os.P
     from safetensors.torch import save_file
 
     from ..io.models import versions
-    from .run import _measurements
+    from ..io.measurements import measurements_for
 
     cfg = config if isinstance(config, InterventionConfig) else load_config(config)
     source = resolve_source(model if model is not None else cfg.model)
-    plan = plan_bake(cfg, source, _measurements(measurements if measurements is not None else cfg.measurements))
+    plan = plan_bake(cfg, source, measurements_for(measurements, cfg.measurements, cfg.source))
     module_of = check_lora(plan)
     out = output if output is not None else cfg.output
     if dry_run:

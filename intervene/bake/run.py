@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..config.reference import load_any_config
 from ..config.schema import InterventionConfig
 from ..errors import InputError
-from ..io.measurements import Measurements, load_measurements
+from ..io.measurements import Measurements, measurements_for
 from .outputs import MANIFEST, check_untouched, shard_metadata, write_manifest, write_side_files
 from .plan import BakePlan, plan_bake, resolve_source
 from .publish import check_output, make_temporary, mark_complete, publish
@@ -77,7 +77,7 @@ def bake(config: InterventionConfig | str | os.PathLike, output: str | os.PathLi
     """
     cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model=model)
     source = resolve_source(model if model is not None else cfg.model)
-    meas = _measurements(measurements if measurements is not None else cfg.measurements)
+    meas = measurements_for(measurements, cfg.measurements, cfg.source)
     out = output if output is not None else cfg.output
     if dequantize is not None:
         from .dequantize import dequantized_copy, keys_to_dequantize
@@ -100,14 +100,6 @@ def bake(config: InterventionConfig | str | os.PathLike, output: str | os.PathLi
         raise InputError("no output directory: pass --output DIR or set 'output' in the config")
     return execute(plan, Path(out), overwrite=overwrite, workers=workers, progress=progress,
                    verify_hashes=verify_hashes, threads=threads, on_tensor=on_tensor)
-
-
-def _measurements(m: Measurements | str | os.PathLike | None) -> Measurements:
-    if isinstance(m, Measurements):
-        return m
-    if m is None:
-        raise InputError("no measurements: set 'measurements' in the config or pass --measurements FILE")
-    return load_measurements(m)
 
 
 def execute(plan: BakePlan, output: Path, overwrite: bool = False, workers: int = 1, progress: bool = True,

@@ -155,12 +155,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _config_measurements(args: argparse.Namespace, cfg: Any) -> Any:
     """The measurements of ``--config``: ``--measurements`` or the config's own file."""
-    from ..io.measurements import load_measurements
+    from ..io.measurements import measurements_for
 
-    meas_path = args.measurements or cfg.measurements
-    if not meas_path:
-        raise InputError(f"{args.config} names no 'measurements' file; pass --measurements")
-    return load_measurements(meas_path)
+    return measurements_for(args.measurements, cfg.measurements, args.config)
 
 
 def _first_token(args: argparse.Namespace, model_spec: str, cfg: Any, harmful: list[str], harmless: list[str],

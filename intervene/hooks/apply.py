@@ -61,7 +61,7 @@ from ..config.reference import load_any_config
 from ..config.resolve import LayerEdit, RouterBiasEdit, projection_edits, resolve, router_bias_vectors
 from ..config.schema import InterventionConfig
 from ..errors import ArchitectureError, ConfigError
-from ..io.measurements import Measurements, load_measurements
+from ..io.measurements import Measurements, measurements_for
 
 MODES = ("auto", "hooks", "weights")
 
@@ -129,13 +129,8 @@ def resolve_for_model(model: Any, config: InterventionConfig | str | os.PathLike
 
 def load_config_measurements(cfg: InterventionConfig,
                              measurements: Measurements | str | os.PathLike | None = None) -> Measurements:
-    if isinstance(measurements, Measurements):
-        return measurements
-    if measurements is not None:
-        return load_measurements(measurements)
-    if not cfg.measurements:
-        raise ConfigError(f"{cfg.source or 'config'}: no 'measurements' file given (set it in the config or pass one)")
-    return load_measurements(cfg.measurements)
+    """``measurements`` (loaded or a path) else the config's own file."""
+    return measurements_for(measurements, cfg.measurements, cfg.source)
 
 
 @contextlib.contextmanager

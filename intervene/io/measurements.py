@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import InputError, MeasurementError
+from ..errors import ConfigError, InputError, MeasurementError
 from .files import atomic_write
 from ..text import format_ranges
 from ..maths import whiten
@@ -163,6 +163,19 @@ def load_measurements(path: str | os.PathLike) -> Measurements:
     if not any(k.startswith("direction.") for k in tensors):
         raise MeasurementError(f"{path} has no 'direction.*' tensors: not an intervene measurements file")
     return Measurements(tensors=tensors, meta=meta, path=str(path))
+
+
+def measurements_for(given: Measurements | str | os.PathLike | None, configured: str | None,
+                     where: str | None = None) -> Measurements:
+    """The measurements a config runs with: ``given`` (loaded, or a path; e.g. ``--measurements``)
+    else the config's own ``configured`` file. ``where`` names the config in the error."""
+    if isinstance(given, Measurements):
+        return given
+    path = given if given is not None else configured
+    if not path:
+        raise ConfigError(f"{where or 'config'}: no 'measurements' file (set 'measurements' in the config "
+                         "or pass --measurements FILE)")
+    return load_measurements(path)
 
 
 def load_refuse(path: str | os.PathLike) -> Measurements:
