@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def main() -> None:
     prompts = {"harmful": load_prompts("builtin:harmful:eval")[::args.every[0]],
                "harmless": load_prompts("builtin:harmless:eval")[::args.every[1]]}
     longest = max(args.lengths)
-    results = {}
+    results, seconds = {}, {}
     for name in ["baseline", *args.configs]:
         started = time.time()
         context = (torch.no_grad() if name == "baseline" else apply(model, load_config(name)))
@@ -56,12 +57,15 @@ def main() -> None:
             print(f"{Path(name).name:<22} {n:>4} tokens  " + "  ".join(
                 f"{kind} refused {c['refusals']}/{c['total']} degenerate {c['degenerate']} "
                 f"delayed {c['delayed_refusals']}" for kind, c in row.items()))
-        print(f"  ({time.time() - started:.0f} s)")
+        seconds[name] = round(time.time() - started, 1)
+        print(f"  ({seconds[name]:.0f} s)")
     if args.json:
         from intervene.io.files import write_json
         from intervene.io.models import versions
 
-        write_json(args.json, {"model": args.model, "every": args.every, "results": results, "versions": versions()})
+        write_json(args.json, {"model": args.model, "every": args.every, "lengths": args.lengths, "threads": args.threads,
+                               "results": results, "seconds": seconds, "versions": versions(),
+                               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_average": os.getloadavg()})
 
 
 if __name__ == "__main__":
