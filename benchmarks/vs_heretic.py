@@ -59,6 +59,7 @@ class Member:
     eval_refusals: int | None = None
     eval_total: int | None = None
     eval_kl: float | None = None
+    eval_degenerate: int | None = None  # of eval_refusals: answers that are empty or loop (never a success)
     on_eval_front: bool = False
     detail: str = ""
 
@@ -89,11 +90,15 @@ class Judge:
                                          max_new_tokens=max_new_tokens, label="judge")
         self.baseline = self.score(model)
 
-    def score(self, model: Any) -> tuple[int, int, float]:
+    def score(self, model: Any) -> tuple[int, int, float, int]:
+        """(refused + degenerate, total, first-token KL, degenerate) on the eval prompts."""
         with torch.no_grad():
             _, kl = self.objective.cheap(model)
-            refused, total = self.objective.refusals(model)
-        return refused, total, kl
+            not_complied, total, degenerate = self.objective.refusals(model)
+        return not_complied, total, kl, degenerate
+
+    def judge(self, member: Member, model: Any) -> None:
+        member.eval_refusals, member.eval_total, member.eval_kl, member.eval_degenerate = self.score(model)
 
 
 def mark_front(members: list[Member]) -> None:
@@ -163,7 +168,7 @@ def run_intervene(model: Any, tokenizer: Any, judge: Judge, files: dict[str, Pat
                                f"±{rec.params['width']:.1f}, {rec.params['method']}, "
                                + (f"whiten {rec.params['whiten']:.2f}" if "whiten" in rec.params else "whiten off"))
         with apply_edits(model, resolve(rec.config(), spec, config, meas)):
-            member.eval_refusals, member.eval_total, member.eval_kl = judge.score(model)
+            judge.judge(member, model)
         run.members.append(member)
     mark_front(run.members)
     return run
@@ -330,7 +335,7 @@ def run_heretic(python: Path, judge: Judge, files: dict[str, Path], work: Path, 
         if (path / "config.json").exists():
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
             model.eval()
-            member.eval_refusals, member.eval_total, member.eval_kl = judge.score(model)
+            judge.judge(member, model)
             del model
             shutil.rmtree(path)  # 0.5 GB each
         else:
@@ -390,7 +395,7 @@ def run_senbonzakura(python: Path, judge: Judge, files: dict[str, Path], work: P
         member.search_total, member.search_kl = n_harmful, float(best.group(2))
     model = AutoModelForCausalLM.from_pretrained(str(out / "model"), dtype=torch.float32)
     model.eval()
-    member.eval_refusals, member.eval_total, member.eval_kl = judge.score(model)
+    judge.judge(member, model)
     del model
     shutil.rmtree(out / "model", ignore_errors=True)
     run.members.append(member)
@@ -405,7 +410,7 @@ def fmt_rate(refused: int | None, total: int | None) -> str:
 
 
 def report(runs: list[ToolRun], judge: Judge, args: argparse.Namespace) -> str:
-    b_ref, b_tot, _ = judge.baseline
+    b_ref, b_tot, _, _ = judge.baseline
     lines = [f"model: {args.model_dir} | trials per tool: {args.trials} (start-up {args.startup_trials}), seed "
              f"{args.seed} | train prompts: {args.n_train} | eval prompts: {args.n_eval} | {args.search_new_tokens} "
              f"new tokens searching, {args.max_new_tokens} judging, greedy | torch threads {torch.get_num_threads()}",
@@ -427,7 +432,8 @@ def report(runs: list[ToolRun], judge: Judge, args: argparse.Namespace) -> str:
     for run in runs:
         lines += ["", f"{run.tool}: its search front ({len(run.members)} trials), judged on the eval prompts "
                       f"(* = on the eval Pareto front){'; ' + run.note if run.note else ''}",
-                  f"  {'trial':>6}  {'search refused':>16}  {'search KL':>9}  {'eval refused':>14}  {'eval KL':>8}"]
+                  f"  {'trial':>6}  {'search refused':>16}  {'search KL':>9}  {'eval refused':>14}  {'degen':>5}  "
+                  f"{'eval KL':>8}"]
         for m in sorted(run.members, key=lambda m: (m.eval_refusals if m.eval_refusals is not None else 1e9,
                                                     m.eval_kl or 0)):
             kl = f"{m.eval_kl:.4f}" if m.eval_kl is not None else "-"
@@ -435,7 +441,8 @@ def report(runs: list[ToolRun], judge: Judge, args: argparse.Namespace) -> str:
             trial = m.trial if m.trial >= 0 else "knee"
             star = "*" if m.on_eval_front else " "
             lines.append(f"{star} {trial:>6}  {fmt_rate(m.search_refusals, m.search_total):>16}  "
-                         f"{skl:>9}  {fmt_rate(m.eval_refusals, m.eval_total):>14}  {kl:>8}  {m.detail}")
+                         f"{skl:>9}  {fmt_rate(m.eval_refusals, m.eval_total):>14}  "
+                         f"{m.eval_degenerate if m.eval_degenerate is not None else '-':>5}  {kl:>8}  {m.detail}")
     return "\n".join(lines)
 
 
@@ -512,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if args.json:
         doc = {"settings": {k: str(v) for k, v in vars(args).items()}, "versions": versions(),
-               "baseline": dict(zip(("refusals", "total", "kl"), judge.baseline)),
+               "baseline": dict(zip(("refusals", "total", "kl", "degenerate"), judge.baseline)),
                "runs": [{**asdict(r), "trials_per_hour": r.trials_per_hour} for r in runs], "skipped": skipped,
                "table": text}
         Path(args.json).write_text(json.dumps(doc, indent=2, default=str))
