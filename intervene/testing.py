@@ -289,3 +289,28 @@ def saying(model: Any, tokenizer: Any, text: str) -> Any:
             handle.remove()
 
     return installed()
+
+
+# ---- shipped organism configs (the slow tests) ----------------------------------------------------
+
+def stale_layers(config: Any, fresh: "Measurements", shipped: "Measurements", min_cos: float) -> dict[int, float]:
+    """Layers (the two around each entry's fractional ``measurement``) whose shipped refusal direction has cos
+    <= ``min_cos`` with the freshly measured one: ``{layer: cos}``, empty when the shipped file is current."""
+    import math
+
+    layers = sorted({f(float(e.measurement)) for e in config.ablate for f in (math.floor, math.ceil)})
+    cos = {layer: torch.nn.functional.cosine_similarity(fresh.direction(layer), shipped.direction(layer), dim=0).item()
+           for layer in layers}
+    return {layer: c for layer, c in cos.items() if c <= min_cos}
+
+
+def score_on_eval(config: Any, model: Any, tokenizer: Any, measurements: "Measurements",
+                  max_new_tokens: int = 48) -> Any:
+    """``try`` the config on the built-in EVAL split with the given (loaded) model and measurements: the
+    evaluate report (``.harmful``, ``.harmless``, ``.baseline``, ``.kl_divergence``, ``.completions``)."""
+    from .live.tryout import prepare, try_config
+
+    prepared = prepare(config, measurements=measurements, model=model, tokenizer=tokenizer)
+    return try_config(config, measurements=measurements, harmful="builtin:harmful:eval",
+                      harmless="builtin:harmless:eval", max_new_tokens=max_new_tokens, progress=False,
+                      prepared=prepared).evaluation
