@@ -519,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if args.json:
         doc = {"settings": {k: str(v) for k, v in vars(args).items()}, "versions": versions(),
+               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_average": os.getloadavg(),
                "baseline": dict(zip(("refusals", "total", "kl", "degenerate"), judge.baseline)),
                "runs": [{**asdict(r), "trials_per_hour": r.trials_per_hour} for r in runs], "skipped": skipped,
                "table": text}
