@@ -120,15 +120,13 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.fixture(scope="module")
-def organism_measured():
+def organism_measured(organism):
     """The organism (built once if needed) and directions measured afresh on the TRAIN split."""
     from intervene.measure.collect import measure
     from intervene.io.models import load_model
-    from intervene.products.organism import build_organism
     from intervene.io.prompts import load_prompts
 
-    build_organism(progress=False)  # reused from the cache when already built
-    model, tokenizer = load_model("organism")
+    model, tokenizer = load_model(str(organism))
     fresh = measure(model, tokenizer, load_prompts("builtin:harmful:train"), load_prompts("builtin:harmless:train"),
                     progress=False)
     return model, tokenizer, fresh
