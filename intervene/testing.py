@@ -304,6 +304,19 @@ def stale_layers(config: Any, fresh: "Measurements", shipped: "Measurements", mi
     return {layer: c for layer, c in cos.items() if c <= min_cos}
 
 
+def measured_on_train(model_dir: str | os.PathLike) -> tuple[Any, Any, "Measurements"]:
+    """(model, tokenizer, measurements): the model loaded and measured afresh on the built-in TRAIN split,
+    as the shipped organism configs' measurement files were."""
+    from .io.models import load_model
+    from .io.prompts import load_prompts
+    from .measure.collect import measure
+
+    model, tokenizer = load_model(str(model_dir))
+    fresh = measure(model, tokenizer, load_prompts("builtin:harmful:train"), load_prompts("builtin:harmless:train"),
+                    progress=False)
+    return model, tokenizer, fresh
+
+
 def score_on_eval(config: Any, model: Any, tokenizer: Any, measurements: "Measurements",
                   max_new_tokens: int = 48) -> Any:
     """``try`` the config on the built-in EVAL split with the given (loaded) model and measurements: the

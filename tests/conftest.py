@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
+
+from intervene.bake.workers import torch_threads  # n torch threads for a block, restored after
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -13,18 +13,6 @@ def startup_threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

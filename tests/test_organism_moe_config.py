@@ -13,14 +13,9 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 @pytest.fixture(scope="module")
 def organism_moe_measured(organism_moe):
     """The MoE organism and directions measured afresh on the TRAIN split (as configs/organism_moe.yaml's were)."""
-    from intervene.io.models import load_model
-    from intervene.io.prompts import load_prompts
-    from intervene.measure.collect import measure
+    from intervene.testing import measured_on_train
 
-    model, tokenizer = load_model(str(organism_moe))
-    fresh = measure(model, tokenizer, load_prompts("builtin:harmful:train"), load_prompts("builtin:harmless:train"),
-                    progress=False)
-    return model, tokenizer, fresh
+    return measured_on_train(organism_moe)
 
 
 @pytest.mark.slow

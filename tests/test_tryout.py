@@ -122,14 +122,9 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 @pytest.fixture(scope="module")
 def organism_measured(organism):
     """The organism (built once if needed) and directions measured afresh on the TRAIN split."""
-    from intervene.measure.collect import measure
-    from intervene.io.models import load_model
-    from intervene.io.prompts import load_prompts
+    from intervene.testing import measured_on_train
 
-    model, tokenizer = load_model(str(organism))
-    fresh = measure(model, tokenizer, load_prompts("builtin:harmful:train"), load_prompts("builtin:harmless:train"),
-                    progress=False)
-    return model, tokenizer, fresh
+    return measured_on_train(organism)
 
 
 @pytest.mark.slow

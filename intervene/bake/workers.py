@@ -42,7 +42,7 @@ def run_jobs(jobs: list[ShardJob], headers: tuple[SafetensorsHeader, ...], worke
     try:
         if serial:
             wanted = threads if threads is not None else min(DEFAULT_THREADS, _current_threads())
-            with _torch_threads(wanted):
+            with torch_threads(wanted):
                 return [write_shard(job, header, bar.update, on_tensor) for job, header in zip(jobs, headers)]
         return _run_parallel(jobs, headers, min(workers, len(jobs)), bar.update, threads or 1, on_tensor)
     finally:
@@ -50,7 +50,7 @@ def run_jobs(jobs: list[ShardJob], headers: tuple[SafetensorsHeader, ...], worke
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     """``n`` torch threads for the block, restored after (it is process-wide state)."""
     import torch
 
