@@ -210,25 +210,43 @@ def tiny_tokenizer() -> Any:
     return tok
 
 
-class Pause:
-    """A hook that sleeps ``seconds`` whatever it is called with: the interrupt tests slow a run down
-    with it so that a signal lands mid-run every time. Picklable, so bake workers get it too."""
+class Gate:
+    """A hook that stops a run at a named point until a signal ends it: on its ``nth`` call (or, given
+    ``key``, on the first call whose first argument equals it) it writes ``paused at NAME`` to the
+    FIFO ``fifo`` and blocks in ``signal.pause()``. The interrupt tests wait for that line (a blocking
+    read, :class:`GateWatch`) before they send their signal, so the signal lands at the named point
+    however busy the machine is: nothing is timed. Picklable, so bake workers get it too (each worker
+    process counts its own calls)."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self, name: str, fifo: str, nth: int = 1, key: str | None = None) -> None:
+        self.name, self.fifo, self.nth, self.key = name, fifo, nth, key
+        self.calls = 0
 
     def __call__(self, *args: Any) -> None:
-        import time
+        import signal
 
-        time.sleep(self.seconds)
+        self.calls += 1
+        hit = (bool(args) and args[0] == self.key) if self.key is not None else self.calls == self.nth
+        if not hit:
+            return
+        fd = os.open(self.fifo, os.O_WRONLY)  # does not block: the watching test holds the read end
+        try:
+            os.write(fd, f"paused at {self.name}\n".encode())
+        finally:
+            os.close(fd)
+        while True:  # until a signal's handler raises (SIGINT) or the signal ends the process
+            signal.pause()
 
 
-def main_with_pauses(argv: list[str], *, per_tensor: float = 0.0, per_batch: float = 0.0,
-                     before_save: float = 0.0) -> int:
-    """``intervene.cli.main(argv)`` with :class:`Pause` hooks injected for the duration: after each
-    tensor a bake writes (``bake(on_tensor=...)``), after each batch ``measure`` runs
-    (``on_batch``), and between writing a measurements file and renaming it into place
-    (``save_measurements(before_publish=...)``). Run it in a subprocess: :func:`paused_cli`."""
+GATE_POINTS = ("tensor", "batch", "save")
+
+
+def main_with_gates(argv: list[str], fifo: str, **gates: int | str) -> int:
+    """``intervene.cli.main(argv)`` with :class:`Gate` hooks injected for the duration, at the points
+    named by the keywords (the value: the ``nth`` call, or a tensor key): ``tensor`` -- after a tensor a
+    bake writes (``bake(on_tensor=...)``, in worker processes too); ``batch`` -- after a batch
+    ``measure`` runs (``on_batch``); ``save`` -- between writing a measurements file and renaming it
+    into place (``save_measurements(before_publish=...)``). Run it in a subprocess: :func:`gated_cli`."""
     import functools
     from contextlib import ExitStack
     from unittest import mock
@@ -238,26 +256,107 @@ def main_with_pauses(argv: list[str], *, per_tensor: float = 0.0, per_batch: flo
     from .io import measurements
     from .measure import collect
 
+    unknown = set(gates) - set(GATE_POINTS)
+    if unknown:
+        raise ValueError(f"unknown gate point(s) {sorted(unknown)}; known: {GATE_POINTS}")
+
+    def gate(point: str) -> Gate:
+        at = gates[point]
+        return Gate(point, fifo, key=at) if isinstance(at, str) else Gate(point, fifo, nth=at)
+
     with ExitStack() as stack:
-        if per_tensor:
-            stack.enter_context(mock.patch.object(bake, "bake", functools.partial(bake.bake, on_tensor=Pause(per_tensor))))
-        if per_batch:
+        if "tensor" in gates:
+            stack.enter_context(mock.patch.object(bake, "bake", functools.partial(bake.bake, on_tensor=gate("tensor"))))
+        if "batch" in gates:
             stack.enter_context(mock.patch.object(collect, "measure",
-                                                  functools.partial(collect.measure, on_batch=Pause(per_batch))))
-        if before_save:
+                                                  functools.partial(collect.measure, on_batch=gate("batch"))))
+        if "save" in gates:
             stack.enter_context(mock.patch.object(measurements, "save_measurements", functools.partial(
-                measurements.save_measurements, before_publish=Pause(before_save))))
+                measurements.save_measurements, before_publish=gate("save"))))
         return main(argv)
 
 
-def paused_cli(argv: list[Any], **pauses: float) -> list[str]:
-    """The command line of a Python process running :func:`main_with_pauses` on ``argv`` (``pauses``
-    are its keyword arguments), in place of ``python -m intervene ARGV``."""
+def gated_cli(argv: list[Any], fifo: str | os.PathLike, **gates: int | str) -> list[str]:
+    """The command line of a Python process running :func:`main_with_gates` on ``argv`` (``gates`` are
+    its keyword arguments), in place of ``python -m intervene ARGV``."""
     import sys
 
-    code = ("import sys; from intervene.testing import main_with_pauses; "
-            f"sys.exit(main_with_pauses(sys.argv[1:], **{pauses!r}))")
+    code = ("import sys; from intervene.testing import main_with_gates; "
+            f"sys.exit(main_with_gates(sys.argv[1:], {str(fifo)!r}, **{gates!r}))")
     return [sys.executable, "-c", code, *map(str, argv)]
+
+
+class GateWatch:
+    """The test's side of :class:`Gate`: a FIFO in a private directory (``.fifo`` goes to
+    :func:`gated_cli`), held open for reading and writing so that a read waits for a gate's line
+    rather than seeing end-of-file. :meth:`wait` blocks until a process reports ``paused at NAME``,
+    or fails as soon as the process ends without reaching it. Use as a context manager."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="intervene-gate-"))
+        self.fifo = self.dir / "gate.fifo"
+        os.mkfifo(self.fifo)
+        self._read = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
+        self._keep = os.open(self.fifo, os.O_WRONLY)  # a writer always exists: no end-of-file
+        self._seen = b""
+
+    def wait(self, proc: Any, name: str, describe: Callable[[], str] = lambda: "") -> None:
+        """Block until ``paused at name`` arrives; ``proc`` (a ``subprocess.Popen``) ending first is a
+        test failure that quotes ``describe()`` (e.g. the process's stderr)."""
+        import select
+
+        marker = f"paused at {name}\n".encode()
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            while marker not in self._seen:
+                ready, _, _ = select.select([self._read, pidfd], [], [])
+                if self._read in ready:
+                    self._seen += os.read(self._read, 4096)
+                elif proc.poll() is not None:
+                    raise AssertionError(f"the run ended (rc {proc.returncode}) before it paused at {name}: "
+                                         f"{describe()}")
+        finally:
+            os.close(pidfd)
+        self._seen = self._seen.replace(marker, b"", 1)
+
+    def close(self) -> None:
+        import shutil
+
+        os.close(self._read)
+        os.close(self._keep)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "GateWatch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def wait_for_exit(pids: set[int], guard: float = 600.0) -> set[int]:
+    """Block until every process in ``pids`` has ended (pidfds: no polling); return those still alive
+    when ``guard`` seconds pass -- a hang guard only, far beyond any expected wait."""
+    import select
+    import time
+
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            continue  # already gone (and reaped)
+    try:
+        pending = set(fds)
+        end = time.monotonic() + guard
+        while pending and time.monotonic() < end:
+            ready, _, _ = select.select(list(pending), [], [], max(0.0, end - time.monotonic()))
+            pending -= set(ready)
+        return {fds[fd] for fd in pending}
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 class _SayHook:

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from intervene.cli import main
 from intervene.config.schema import parse_config
 from intervene.errors import CheckpointError
 from intervene.io.measurements import Measurements, load_measurements
-from intervene.testing import paused_cli, save_tiny, tiny_model
+from intervene.testing import GateWatch, gated_cli, save_tiny, tiny_model
 
 HIDDEN = 64
 
@@ -335,20 +334,12 @@ def test_verify_hashes_manifest_and_untouched_check(base, tmp_path):
 
 # ---- interruption -------------------------------------------------------------------------------------
 
-def _start_slow_bake(cfg: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen(paused_cli(["bake", cfg, "-o", out, "--no-progress"], per_tensor=0.05),
+def _start_stopped_bake(cfg: Path, out: Path, gate: GateWatch) -> subprocess.Popen:
+    """A bake that stops after its first tensor (written into the temporary directory) until signalled."""
+    proc = subprocess.Popen(gated_cli(["bake", cfg, "-o", out, "--no-progress"], gate.fifo, tensor=1),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def _wait_for_partial(parent: Path, out: Path, proc: subprocess.Popen, timeout: float = 60) -> Path:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        tmps = [p for p in parent.iterdir() if p.name.startswith(f".{out.name}.intervene-tmp-")]
-        if tmps and any(tmps[0].glob("*.safetensors")):
-            return tmps[0]
-        assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.05)
-    raise AssertionError("bake did not start writing in time")
+    gate.wait(proc, "tensor", describe=lambda: proc.stderr.read().decode())
+    return proc
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
@@ -357,8 +348,11 @@ def test_interrupted_bake_leaves_no_output_and_rerun_succeeds(base, tmp_path, si
     before = dir_hashes(src)
     cfg = write_config(tmp_path / "c.yaml", src, meas)
     out = tmp_path / "out"
-    proc = _start_slow_bake(cfg, out)
-    tmp = _wait_for_partial(tmp_path, out, proc)
+    with GateWatch() as gate:
+        proc = _start_stopped_bake(cfg, out, gate)
+    tmps = [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.intervene-tmp-")]
+    assert len(tmps) == 1 and any(tmps[0].glob("*.safetensors"))  # stopped mid-write
+    tmp = tmps[0]
     proc.send_signal(sig)
     rc = proc.wait(timeout=60)
     assert not out.exists()

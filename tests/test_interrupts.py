@@ -1,6 +1,8 @@
-"""Interrupted runs leave nothing that looks complete: the real CLI in a subprocess, slowed down by
-pauses injected into its hooks (:func:`intervene.testing.main_with_pauses`: ``measure(on_batch=...)``,
-``save_measurements(before_publish=...)``, ``bake(on_tensor=...)``) so the signal lands mid-run every time.
+"""Interrupted runs leave nothing that looks complete: the real CLI in a subprocess, stopped by a gate
+injected into its hooks (:func:`intervene.testing.main_with_gates`: ``measure(on_batch=...)``,
+``save_measurements(before_publish=...)``, ``bake(on_tensor=...)``) that reports "paused at X" and
+blocks; the test waits for that report (a blocking read, no timing) and only then sends the signal,
+so it lands at the named point however busy the machine is.
 
 SIGINT (Ctrl-C: sent to the whole process group) -> exit 130, one line, temporaries removed.
 SIGKILL -> at most a hidden temporary remains, never a file or directory at the final path.
@@ -9,11 +11,11 @@ is interrupted in test_bake_safety.py; here: measure, and bake with --workers.""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ import yaml
 from intervene.bake.publish import PARTIAL_MARKER, TMP_TAG
 from intervene.cli import main
 from intervene.io.measurements import Measurements, load_measurements
-from intervene.testing import paused_cli, save_tiny, tiny_model, tiny_tokenizer
+from intervene.testing import GateWatch, gated_cli, save_tiny, tiny_model, tiny_tokenizer, wait_for_exit
 
 N_PROMPTS = 3  # per set; with --batch-size 1: 6 batches
 
@@ -48,20 +50,22 @@ def base(tmp_path_factory) -> Path:
 
 # ---- helpers -----------------------------------------------------------------------------------
 
-def start(argv: list, pauses: dict[str, float], stderr: Path) -> subprocess.Popen:
-    """``intervene ...`` (with ``pauses``, see :func:`intervene.testing.main_with_pauses`) in its own
+@pytest.fixture
+def gate():
+    with GateWatch() as watch:
+        yield watch
+
+
+def start(argv: list, gate: GateWatch, stderr: Path, **gates: int | str) -> subprocess.Popen:
+    """``intervene ...`` stopped at ``gates`` (see :func:`intervene.testing.main_with_gates`) in its own
     process group (like a job in a terminal)."""
     with open(stderr, "w") as err:
-        return subprocess.Popen(paused_cli(argv, **pauses), stdout=subprocess.DEVNULL, stderr=err,
+        return subprocess.Popen(gated_cli(argv, gate.fifo, **gates), stdout=subprocess.DEVNULL, stderr=err,
                                 start_new_session=True)
 
 
-def wait_until(condition, proc: subprocess.Popen, stderr: Path, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, f"finished before the interrupt (rc {proc.returncode}): {stderr.read_text()}"
-        assert time.time() < deadline, "the run did not reach the point to interrupt in time"
-        time.sleep(0.02)
+def wait_paused(gate: GateWatch, proc: subprocess.Popen, point: str, stderr: Path) -> None:
+    gate.wait(proc, point, describe=stderr.read_text)
 
 
 def interrupt(proc: subprocess.Popen, sig: signal.Signals) -> int:
@@ -90,22 +94,9 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
-def alive(pids: set[int]) -> set[int]:
-    out = set()
-    for pid in pids:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                out.add(pid)
-        except OSError:
-            pass
-    return out
-
-
-def assert_gone(pids: set[int], timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while alive(pids) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not alive(pids), f"processes left running: {sorted(alive(pids))}"
+def assert_gone(pids: set[int]) -> None:
+    left = wait_for_exit(pids)
+    assert not left, f"processes left running: {sorted(left)}"
 
 
 def assert_one_line_interrupted(stderr: Path, verb: str) -> None:
@@ -121,14 +112,12 @@ def measure_argv(base: Path, out: Path, *extra: str) -> list:
             base / "harmless.txt", "--batch-size", "1", *extra]
 
 
-def test_measure_interrupted_between_batches_writes_nothing(base, tmp_path):
+def test_measure_interrupted_between_batches_writes_nothing(base, tmp_path, gate):
     """Ctrl-C mid-measure (a SIGKILL there is no different: nothing is written before the end)."""
     out = tmp_path / "m.safetensors"
     stderr = tmp_path / "stderr.txt"
-    proc = start(measure_argv(base, out), {"per_batch": 1.0}, stderr)
-    # the progress bar (stderr) shows at least one of the 6 batches done, so the run is mid-measure
-    done = re.compile(rf"measure:[^\r\n]*\b[1-5]/{2 * N_PROMPTS}\b")
-    wait_until(lambda: done.search(stderr.read_text()), proc, stderr)
+    proc = start(measure_argv(base, out), gate, stderr, batch=2)  # 2 of the 6 batches done: mid-measure
+    wait_paused(gate, proc, "batch", stderr)
     assert interrupt(proc, signal.SIGINT) == 130
     assert_one_line_interrupted(stderr, "measure")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stderr.txt"]  # no output, no temporary
@@ -137,7 +126,7 @@ def test_measure_interrupted_between_batches_writes_nothing(base, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_measure_interrupted_while_saving_keeps_previous_file(base, tmp_path, sig):
+def test_measure_interrupted_while_saving_keeps_previous_file(base, tmp_path, sig, gate):
     """The complete temporary file exists (the hook pauses before the rename): the previous
     measurements at the final path must survive, and what is left is named as a temporary."""
     out = tmp_path / "m.safetensors"
@@ -145,9 +134,9 @@ def test_measure_interrupted_while_saving_keeps_previous_file(base, tmp_path, si
     old.save(out)
     old_bytes = out.read_bytes()
     stderr = tmp_path / "stderr.txt"
-    proc = start(measure_argv(base, out, "--limit", "1", "--no-progress"), {"per_batch": 1.0, "before_save": 1.0},
-                 stderr)
-    wait_until(lambda: any(tmp_path.glob(".m.safetensors.*.tmp")), proc, stderr)
+    proc = start(measure_argv(base, out, "--limit", "1", "--no-progress"), gate, stderr, save=1)
+    wait_paused(gate, proc, "save", stderr)
+    assert len(list(tmp_path.glob(".m.safetensors.*.tmp"))) == 1  # written in full, not yet renamed
     rc = interrupt(proc, sig)
     assert out.read_bytes() == old_bytes
     left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("m.safetensors", "stderr.txt"))
@@ -177,19 +166,16 @@ def reference_bake(base, tmp_path_factory) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_parallel_bake_interrupted(base, reference_bake, tmp_path, sig):
+def test_parallel_bake_interrupted(base, reference_bake, tmp_path, sig, gate):
     out = tmp_path / "out"
     stderr = tmp_path / "stderr.txt"
-    proc = start(["bake", base / "c.yaml", "-o", out, "--workers", "2", "--no-progress"], {"per_tensor": 0.3},
-                 stderr)
-
-    def late() -> bool:
-        """5 of the 6 shards started: every shard job has been handed out, so a worker that
-        outlived a killed main process would find no next job to fail on and wait forever."""
-        tmps = list(tmp_path.glob(f".out{TMP_TAG}*"))
-        return bool(tmps) and len(list(tmps[0].glob("*.safetensors"))) >= 5
-
-    wait_until(late, proc, stderr)
+    # stop in the last shard: every shard job has been handed out then, so a worker that outlived a
+    # killed main process would find no next job to fail on and wait forever
+    weight_map = json.loads((base / "model" / "model.safetensors.index.json").read_text())["weight_map"]
+    last_key = min(key for key, shard in weight_map.items() if shard == max(weight_map.values()))
+    proc = start(["bake", base / "c.yaml", "-o", out, "--workers", "2", "--no-progress"], gate, stderr,
+                 tensor=last_key)
+    wait_paused(gate, proc, "tensor", stderr)
     children = descendants(proc.pid)
     tmp = tmp_path / f".out{TMP_TAG}{proc.pid}"
     assert tmp.is_dir()

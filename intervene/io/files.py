@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -60,18 +59,28 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 @contextmanager
 def atomic_directory(out: str | os.PathLike, tag: str = "tmp") -> Iterator[Path]:
     """Yields a temporary sibling directory of ``out``; when the block ends normally it replaces
-    ``out`` (an existing one is removed first), on an exception it is removed and ``out`` is kept."""
+    ``out``, on an exception (Ctrl-C included, at any instant) it is removed and ``out`` is kept.
+    An existing ``out`` is first renamed aside and removed only once the new one is in place, so an
+    interrupt between the two renames puts it back."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}.", dir=out.parent))
+    token = secrets.token_hex(8)
+    # as in atomic_write: the names are known before anything exists and the directory is created
+    # inside the try, so a Ctrl-C right after it appears (mkdtemp returns only later) removes it
+    tmp = out.parent / f".{out.name}.{tag}.{token}"
+    aside = out.parent / f".{out.name}.old.{token}"
     try:
+        os.mkdir(tmp, 0o700)
         yield tmp
         if out.exists():
-            shutil.rmtree(out)
+            os.replace(out, aside)
         os.replace(tmp, out)
     except BaseException:
+        if aside.exists() and not out.exists():
+            os.replace(aside, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = CHUNK) -> str:
