@@ -178,3 +178,29 @@ def test_unlikelihood_term_is_minus_log_one_minus_avoided_first_token_mass():
     assert float(org.response_loss(model, batch, unlikelihood=0.5)) == pytest.approx(expected, rel=1e-5)
     # without avoided tokens in the batch the term is absent
     assert "avoid" not in org._collate(examples[1:2], pad_id=0, first_token_weight=5.0)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_build_runs_on_the_recipe_thread_count_whatever_the_callers(monkeypatch, tmp_path, kind):
+    """The build's arithmetic sees ``Recipe.threads`` torch threads (CPU kernels split sums by thread count:
+    a caller on 1 thread and one on 2 must build the same bits), and the caller's count is restored."""
+    from intervene.bake.workers import torch_threads
+    from intervene.products import organism_moe as moe
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def train(*_args, **_kwargs):
+        seen.append(torch.get_num_threads())
+        raise Stop
+
+    module, recipe = (org, org.Recipe(threads=3)) if kind == "dense" else (moe, moe.MoeRecipe(train=org.Recipe(threads=3)))
+    monkeypatch.setattr(module, "train_organism" if kind == "dense" else "train_moe_organism", train)
+    with torch_threads(1):
+        with pytest.raises(Stop):
+            module._train_and_save(tmp_path, recipe, progress=False)
+        assert torch.get_num_threads() == 1
+    assert seen == [3]
+    assert org.fingerprint(org.Recipe(threads=3)) != org.fingerprint(org.Recipe())  # part of what the cache keys on

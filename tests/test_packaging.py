@@ -91,3 +91,48 @@ def test_pip_install_over_another_torch_keeps_it(tmp_path):
     (pinned / "intervene").mkdir()
     (pinned / "intervene" / "__init__.py").write_text("")
     assert "torch" in _dry_run_installs(venv, pinned)
+
+
+# ---- the pinned environment (constraints.txt, scripts/setup.sh) ----------------------------------------
+
+def _check_constraints():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_constraints", ROOT / "scripts" / "check_constraints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_constraints_pin_every_package_exactly_and_setup_uses_them():
+    check = _check_constraints()
+    pinned = check.read_constraints(ROOT / "constraints.txt")
+    assert {"transformers", "accelerate", "safetensors", "peft", "optuna", "pytest", "pip"} <= set(pinned)
+    assert "torch" not in pinned and "intervene" not in pinned  # setup.sh pins torch; intervene is the checkout
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "CONSTRAINTS=${CONSTRAINTS-constraints.txt}" in setup and "check_constraints.py" in setup
+    assert setup.count('"${PINNED[@]}"') == 5  # every pip install in it is constrained
+
+
+def test_check_constraints_reports_every_kind_of_difference(tmp_path):
+    check = _check_constraints()
+    path = tmp_path / "c.txt"
+    path.write_text("# comment\nFoo_Bar==1.0  # trailing\nbaz==2.0\nqux==3.0\n")
+    pinned = check.read_constraints(path)
+    assert pinned == {"foo-bar": "1.0", "baz": "2.0", "qux": "3.0"}
+    have = {"foo-bar": "1.0", "baz": "2.1", "extra": "0.1", "torch": "9.9+cpu", "intervene": "0.1.0"}
+    assert check.differences(pinned, have) == [
+        "baz: 2.1 installed, constraints say 2.0",
+        "extra 0.1 is installed but not in the constraints",
+        "qux==3.0 is in the constraints but not installed",
+    ]
+    assert check.differences({"a": "1.0"}, {"a": "1.0+cpu"}) == []
+    path.write_text("foo>=1\n")
+    with pytest.raises(SystemExit, match="not a 'name==version' line"):
+        check.read_constraints(path)
+
+
+def test_this_environment_matches_the_constraints():
+    """The suite runs in the environment setup.sh made: exactly the pinned versions."""
+    check = _check_constraints()
+    assert check.differences(check.read_constraints(ROOT / "constraints.txt"), check.installed()) == []

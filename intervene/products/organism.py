@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from ..bake.workers import torch_threads
 from ..errors import InputError
 from ..io.files import atomic_directory, sha256_file, write_json
 from ..io.sources import ORGANISM_NAME, organism_dir
@@ -71,6 +72,10 @@ class Recipe:
     harmless_unlikelihood: float = 0.3
     eval_max_new_tokens: int = 48
     refusals: tuple[str, ...] = field(default=REFUSALS)
+    # torch threads the build runs on, whatever the caller's count: CPU kernels split their sums by thread
+    # count, so builds on 1 and 2 threads differed (MoE organism: other bits, other refusal counts). Fixed,
+    # a build gives the same bits for any caller on the same kind of CPU (README: two builds, one sha256).
+    threads: int = 2
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -224,7 +229,7 @@ def evaluate_organism(model: Any, tokenizer: Any, max_new_tokens: int = 48, batc
 
 def _train_and_save(tmp: Path, recipe: Recipe, progress: bool, device: str | None = None) -> dict[str, Any]:
     start = time.time()
-    with deterministic_algorithms():
+    with deterministic_algorithms(), torch_threads(recipe.threads):
         trained = train_organism(recipe, progress, device)
         evaluation = evaluate_organism(trained.model, trained.tokenizer, recipe.eval_max_new_tokens,
                                        recipe.batch_size, progress)

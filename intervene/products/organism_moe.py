@@ -41,6 +41,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from ..bake.workers import torch_threads
 from ..io.sources import ORGANISM_MOE_NAME, organism_moe_dir
 from .organism import (RECIPE_VERSION, Recipe, Trained, _fine_tune, build_cached, deterministic_algorithms,
                        evaluate_organism, save_build, training_examples)
@@ -493,7 +494,7 @@ def _train_and_save(tmp: Path, recipe: MoeRecipe, progress: bool, device: str | 
     from ..io.prompts import builtin
 
     start = time.time()
-    with deterministic_algorithms():
+    with deterministic_algorithms(), torch_threads(recipe.train.threads):
         trained = train_moe_organism(recipe, progress, device)
         evaluation = evaluate_organism(trained.model, trained.tokenizer, recipe.train.eval_max_new_tokens,
                                        recipe.train.batch_size, progress)
