@@ -33,7 +33,7 @@ def test_moe_organism_config_removes_refusals_and_bakes_as_live(tmp_path, organi
     model, tokenizer, fresh = organism_moe_measured
     cfg = load_config(CONFIGS / "organism_moe.yaml")
     # the shipped file is still current; not bytes: two builds of the organism (1 vs 2 torch threads) gave
-    # cos 0.9967 at layer 22 (README)
+    # cos 0.9967 at layer 22 (docs/organisms.md)
     stale = stale_layers(cfg, fresh, load_measurements(cfg.measurements), min_cos=0.99)
     assert not stale, f"configs/organism_moe.measurements.safetensors is stale (layer: cos) {stale}"
     report = score_on_eval(cfg, model, tokenizer, fresh)

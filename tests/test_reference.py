@@ -397,7 +397,7 @@ def test_quantized_load_without_bitsandbytes_is_one_line(tiny_llama, tmp_path, c
 
 
 def test_measure_in_4bit_runs_and_is_close_to_float32(tiny_llama, tmp_path):
-    """bitsandbytes >= 0.45 has a CPU backend: what runs here is run here (a GPU run is in the README)."""
+    """bitsandbytes >= 0.45 has a CPU backend: what runs here is run here (a GPU run is in docs/from-llm-abliteration.md)."""
     pytest.importorskip("bitsandbytes")
     outs = {}
     for name, flags in (("q", ["--load-in-4bit"]), ("f", [])):

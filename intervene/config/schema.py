@@ -1,7 +1,7 @@
 """The intervention config (YAML): its schema, parsed and checked on its own (no model needed) into
 :class:`InterventionConfig`; unknown keys and bad values are a :class:`~intervene.errors.ConfigError`
 naming the key and what is valid. Checking against a model and expanding to edits is
-:mod:`intervene.config.resolve`; the annotated schema is in the README ("Config (YAML)")."""
+:mod:`intervene.config.resolve`; the annotated schema is in docs/config.md."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ ExpertsImpl = Literal["eager", "batched_mm", "grouped_mm"]
 @dataclass(frozen=True)
 class MoeRecipe:
     # the top 20 layers: the 12 MoE layers and dense layers 10-17. With the top 14 the organism refused
-    # 56/68 eval harmful prompts (harmful weight 3, 4 or 5, or a 4th epoch: 55-56); with 20, 59/68 (README)
+    # 56/68 eval harmful prompts (harmful weight 3, 4 or 5, or a 4th epoch: 55-56); with 20, 59/68 (docs/organisms.md)
     train: Recipe = field(default_factory=lambda: Recipe(trainable_top_layers=20, epochs=3))
     dense_layers: int = 18  # first_k_dense_replace: layers 0..17 dense, 18..29 MoE
     routed_experts: int = 8
