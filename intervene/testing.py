@@ -256,6 +256,11 @@ def main_with_gates(argv: list[str], fifo: str, **gates: int | str) -> int:
     from .io import measurements
     from .measure import collect
 
+    import signal
+
+    # Ctrl-C must raise here however the test runner was started: a shell starts background jobs
+    # with SIGINT ignored, and Python then installs no handler of its own (the gate would never end)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     unknown = set(gates) - set(GATE_POINTS)
     if unknown:
         raise ValueError(f"unknown gate point(s) {sorted(unknown)}; known: {GATE_POINTS}")
