@@ -9,6 +9,11 @@ builds the gpt-oss case H == I where only the architecture table can tell the ax
 from __future__ import annotations
 
 import os
+import select
+import shutil
+import signal
+import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -223,8 +228,6 @@ class Gate:
         self.calls = 0
 
     def __call__(self, *args: Any) -> None:
-        import signal
-
         self.calls += 1
         hit = (bool(args) and args[0] == self.key) if self.key is not None else self.calls == self.nth
         if not hit:
@@ -255,8 +258,6 @@ def main_with_gates(argv: list[str], fifo: str, **gates: int | str) -> int:
     from .cli import main
     from .io import measurements
     from .measure import collect
-
-    import signal
 
     # Ctrl-C must raise here however the test runner was started: a shell starts background jobs
     # with SIGINT ignored, and Python then installs no handler of its own (the gate would never end)
@@ -298,8 +299,6 @@ class GateWatch:
     or fails as soon as the process ends without reaching it. Use as a context manager."""
 
     def __init__(self) -> None:
-        import tempfile
-
         self.dir = Path(tempfile.mkdtemp(prefix="intervene-gate-"))
         self.fifo = self.dir / "gate.fifo"
         os.mkfifo(self.fifo)
@@ -310,8 +309,6 @@ class GateWatch:
     def wait(self, proc: Any, name: str, describe: Callable[[], str] = lambda: "") -> None:
         """Block until ``paused at name`` arrives; ``proc`` (a ``subprocess.Popen``) ending first is a
         test failure that quotes ``describe()`` (e.g. the process's stderr)."""
-        import select
-
         marker = f"paused at {name}\n".encode()
         pidfd = os.pidfd_open(proc.pid)
         try:
@@ -327,8 +324,6 @@ class GateWatch:
         self._seen = self._seen.replace(marker, b"", 1)
 
     def close(self) -> None:
-        import shutil
-
         os.close(self._read)
         os.close(self._keep)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -343,9 +338,6 @@ class GateWatch:
 def wait_for_exit(pids: set[int], guard: float = 600.0) -> set[int]:
     """Block until every process in ``pids`` has ended (pidfds: no polling); return those still alive
     when ``guard`` seconds pass -- a hang guard only, far beyond any expected wait."""
-    import select
-    import time
-
     fds = {}
     for pid in pids:
         try:

@@ -32,6 +32,14 @@ def siblings(path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir())
 
 
+def previous_output(tmp_path):
+    """``tmp_path/out`` holding the previous run's ``old.txt``."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    return out
+
+
 def test_atomic_directory_publishes_and_replaces(tmp_path):
     out = tmp_path / "out"
     with atomic_directory(out) as tmp:
@@ -54,9 +62,7 @@ def test_atomic_directory_ctrl_c_right_after_mkdir_leaves_nothing(tmp_path, monk
 
 
 def test_atomic_directory_ctrl_c_in_block_keeps_previous(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    out = previous_output(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         with atomic_directory(out) as tmp:
             (tmp / "new.txt").write_text("half")
@@ -67,9 +73,7 @@ def test_atomic_directory_ctrl_c_in_block_keeps_previous(tmp_path):
 def test_atomic_directory_ctrl_c_between_the_renames_keeps_previous(tmp_path, monkeypatch):
     """The previous directory has been moved aside, the new one not yet moved in: the previous one
     must come back (the old code removed it before the rename: an interrupt there lost it)."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    out = previous_output(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         with atomic_directory(out) as tmp:
             (tmp / "new.txt").write_text("new")

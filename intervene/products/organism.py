@@ -74,7 +74,7 @@ class Recipe:
     refusals: tuple[str, ...] = field(default=REFUSALS)
     # torch threads the build runs on, whatever the caller's count: CPU kernels split their sums by thread
     # count, so builds on 1 and 2 threads differed (MoE organism: other bits, other refusal counts). Fixed,
-    # a build gives the same bits for any caller on the same kind of CPU (README: two builds, one sha256).
+    # the caller's count no longer enters the build (equal sha256 from a 1- and a 2-thread caller: not yet shown).
     threads: int = 2
 
 
