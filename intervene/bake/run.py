@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..config.reference import load_any_config
 from ..config.schema import InterventionConfig
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from ..io.measurements import Measurements, measurements_for
 from .outputs import MANIFEST, check_untouched, shard_metadata, write_manifest, write_side_files
 from .plan import BakePlan, plan_bake, resolve_source
@@ -26,6 +26,7 @@ from .writer import ShardJob, TensorHook
 
 if TYPE_CHECKING:
     from .dequantize import Dequantize
+    from .gguf_export import GGUFExport
 
 
 @dataclass
@@ -40,6 +41,7 @@ class BakeResult:
     manifest: Path | None = None
     untouched_checked: int = 0  # --verify-hashes: untouched tensors compared with the input
     not_copied: list[str] = field(default_factory=list)  # weight files in other formats, left out
+    gguf: GGUFExport | None = None  # bake --gguf: the GGUF written into the output, and its check
 
     @property
     def throughput(self) -> float:
@@ -57,6 +59,8 @@ class BakeResult:
             lines.append(f"{MANIFEST} written; {self.untouched_checked} untouched tensors byte-identical to the input")
         if self.not_copied:
             lines.append(f"not copied (weights in another format, not edited): {', '.join(self.not_copied)}")
+        if self.gguf:
+            lines.append(self.gguf.summary())
         return "\n".join(lines)
 
 
@@ -64,7 +68,8 @@ def bake(config: InterventionConfig | str | os.PathLike, output: str | os.PathLi
          overwrite: bool = False, dry_run: bool = False, workers: int = 1, progress: bool = True,
          verify_hashes: bool = False, *, model: str | os.PathLike | None = None,
          measurements: Measurements | str | os.PathLike | None = None, threads: int | None = None,
-         on_tensor: TensorHook | None = None, dequantize: Dequantize | None = None) -> BakeResult:
+         on_tensor: TensorHook | None = None, dequantize: Dequantize | None = None,
+         gguf: str | None = None) -> BakeResult:
     """Bake ``config`` into a new checkpoint at ``output`` (default: the config's ``output``).
 
     ``model`` / ``measurements`` override the config's entries. Returns what was done; with
@@ -73,12 +78,17 @@ def bake(config: InterventionConfig | str | os.PathLike, output: str | os.PathLi
     ``workers > 1``) — 1 is best on a machine whose cores are busy with other work. ``on_tensor(key)``
     runs after each tensor is written, in worker processes too (picklable, then). ``dequantize``
     (``"edited"`` or ``"all"``): a FP8 / MXFP4 checkpoint's edited (or all) quantized tensors are
-    dequantized to bf16 first (:mod:`.dequantize`).
+    dequantized to bf16 first (:mod:`.dequantize`). ``gguf`` (a type, e.g. ``"f16"``): the output is also
+    converted to ``<output>/<name>-<type>.gguf`` and checked (:mod:`.gguf_export`); its refusals run first.
     """
     cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model=model)
     source = resolve_source(model if model is not None else cfg.model)
     meas = measurements_for(measurements, cfg.measurements, cfg.source)
     out = output if output is not None else cfg.output
+    if gguf is not None:
+        from .gguf_export import preflight
+
+        preflight(Path(source), gguf)  # type, converter, architecture: before anything is written
     if dequantize is not None:
         from .dequantize import dequantized_copy, keys_to_dequantize
 
@@ -88,8 +98,8 @@ def bake(config: InterventionConfig | str | os.PathLike, output: str | os.PathLi
         check_output(source, Path(out), overwrite)
         with dequantized_copy(cfg, Path(source), meas, dequantize, Path(os.path.abspath(out))) as copy:
             plan = plan_bake(cfg, copy, meas)
-            return execute(plan, Path(out), overwrite=overwrite, workers=workers, progress=progress,
-                           verify_hashes=verify_hashes, threads=threads, on_tensor=on_tensor)
+            return _with_gguf(execute(plan, Path(out), overwrite=overwrite, workers=workers, progress=progress,
+                                      verify_hashes=verify_hashes, threads=threads, on_tensor=on_tensor), gguf)
     plan = plan_bake(cfg, source, meas)
     if dry_run:
         if out is not None:
@@ -98,8 +108,23 @@ def bake(config: InterventionConfig | str | os.PathLike, output: str | os.PathLi
                           bytes_edited=plan.edited_bytes, tensors_edited=len(plan.edits))
     if out is None:
         raise InputError("no output directory: pass --output DIR or set 'output' in the config")
-    return execute(plan, Path(out), overwrite=overwrite, workers=workers, progress=progress,
-                   verify_hashes=verify_hashes, threads=threads, on_tensor=on_tensor)
+    return _with_gguf(execute(plan, Path(out), overwrite=overwrite, workers=workers, progress=progress,
+                              verify_hashes=verify_hashes, threads=threads, on_tensor=on_tensor), gguf)
+
+
+def _with_gguf(result: BakeResult, gguf: str | None) -> BakeResult:
+    """``bake --gguf``: the published bake converted and checked (a failure leaves the bake complete, no GGUF)."""
+    if gguf is None or result.output is None:
+        return result
+    from .gguf_export import baked_gguf_path, export_gguf
+
+    try:
+        result.gguf = export_gguf(result.output, baked_gguf_path(result.output, gguf), gguf)
+    except InputError as e:
+        raise InputError(f"baked {result.output}, but no GGUF: {e}") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"baked {result.output}, but no GGUF: {e}") from None
+    return result
 
 
 def execute(plan: BakePlan, output: Path, overwrite: bool = False, workers: int = 1, progress: bool = True,

@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "and are listed in quantization_config.modules_to_not_convert) or every quantized tensor "
                         "('all': quantization_config removed) to bf16; a dequantized copy is streamed to a hidden "
                         "sibling of the output first (disk: one more checkpoint), memory stays one tensor")
+    p.add_argument("--gguf", nargs="?", const="f16", default=None, metavar="TYPE",
+                   help="also convert the bake to OUTPUT/<name>-TYPE.gguf (f32, f16, bf16, q8_0; default f16) with "
+                        "llama.cpp's converter and check it, as `intervene export-gguf` does; its refusals (type, "
+                        "architecture, converter missing) come before anything is written")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan (dry run) or result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_reference_options(p)
@@ -53,16 +57,21 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_cli_config(args)
     if args.lora:
+        if args.gguf is not None:
+            from ..errors import InputError
+
+            raise InputError("--gguf converts a full checkpoint; it does not apply to --lora adapters")
         return _run_lora(args, cfg)
     result = bake(cfg, output=args.output, overwrite=args.overwrite, dry_run=args.dry_run,
                   workers=args.workers, progress=not args.no_progress, verify_hashes=args.verify_hashes,
                   model=args.model, measurements=args.measurements, threads=args.threads,
-                  dequantize=args.dequantize)
+                  dequantize=args.dequantize, gguf=args.gguf)
     print(result.summary())
     if args.json:
         data = {"dry_run": result.dry_run, "output": str(result.output) if result.output else None,
                 "plan": result.plan.rows(), "bytes_total": result.bytes_total, "bytes_edited": result.bytes_edited,
-                "tensors_edited": result.tensors_edited, "seconds": result.seconds}
+                "tensors_edited": result.tensors_edited, "seconds": result.seconds,
+                "gguf": result.gguf.to_dict() if result.gguf else None}
         write_json(args.json, data)
     if not result.dry_run:
         print(f"next: intervene verify {args.config} {result.output}{reference_flags(args)}")
