@@ -288,3 +288,23 @@ def test_cli_attribution_refuses_a_file_without_it(tmp_path, capsys):
     synthetic(expert_write=3.0, attention_write=1.0).save(path)
     assert main(["analyze", str(path), "--attribution-layer", "5"]) == 2
     assert "--attribution-layer 5: no attribution at that layer" in capsys.readouterr().err
+
+
+# ---- the real MoE organism (slow) ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_moe_organism_is_in_the_residual_regime(organism_moe):
+    """organism-moe: attention alone takes refusals 60/68 -> 15/68, router input and expert deactivation do
+    nothing (docs/moe.md): the attribution must say the routed experts carry little, and the recommended
+    config leaves them out."""
+    from intervene.io.models import load_model
+    from intervene.io.prompts import builtin
+
+    model, tok = load_model(str(organism_moe))
+    harmful, harmless = builtin("harmful", "train"), builtin("harmless", "train")
+    meas = measure(model, tok, harmful, harmless, batch_size=16, progress=False, whiten_rank=0)
+    report = analyze(meas)
+    attrib = report.attribution
+    assert attrib.regime == "residual", attrib.table()
+    cfg = recommend(meas, report=report)
+    assert "experts" not in cfg.targets and not cfg.router_bias
