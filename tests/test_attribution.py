@@ -212,20 +212,24 @@ def test_planted_experts_are_recovered_streamed(arch, tmp_path):
 
 # ---- regime and the recommendation (hand-built measurements) ------------------------------------
 
-def synthetic(expert_write: float, attention_write: float) -> Measurements:
-    """Two layers of a 4-expert, top-1 model; layer 1's direction is e0 and its expert 2 writes
-    ``expert_write`` along it on harmful prompts, its attention ``attention_write``."""
-    H, E = 4, 4
+def synthetic(expert_write: float, attention_write: float, hidden: int = 4) -> Measurements:
+    """Two MoE layers of a 4-expert, top-1 model; each layer's direction is e0, its expert 2 writes
+    ``expert_write`` along it on harmful prompts, its attention ``attention_write`` + 0.1."""
+    H, E = hidden, 4
+
+    def vec(*xs: float) -> torch.Tensor:
+        return torch.cat([torch.tensor(xs), torch.zeros(H - len(xs))])
+
     t: dict[str, torch.Tensor] = {}
     for layer in range(2):
-        m = torch.tensor([1.0, 0.0, 0.0, 1.0])
-        h = m + torch.tensor([expert_write + attention_write + 0.1 * (layer + 1), 0.0, 0.0, 0.0])
+        m = vec(1.0, 0.0, 0.0, 1.0)
+        h = m + vec(expert_write + attention_write + 0.1 * (layer + 1))
         t[f"harmful_mean.{layer}"], t[f"harmless_mean.{layer}"], t[f"direction.{layer}"] = h, m, h - m
         for s in ("harmful", "harmless"):
             t[attribution_key(s, "attention", layer)] = torch.zeros(H)
             t[attribution_key(s, "experts", layer)] = torch.zeros(E, H)
             t[attribution_key(s, "routing", layer)] = torch.tensor([0.5, 0.0, 0.0, 0.5])
-        t[attribution_key("harmful", "attention", layer)] = torch.tensor([attention_write + 0.1, 0, 0, 0])
+        t[attribution_key("harmful", "attention", layer)] = vec(attention_write + 0.1)
         t[attribution_key("harmful", "experts", layer)][2, 0] = expert_write
         t[attribution_key("harmful", "routing", layer)] = torch.tensor([0.5, 0.0, 0.5, 0.0])
     meta = {"model_type": "qwen3_moe", "num_layers": 2, "num_experts": E, "top_k": 1, "moe_layers": [0, 1]}
@@ -308,3 +312,63 @@ def test_moe_organism_is_in_the_residual_regime(organism_moe):
     assert attrib.regime == "residual", attrib.table()
     cfg = recommend(meas, report=report)
     assert "experts" not in cfg.targets and not cfg.router_bias
+
+
+# ---- search: expert dimensions only where they matter, the first trial from the diagnosis -------
+
+def test_search_space_and_seed_follow_the_regime(tmp_path):
+    from intervene.arch import get_arch
+    from intervene.search.space import SearchSpace, seed_params
+    from intervene.search.study import SearchSettings, run_search
+    from types import SimpleNamespace
+
+    spec = get_arch("qwen3_moe")
+    config = SimpleNamespace(num_hidden_layers=2, num_experts=4, num_experts_per_tok=1, decoder_sparse_step=1,
+                             mlp_only_layers=[])
+    meas = synthetic(expert_write=0.1, attention_write=3.0, hidden=64)
+    residual = SearchSpace.default(spec, config, meas, regime="residual", direction_range=(0.0, 1.0))
+    experts = SearchSpace.default(spec, config, meas, regime="experts", direction_range=(0.0, 1.0))
+    assert "experts" not in residual.targets and "experts" in experts.targets
+    assert SearchSpace.default(spec, config, meas, regime="residual", targets=["experts"]).targets == ("experts",)
+    cfg = recommend(meas)
+    seed = seed_params(residual, cfg)
+    layers = cfg.ablate[0].layers
+    assert seed["direction"] == float(cfg.ablate[0].measurement)
+    assert seed["center"] == pytest.approx(residual.center.low if (layers[0] + layers[-1]) / 2 < residual.center.low
+                                           else (layers[0] + layers[-1]) / 2)
+    assert seed["attention.max"] == 1.0 and seed["attention.min"] == 1.0 and seed["method"] == "project"
+    assert seed["router"] is False and "experts.max" not in seed
+    # the seed is the study's first trial, and the config it emits edits what the recommendation edits
+    model = tiny_model("qwen3_moe", num_experts=4, num_experts_per_tok=1)
+    objective = _LogitObjective(model)
+    space = SearchSpace.default(arch_for_config(model.config), text_config(model.config), meas, regime="residual",
+                                direction_range=(0.0, 1.0))
+    result = run_search(model, meas, space, objective, tmp_path, SearchSettings(trials=2, seed=0, full_eval_top=0),
+                        progress=False, seeds=[seed_params(space, cfg)])
+    first = result.records[0]
+    assert first.number == 0 and all(first.params[k] == v for k, v in seed_params(space, cfg).items())
+    emitted = space.to_config(first.params)
+    assert emitted.targets == ["attention"] and not emitted.router_bias  # qwen3_moe, every layer MoE
+    assert residual.targets == ("attention",) and experts.targets == ("attention", "experts")
+
+
+class _LogitObjective:
+    """A model-only objective (no tokenizer): mean last-token logit of token 0, and KL to the baseline."""
+
+    def __init__(self, model):
+        self.ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+        self.base = self._lp(model)
+
+    def _lp(self, model) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(model(input_ids=self.ids).logits[:, -1].float(), -1)
+
+    def cheap(self, model):
+        lp = self._lp(model)
+        return float(lp[:, 0].exp().mean()), float((self.base.exp() * (self.base - lp)).sum(-1).mean())
+
+    def refusals(self, model):
+        return None
+
+    def describe(self):
+        return {"logit": True}
