@@ -13,7 +13,7 @@ import torch
 from intervene import maths
 from intervene.arch import arch_for_config, decoder_layers, get_module, text_config
 from intervene.cli import main
-from intervene.hooks.capture import capture, router_site
+from intervene.hooks.capture import capture, capture_sites, router_site
 from intervene.io.measurements import Measurements, attribution_key, load_measurements
 from intervene.io.models import batches, encode, format_prompts
 from intervene.measure.analyze import analyze, recommend
@@ -70,7 +70,8 @@ def hidden_means(model, tok, prompts: list[str]) -> dict[int, torch.Tensor]:
     return {i: s / len(prompts) for i, s in sums.items()}
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss", "llama4", "granitemoe", "glm4_moe", "gemma3", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss", "llama4", "granitemoe", "glm4_moe", "qwen3_next", "gemma3",
+                                  "llama"])
 def test_attribution_adds_up_to_the_residual_change(arch):
     model, tok = tiny_model(arch), tiny_tokenizer()
     meas = measure(model, tok, HARMFUL, HARMLESS, batch_size=BATCH, progress=False, whiten_rank=0)
@@ -95,6 +96,15 @@ def test_attribution_adds_up_to_the_residual_change(arch):
         assert abs(total - change) <= 1e-5 * max(1.0, abs(change)), (layer, total, change)
     for split in attrib.routing:
         assert abs(split.routing + split.compute - split.experts) <= 1e-9
+    # the sites capture_sites lists are the ones capture records
+    with torch.no_grad(), capture(model, writes=True, router=False) as acts:
+        model(**encode(tok, format_prompts(tok, HARMFUL[:2])))
+    assert set(acts.keys()) == set(capture_sites(model, writes=True, router=False))
+    experts = [k for k in acts.keys() if k.endswith("writes.experts")]
+    for key in experts:  # [B, E, H], zero on the experts not chosen: top-k non-zero rows per prompt
+        rows = acts[key]
+        assert rows.shape == (2, spec.num_experts(model.config), 64)
+        assert ((rows.abs().sum(-1) > 0).sum(-1) <= spec.top_k(text_config(model.config))).all()
         assert split.experts == pytest.approx(attrib.total(split.layer, "expert"), abs=1e-9)
 
 
