@@ -34,7 +34,10 @@ Recommendation rule (:func:`recommend`), kept simple on purpose:
    removed where it is being formed and everywhere downstream, where later layers could
    otherwise write it back;
 3. one ``ablate`` entry: method ``project``, biprojection on, scale 1.0, sparsity 0.0, every
-   write-side target the architecture has.
+   write-side target the architecture has;
+4. on MoE files with an attribution (``intervene.measure.attribution``), its regime decides the routed
+   experts (:func:`follow_regime`): ``residual`` leaves the ``experts`` target out, ``mixed`` keeps it,
+   ``experts`` keeps it and adds ``router_bias`` -inf on the experts that carry the direction.
 """
 
 from __future__ import annotations
