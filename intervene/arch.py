@@ -34,6 +34,13 @@ SelectionBias = Literal["correction_bias", "router_bias", "logits"]
 # how a router turns logits into (weights, indices): needed to re-choose from biased logits live
 RouterChoice = Literal["softmax_topk", "softmax_topk_renorm", "deepseek_v2", "llama4", "own"]
 ExpertLayout = Literal["EHI", "EIH"]  # fused in-memory experts: down [E,H,I] / gate_up [E,2I,H], or the reverse
+# how the MoE block calls its experts module (what a per-expert capture needs, hooks.capture writes=True):
+#   topk         experts(hidden [T,H], top_k_index [T,k], top_k_weights [T,k]) -> [T,H], the routing-weighted
+#                sum of the chosen experts (their biases included); called with one slot it gives that expert's
+#                gated output;
+#   all_experts  experts(every expert's input stacked [E*T,H], already scaled by its router score) -> [E*T,H],
+#                expert e's output in rows e*T:(e+1)*T (Llama4; the router's scores [T,E] are its first output)
+ExpertsCall = Literal["topk", "all_experts"]
 
 WRITE_TARGETS: tuple[Target, ...] = ("attention", "mlp", "experts", "shared_experts")
 READ_TARGETS: tuple[Target, ...] = ("router", "expert_inputs", "routed_expert_inputs")
@@ -134,6 +141,9 @@ class ArchSpec:
     selection_bias: SelectionBias | None = None
     selection_bias_tensor: str | None = None
     router_choice: RouterChoice = "own"  # "logits" kind: how the router chooses from its logits
+    experts_call: ExpertsCall = "topk"  # see ExpertsCall
+    # config attribute scaling every block's write before the residual add (granitemoe: residual_multiplier)
+    residual_multiplier_attr: str | None = None
     notes: str = ""
 
     # ---- layer structure -------------------------------------------------------------
@@ -154,6 +164,12 @@ class ArchSpec:
         if self.dense_leading_attr is None:
             return 0
         return int(getattr(config, self.dense_leading_attr, 0) or 0)
+
+    def residual_multiplier(self, config: Any) -> float:
+        """The scalar each block's output is multiplied by before it is added to the residual (1.0 for most)."""
+        if self.residual_multiplier_attr is None:
+            return 1.0
+        return float(getattr(config, self.residual_multiplier_attr))
 
     def attention_out(self, config: Any, layer: int) -> str:
         """The module whose output is the attention block's write to the residual at ``layer``."""
@@ -450,6 +466,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec(
         "granitemoe", ("granitemoe",), is_moe=True, mlp_block="block_sparse_moe", router="block_sparse_moe.router",
         experts="block_sparse_moe.experts", expert_layout="EHI", num_experts_attr="num_local_experts",
+        residual_multiplier_attr="residual_multiplier",
         disk_aliases=(("block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight"),
                       ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight"),
                       ("block_sparse_moe.router.weight", "block_sparse_moe.router.layer.weight")),
@@ -491,7 +508,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec(
         "llama4", ("llama4_text",), is_moe=True, mlp_block="feed_forward", router="feed_forward.router",
         router_output="llama4", experts="feed_forward.experts", expert_layout="EIH",
-        selection_bias="logits", router_choice="llama4",
+        selection_bias="logits", router_choice="llama4", experts_call="all_experts",
         shared_expert="feed_forward.shared_expert", moe_block_returns_tuple=True,
         num_experts_attr="num_local_experts", moe_layer_rule=_llama4_rule,
         notes="fused on disk; down_proj [E,I,H]; router score scales the expert input",

@@ -207,3 +207,33 @@ def add_selection_bias(t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     one arithmetic of a router_bias, live (weight swap) and baked. ``-inf`` survives every cast."""
     work = torch.float64 if t.dtype == torch.float64 else torch.float32
     return (t.to(work) + bias.to(device=t.device, dtype=work)).to(t.dtype)
+
+
+def routing_split(harmful_gated: torch.Tensor, harmless_gated: torch.Tensor, harmful_weight: torch.Tensor,
+                  harmless_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the routed experts' write difference ``g_h − g_m`` into *which experts are chosen* and
+    *what the chosen experts compute*, per expert (float64).
+
+    ``*_gated [E, ...]``: each expert's mean gated output over a prompt set (routing weight multiplied in,
+    0 where not chosen); ``*_weight [E]``: its mean routing weight ρ. ``u = g / ρ`` is the expert's mean
+    output per unit of routing weight (where ρ = 0 in one set, the other set's u; 0 where both are 0).
+
+    * ``compute = ρ_m · (u_h − u_m)``: the harmful prompts' expert outputs weighted with the harmless
+      routing, minus the harmless write: what changes when only the experts' outputs change;
+    * ``routing = (g_h − g_m) − compute`` (= ``(ρ_h − ρ_m) · u_h``): what changes with the routing.
+
+    Returns ``(routing, compute)``, each shaped like ``harmful_gated``; they add up to ``g_h − g_m`` exactly."""
+    if harmful_gated.shape != harmless_gated.shape or harmful_weight.shape != harmless_weight.shape \
+            or harmful_weight.ndim != 1 or harmful_gated.shape[0] != harmful_weight.shape[0]:
+        raise ValueError(f"routing_split needs gated [E, ...] and weights [E] of one E, got "
+                         f"{tuple(harmful_gated.shape)}, {tuple(harmless_gated.shape)}, "
+                         f"{tuple(harmful_weight.shape)}, {tuple(harmless_weight.shape)}")
+    g_h, g_m = harmful_gated.detach().to(torch.float64), harmless_gated.detach().to(torch.float64)
+    extra = (1,) * (g_h.ndim - 1)
+    rho_h = harmful_weight.detach().to(torch.float64).reshape(-1, *extra)
+    rho_m = harmless_weight.detach().to(torch.float64).reshape(-1, *extra)
+    u_h = torch.where(rho_h > 0, g_h / torch.where(rho_h > 0, rho_h, 1.0), torch.zeros_like(g_h))
+    u_m = torch.where(rho_m > 0, g_m / torch.where(rho_m > 0, rho_m, 1.0), torch.zeros_like(g_m))
+    u_h = torch.where(rho_h > 0, u_h, u_m)  # never chosen on harmful prompts: nothing to compare, no compute part
+    compute = rho_m * (u_h - u_m)
+    return (g_h - g_m) - compute, compute

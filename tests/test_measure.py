@@ -210,6 +210,12 @@ def test_cli_measure_end_to_end(tiny_dir, tmp_path, capsys):
     model, tok = load_model(str(tiny_dir))
     direct = measure(model, tok, HARMFUL[:5], HARMLESS[:5], batch_size=4, progress=False)
     assert torch.allclose(direct.direction(1), m.direction(1), atol=1e-6)
+    assert torch.allclose(direct.tensors["attribution.harmful_experts.1"], m.tensors["attribution.harmful_experts.1"],
+                          atol=1e-6)
+    off = tmp_path / "off.safetensors"
+    assert main(["measure", str(tiny_dir), "--harmful", str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "s.txt"),
+                 "-o", str(off), "--no-progress", "--limit", "5", "--no-attribution"]) == 0
+    assert not any(k.startswith("attribution.") for k in load_measurements(off).tensors)
 
 
 def test_cli_from_refuse(tmp_path, capsys):

@@ -11,7 +11,9 @@ DESCRIPTION = """Per layer: cos(harmful_mean, harmless_mean), the norms, SNR = |
 (1 - cos) * SNR; on MoE models the Jensen-Shannon divergence (nats) of expert frequencies and the
 experts over-selected on harmful prompts. Recommends a config: the direction from the best-quality layer
 within the depth band, edited from BEFORE layers ahead of it to AFTER layers past it (default: a quarter
-of the depth before, through the last layer)."""
+of the depth before, through the last layer). Files measured with attribution also get where the direction
+grows, by component (attention, dense MLP, shared experts, each routed expert) and the regime it names
+(experts / mixed / residual), which the recommended config follows."""
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--expert-plot", default=None, metavar="PNG",
                    help="MoE: heat map layers x experts of the risk difference p_harmful - p_harmless (last-token "
                         "statistics where the file has them)")
+    p.add_argument("--attribution-plot", default=None, metavar="PNG",
+                   help="plot where the refusal direction grows: each component's write along each layer's direction "
+                        "(files measured with attribution; needs matplotlib)")
+    p.add_argument("--attribution-layer", type=int, default=None, metavar="L",
+                   help="print (and plot) every routed expert's attribution at layer L")
     p.add_argument("--router-bias-top", type=int, default=None, metavar="N",
                    help="MoE: add router_bias (experts: 'top:N', bias -inf) over the suggested layers to the "
                         "recommended config")
@@ -60,6 +67,14 @@ def run(args: argparse.Namespace) -> int:
         meas.check_model(int(tconf.hidden_size), int(tconf.num_hidden_layers), what=f"model {args.model}")
     report = analyze(meas, band=band, top_experts=args.top_experts)
     print(report.table())
+    if (args.attribution_plot or args.attribution_layer is not None) and report.attribution is None:
+        raise InputError(f"{args.measurements} has no attribution.* tensors (measured with --no-attribution, or by an "
+                         "older intervene): re-measure to get the attribution")
+    if args.attribution_layer is not None:
+        print(report.attribution.table(layer=args.attribution_layer))
+    if args.attribution_plot:
+        report.attribution.plot(args.attribution_plot, layer=args.attribution_layer, source=args.measurements)
+        print(f"attribution plot -> {args.attribution_plot}")
     if args.plot:
         report.plot(args.plot)
         print(f"plot -> {args.plot}")

@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="eigenpairs of the harmless second moment stored per layer (K*H floats each; the harmless "
                         "last-token rows are held in CPU memory until the end); 0: none, and no 'whiten' "
                         "(default: 64)")
+    p.add_argument("--no-attribution", action="store_true",
+                   help="do not store each component's write at the last prompt token (attribution.*: attention, "
+                        "dense MLP, shared experts, every routed expert's gated output and routing; E*H floats per "
+                        "MoE layer and set), which 'analyze' turns into where the refusal direction grows")
     g = p.add_argument_group("models larger than memory")
     add_stream_options(g, "build the model on the meta device and run all prompts through one decoder layer at a "
                           "time, read from the safetensors shards and freed after (peak: one layer + embeddings + "
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                   "field": args.field, "limit": args.limit, "model_spec": args.model}
     common = dict(batch_size=args.batch_size, system_prompt=args.system_prompt, chat_template=not args.no_chat_template,
                   model_path=model_reference(args.model), progress=not args.no_progress, whiten_rank=args.whiten_rank,
-                  extra_meta=extra_meta)
+                  extra_meta=extra_meta, attribution=not args.no_attribution)
     if args.stream_layers:
         from ..measure.stream import measure_streamed
 

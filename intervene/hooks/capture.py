@@ -15,6 +15,23 @@ Site names (stable, listable with :func:`capture_sites`):
 ``layers.L.router.logits``   router logits ``F.linear(router.in, W, b)``
 ``layers.L.router.topk``     indices of the experts the router chose (int64)
 
+With ``writes=True``, each layer's writes to the residual at the LAST position (the decision token),
+each already multiplied by the family's residual multiplier (``ArchSpec.residual_multiplier``), so that
+on every layer ``resid_out - resid_in`` is their sum:
+
+``layers.L.writes.attention``       [B, H]     the attention block's output (after its post-norm, Gemma)
+``layers.L.writes.mlp``             [B, H]     the dense MLP's output (dense layers)
+``layers.L.writes.experts``         [B, E, H]  each routed expert's gated output (routing weight
+                                               multiplied in; zero for experts not chosen)
+``layers.L.writes.routing``         [B, E]     each expert's routing weight (0 when not chosen; Llama4:
+                                               the router score that scales the expert's input)
+``layers.L.writes.shared_experts``  [B, H]     the MoE block's output minus its routed experts' (the
+                                               shared expert, with its gate where it has one)
+
+Routed experts have no module each: the experts module is called again, inside its own hook, once
+per top-k slot on the last-position rows (``ArchSpec.experts_call``), which gives each chosen
+expert's gated output; nothing is written to the model.
+
 Positions. Residual, embedding and router-input sites follow ``positions``: ``"last"`` keeps
 the last position of each sequence only (``[B, H]``; with LEFT padding that is the last prompt
 token), ``"all"`` keeps every position (``[B, S, H]``). Router logits and top-k are always kept
@@ -36,10 +53,11 @@ from typing import Any, Iterable, Iterator, Literal
 import torch
 
 from ..arch import ArchSpec, arch_for_config, decoder_layers, get_module, text_config
-from ..errors import InputError
+from ..errors import ArchitectureError, InputError
 
 Positions = Literal["last", "all"]
 RouterPart = Literal["in", "logits", "topk"]
+WritePart = Literal["attention", "mlp", "experts", "routing", "shared_experts"]
 POSITIONS: tuple[Positions, ...] = ("last", "all")
 EMBED = "embed"
 
@@ -52,8 +70,19 @@ def router_site(layer: int, kind: RouterPart) -> str:
     return f"layers.{layer}.router.{kind}"
 
 
+def write_site(layer: int, part: WritePart) -> str:
+    return f"layers.{layer}.writes.{part}"
+
+
+def write_parts(spec: ArchSpec, config: Any, layer: int) -> tuple[WritePart, ...]:
+    """The ``writes`` sites :func:`capture` records at ``layer``."""
+    if not spec.is_moe_layer(config, layer):
+        return ("attention", "mlp")
+    return ("attention", "experts", "routing") + (("shared_experts",) if spec.shared_expert else ())
+
+
 def capture_sites(model_or_config: Any, layers: Iterable[int] | None = None, embed: bool = False,
-                  router: bool = True) -> list[str]:
+                  router: bool = True, writes: bool = False) -> list[str]:
     """The site names :func:`capture` records for these arguments, in a stable order."""
     config = _config_of(model_or_config)
     spec = arch_for_config(config)
@@ -63,6 +92,8 @@ def capture_sites(model_or_config: Any, layers: Iterable[int] | None = None, emb
         names.append(resid_site(layer))
         if router and spec.is_moe_layer(tconf, layer):
             names += [router_site(layer, k) for k in ("in", "logits", "topk")]
+        if writes:
+            names += [write_site(layer, part) for part in write_parts(spec, tconf, layer)]
     return names
 
 
@@ -112,9 +143,10 @@ class Captured:
 
 @contextmanager
 def capture(model: Any, layers: Iterable[int] | None = None, embed: bool = False, router: bool = True,
-            positions: Positions = "last") -> Iterator[Captured]:
-    """Record residuals (and router data on MoE layers) of ``layers`` (default: all) during the
-    forward calls made inside the block. See the module docstring for sites and shapes."""
+            positions: Positions = "last", writes: bool = False) -> Iterator[Captured]:
+    """Record residuals (and router data on MoE layers; with ``writes``, each component's write at the
+    last position) of ``layers`` (default: all) during the forward calls made inside the block. See the
+    module docstring for sites and shapes."""
     if positions not in POSITIONS:
         raise InputError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
     config = text_config(model.config)
@@ -147,6 +179,8 @@ def capture(model: Any, layers: Iterable[int] | None = None, embed: bool = False
                     _router_in_hook(record, keep, shapes, layer)))
                 handles.append(router_module.register_forward_hook(
                     _router_out_hook(record, shapes, layer, spec, spec.top_k(config))))
+            if writes:
+                handles += _write_hooks(module, spec, config, layer, record, shapes)
         yield acts
     finally:
         for h in handles:
@@ -209,7 +243,89 @@ def _router_out_hook(record, shapes, layer: int, spec: ArchSpec, top_k: int):
     return hook
 
 
+def _write_hooks(module: Any, spec: ArchSpec, config: Any, layer: int, record, shapes) -> list[Any]:
+    """The hooks of ``writes=True`` on one decoder layer (module docstring)."""
+    mult = spec.residual_multiplier(config)
+    moe = spec.is_moe_layer(config, layer)
+    routed: dict[str, torch.Tensor] = {}  # the routed experts' total at the last positions, for the block hook
+
+    def last_rows(t: torch.Tensor) -> torch.Tensor:
+        """``[B, H]`` at the last position from ``[B, S, H]`` or the flattened ``[B*S, H]``."""
+        b, s = shapes[layer]
+        return t.reshape(b, s, t.shape[-1])[:, -1]
+
+    def attention_hook(_m, _a, out):
+        record(write_site(layer, "attention"), _cpu(last_rows(_first(out)) * mult))
+
+    def block_hook(_m, _a, out):
+        total = last_rows(_first(out)) * mult
+        if not moe:
+            record(write_site(layer, "mlp"), _cpu(total))
+        elif spec.shared_expert:
+            record(write_site(layer, "shared_experts"), _cpu(total - routed.pop("total") * mult))
+
+    attn = spec.post_norms.get("attention") or spec.attention_out(config, layer)
+    block = spec.post_norms.get("mlp") or spec.mlp_block
+    handles = [get_module(module, attn).register_forward_hook(attention_hook),
+               get_module(module, block).register_forward_hook(block_hook)]
+    if not moe:
+        return handles
+    experts = get_module(module, spec.experts)
+    num_experts = spec.num_experts(config)
+
+    def store(gated: torch.Tensor, weights: torch.Tensor, total: torch.Tensor) -> None:
+        routed["total"] = total  # the experts module's own output: the per-expert split is not trusted for it
+        record(write_site(layer, "experts"), _cpu(gated * mult))
+        record(write_site(layer, "routing"), _cpu(weights))
+
+    if spec.experts_call == "all_experts":
+        scores: dict[str, torch.Tensor] = {}
+
+        def router_hook(_m, _a, out):
+            scores["last"] = last_rows(out[0])  # [B, E]
+
+        def all_experts_hook(_m, _a, out):
+            b, s = shapes[layer]
+            per_expert = out.reshape(num_experts, b, s, out.shape[-1])[:, :, -1]  # [E, B, H]
+            store(per_expert.transpose(0, 1), scores.pop("last"), per_expert.sum(dim=0))
+
+        handles.append(get_module(module, spec.router).register_forward_hook(router_hook))
+        handles.append(experts.register_forward_hook(all_experts_hook))
+        return handles
+
+    busy: list[bool] = [False]
+
+    def topk_hook(mod, args, out):
+        if busy[0]:
+            return None  # the per-slot calls below
+        if len(args) < 3:
+            raise ArchitectureError(f"layer {layer}: {spec.name}'s experts module was called with {len(args)} "
+                                    "positional arguments; the table's experts_call 'topk' expects (hidden, "
+                                    "top_k_index, top_k_weights)")
+        hidden, index, weights = (last_rows(a) for a in args[:3])
+        gated = hidden.new_zeros(hidden.shape[0], num_experts, hidden.shape[-1])
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        busy[0] = True
+        try:
+            with torch.no_grad():
+                for slot in range(index.shape[-1]):
+                    one = mod(hidden, index[:, slot:slot + 1], weights[:, slot:slot + 1])
+                    gated[rows, index[:, slot]] += one.reshape(hidden.shape).to(gated.dtype)
+        finally:
+            busy[0] = False
+        routing = weights.new_zeros(hidden.shape[0], num_experts).scatter_add(1, index, weights)
+        store(gated, routing, last_rows(out))
+        return None
+
+    handles.append(experts.register_forward_hook(topk_hook))
+    return handles
+
+
 # ---- helpers ---------------------------------------------------------------------------------
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
 
 def _first(output: Any) -> torch.Tensor:
     """5.x decoder layers return a Tensor; older code and MoE blocks return tuples."""

@@ -243,7 +243,8 @@ def capture_means(bridge: Any, tokenizer: Any, harmful: Sequence[str], harmless:
                   layers: Sequence[int] | None = None, embed: bool = True, router: bool = True,
                   whiten_rank: int = 64) -> Measurements:
     """:func:`intervene.measure.collect.measure` through the bridge: same prompts formatting, batches,
-    positions and float64 means, same keys and metadata (plus ``captured_with``)."""
+    positions and float64 means, same keys and metadata (plus ``captured_with``), except the component
+    writes (``attribution.*``), which only ``measure`` captures."""
     return _common.capture_means(hf_model(bridge), functools.partial(capture_batch, bridge), LIBRARY, tokenizer,
                                  harmful, harmless, batch_size, system_prompt, chat_template, layers, embed,
                                  router, whiten_rank)

@@ -141,7 +141,8 @@ def capture_means(nn_model: Any, tokenizer: Any, harmful: Sequence[str], harmles
                   layers: Sequence[int] | None = None, embed: bool = True, router: bool = True,
                   whiten_rank: int = 64) -> Measurements:
     """:func:`intervene.measure.collect.measure` through nnsight traces: same prompt formatting, batches,
-    positions and float64 means; same keys and metadata (plus ``captured_with``)."""
+    positions and float64 means; same keys and metadata (plus ``captured_with``), except the component
+    writes (``attribution.*``), which only ``measure`` captures."""
     return _common.capture_means(hf_model(nn_model), functools.partial(capture_batch, nn_model), LIBRARY, tokenizer,
                                  harmful, harmless, batch_size, system_prompt, chat_template, layers, embed,
                                  router, whiten_rank)

@@ -9,6 +9,10 @@ Keys (L = decoder layer whose OUTPUT residual was measured; ``embed`` = embeddin
     router.<set>_freq_last.{L}, router.<set>_logits_last.{L}  the same at the last prompt token only
     router.<set>_freq_user.{L}, router.<set>_logits_user.{L}  the same over the user's own tokens only
         (tokens overlapping the user message's characters; template and system prompt excluded)
+    attribution.<set>_<part>.{L}  mean write of each component of layer L to the residual at the last prompt
+        token (``intervene.measure.attribution``): parts attention [H], mlp [H] (dense layers), shared_experts [H],
+        experts [E, H] (each routed expert's gated output), routing [E] (routing weights); absent when measured
+        with --no-attribution
     harmless_moment.eigvals.{L} [k], harmless_moment.eigvecs.{L} [k, H], harmless_moment.trace.{L} [1]
         top-k eigenpairs and trace of the harmless uncentred second moment (``whiten`` in configs;
         absent in files measured with whiten_rank 0 or converted from .refuse)
@@ -41,6 +45,13 @@ ROUTER_TOKEN_SUFFIX = {"all": "", "last": "_last", "user": "_user"}
 def router_key(set_name: str, kind: str, tokens: str, layer: int) -> str:
     """``router.harmful_freq_last.12`` for ``('harmful', 'freq', 'last', 12)``."""
     return f"router.{set_name}_{kind}{ROUTER_TOKEN_SUFFIX[tokens]}.{layer}"
+
+
+def attribution_key(set_name: str, part: str, layer: int) -> str:
+    """``attribution.harmful_experts.12`` for ``('harmful', 'experts', 12)``."""
+    return f"attribution.{set_name}_{part}.{layer}"
+
+
 MOMENT_PARTS = ("eigvals", "eigvecs", "trace")  # harmless_moment.{part}.{L}, in this order
 
 

@@ -14,12 +14,17 @@ import torch
 from .. import maths
 from ..arch import arch_for_config, text_config
 from ..errors import InputError
-from ..hooks.capture import EMBED, resid_site, router_site
+from ..hooks.capture import EMBED, WritePart, resid_site, router_site, write_site
 from ..io.files import sha256_lines, sha256_text
-from ..io.measurements import MOMENT_PARTS, Measurements, router_key
+from ..io.measurements import MOMENT_PARTS, Measurements, attribution_key, router_key
 from ..io.models import versions
 
 RESIDUAL_POSITION = "last prompt token (position -1, left padding)"
+ATTRIBUTION_DEFINITION = (
+    "attribution.<set>_<part>.{L}: mean over the set's prompts, at the last prompt token, of what layer L's part "
+    "adds to the residual (residual multiplier applied): attention [H], mlp [H] (dense layers), shared_experts [H] "
+    "(MoE block output minus its routed experts'), experts [E, H] (each routed expert's routing-weighted output, "
+    "0 where not chosen), routing [E] (each expert's routing weight, 0 where not chosen)")
 ROUTER_FREQ_DEFINITION = ("fraction of top-k token-slots choosing each expert, over all non-pad prompt tokens; "
                           "sums to 1 over experts")
 # which tokens each family of router keys is taken over (the measurements' meta 'router_stats')
@@ -61,6 +66,15 @@ class SetStats:
     sel_counts: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     sel_logits: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     rows: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    writes_sum: dict[tuple[WritePart, int], torch.Tensor] = field(default_factory=dict)  # (part, layer) -> sum
+
+    def add_writes(self, acts: Activations, layer: int, parts: Sequence[WritePart]) -> None:
+        """Add one batch's component writes at the decision token (``capture(writes=True)``) of ``layer``:
+        per-prompt rows summed over the batch (``[H]``, ``[E, H]`` or ``[E]`` per part)."""
+        for part in parts:
+            s = acts[write_site(layer, part)].to(torch.float64).sum(dim=0)
+            key = (part, layer)
+            self.writes_sum[key] = self.writes_sum[key] + s if key in self.writes_sum else s
 
     def add_batch(self, acts: Activations, mask: torch.Tensor, layers: Sequence[int], embed: bool,
                   moe_layers: Sequence[int], num_experts: int, last_token: bool = False,
@@ -150,6 +164,9 @@ def build_measurements(stats: Mapping[str, SetStats], meta: dict[str, Any], whit
             counts = st.expert_counts[layer]
             tensors[f"router.{set_name}_freq.{layer}"] = (counts / counts.sum()).to(torch.float32)
             tensors[f"router.{set_name}_logits.{layer}"] = (st.logits_sum[layer] / st.n_tokens[layer]).to(torch.float32)
+    for part, layer in harmful.writes_sum:
+        for set_name, st in stats.items():
+            tensors[attribution_key(set_name, part, layer)] = (st.writes_sum[(part, layer)] / st.n_prompts).to(torch.float32)
     for tokens, layer in harmful.sel_counts:
         if not all(st.sel_tokens.get((tokens, layer), 0) > 0 for st in stats.values()):
             continue  # a set without such tokens (e.g. no user span found): no statistic rather than NaN
@@ -172,7 +189,8 @@ def chat_template_sha256(tokenizer: Any, chat_template: bool) -> str | None:
 def measurement_meta(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
                      moe_layers: Sequence[int], batch_size: int, system_prompt: str | None, chat_template: bool,
                      whiten_rank: int, stats: Mapping[str, SetStats], model_path: str | None = None,
-                     library: str | None = None, layers: Sequence[int] | None = None) -> dict[str, Any]:
+                     library: str | None = None, layers: Sequence[int] | None = None,
+                     attribution: bool = False) -> dict[str, Any]:
     """The metadata of a measurements file. ``library`` (``"nnsight 0.8.1"``) records which library
     captured it (``captured_with``, and its version among ``versions``); ``layers`` the layers
     captured when not all of them were."""
@@ -213,6 +231,7 @@ def measurement_meta(model: Any, tokenizer: Any, harmful: Sequence[str], harmles
         "router_tokens": {set_name: {str(k): v for k, v in st.n_tokens.items()} for set_name, st in stats.items()}
         if moe_layers else None,
         "router_stats": ROUTER_STATS if moe_layers else None,
+        "attribution": ATTRIBUTION_DEFINITION if attribution else None,
         "router_tokens_by_selection": {
             tokens: {set_name: {str(layer): n for (t, layer), n in st.sel_tokens.items() if t == tokens}
                      for set_name, st in stats.items()}
@@ -223,5 +242,5 @@ def measurement_meta(model: Any, tokenizer: Any, harmful: Sequence[str], harmles
     return meta
 
 
-__all__ = ["SetStats", "build_measurements", "check_prompt_sets", "measurement_meta", "moment_tensors", "chat_template_sha256",
+__all__ = ["ATTRIBUTION_DEFINITION", "SetStats", "build_measurements", "check_prompt_sets", "measurement_meta", "moment_tensors", "chat_template_sha256",
            "RESIDUAL_POSITION", "ROUTER_FREQ_DEFINITION", "ROUTER_STATS"]

@@ -34,7 +34,10 @@ Recommendation rule (:func:`recommend`), kept simple on purpose:
    removed where it is being formed and everywhere downstream, where later layers could
    otherwise write it back;
 3. one ``ablate`` entry: method ``project``, biprojection on, scale 1.0, sparsity 0.0, every
-   write-side target the architecture has.
+   write-side target the architecture has;
+4. on MoE files with an attribution (``intervene.measure.attribution``), its regime decides the routed
+   experts (:func:`follow_regime`): ``residual`` leaves the ``experts`` target out, ``mixed`` keeps it,
+   ``experts`` keeps it and adds ``router_bias`` -inf on the experts that carry the direction.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from ..errors import MeasurementError
 from ..io.measurements import Measurements
 from ..io.measurements import router_key
 from ..maths import js_divergence, risk_difference_ranking
+from .attribution import DEFINITIONS as ATTRIBUTION_DEFINITIONS, Attribution, attribution as attribute
 
 DEFAULT_BAND = (0.30, 0.85)
 RANKING_TOKENS = ("last", "user", "all")  # preference order of the router statistics experts are ranked on
@@ -94,6 +98,7 @@ class AnalysisReport:
     source: str | None = None  # measurements file
     meta: dict[str, Any] = field(default_factory=dict)  # the measurements' metadata
     router_bias_suggestions: list[dict[str, Any]] = field(default_factory=list)  # router_bias entries (top:N)
+    attribution: Attribution | None = None  # where the direction grows, by component (files with attribution.*)
 
     @property
     def layer_rows(self) -> list[LayerRow]:
@@ -114,6 +119,8 @@ class AnalysisReport:
 
         d = asdict(self)
         d["band"] = list(self.band)
+        d.update(self.attribution.to_dict() if self.attribution else
+                 {"attribution": [], "attribution_routing": [], "experts_share": None, "regime": None})
         d["definitions"] = {
             "cos": "cos(harmful_mean, harmless_mean)",
             "snr": "|harmful_mean - harmless_mean| / mean(|harmful_mean|, |harmless_mean|)",
@@ -124,6 +131,7 @@ class AnalysisReport:
             "router_js_user": "the same over the user's own tokens (chat template excluded)",
             "expert_ranking": "every expert by risk difference p_harmful - p_harmless on ranking_tokens; "
                               "router_bias 'top:N' takes the first N",
+            **ATTRIBUTION_DEFINITIONS,
         }
         d["versions"] = versions()
         return _finite(d)
@@ -161,6 +169,8 @@ class AnalysisReport:
         for suggestion in self.router_bias_suggestions:
             lines.append(f"router_bias suggestion: layers {suggestion['layers']}, experts {suggestion['experts']}, "
                          f"bias {suggestion['bias']}, tokens {suggestion['tokens']}")
+        if self.attribution is not None:
+            lines += ["", self.attribution.table()]
         return "\n".join(lines)
 
     def plot_experts(self, path: str | os.PathLike) -> Path:
@@ -336,7 +346,8 @@ def analyze(meas: Measurements, band: tuple[float, float] = DEFAULT_BAND, top_ex
     return AnalysisReport(rows=rows, num_layers=num_layers, band=tuple(band),
                           best_layer=best_layer(rows, num_layers, band), source=meas.path, meta=dict(meas.meta),
                           router_bias_suggestions=router_bias_suggestions(rows, num_layers, band,
-                                                                          int(meas.meta.get("top_k") or 1)))
+                                                                          int(meas.meta.get("top_k") or 1)),
+                          attribution=attribute(meas))
 
 
 def best_layer(rows: list[LayerRow], num_layers: int, band: tuple[float, float] = DEFAULT_BAND) -> int | None:
@@ -388,10 +399,19 @@ def recommend(meas: Measurements, model: str | None = None, measurements: str | 
                  else router_bias_suggestions(report.rows, n, band, 0)[0]["layers"])
         router_bias = [RouterBiasEntry(layers=parse_layers(where, "router_bias"), bias=float("-inf"), top=router_bias_top,
                                        tokens=ranked[0].ranking_tokens)]
+    regime_note = ""
+    attrib = report.attribution
+    if attrib is not None and targets is not None and "experts" in targets:
+        targets, expert_bias = follow_regime(attrib, targets, meas, steerable=spec.selection_bias is not None)
+        router_bias = expert_bias + router_bias
+        regime_note = {"residual": "; routed experts left out (regime residual)",
+                       "mixed": "; routed experts projected (regime mixed)",
+                       "experts": "; routed experts projected and the carrying experts switched off by router_bias "
+                                  "(regime experts)"}[attrib.regime]
     row = report.row(source)
     notes = (f"recommended by intervene {__version__} analyze: direction from layer {source} (signal quality "
              f"{row.quality:.4g}, cos {row.cos:.4f}, depth {row.depth:.0%}; best within {band[0]:.0%}-{band[1]:.0%} "
-             f"depth), edited layers {first}..{last}")
+             f"depth), edited layers {first}..{last}{regime_note}")
     return InterventionConfig(
         ablate=[AblateEntry(layers=list(range(first, last + 1)), measurement=source, scale=1.0, sparsity=0.0)],
         model=model if model is not None else meas.meta.get("model"),
@@ -402,6 +422,27 @@ def recommend(meas: Measurements, model: str | None = None, measurements: str | 
         # numbers here index decoder-layer outputs; said explicitly for files converted from .refuse
         indexing="layer_output" if meas.meta.get("source_indexing") == "hidden_state" else None,
     )
+
+
+def follow_regime(attrib: Attribution, targets: list[str], meas: Measurements,
+                  steerable: bool = True) -> tuple[list[str], list[Any]]:
+    """The write targets and the extra ``router_bias`` entries the attribution's regime calls for: ``residual``
+    drops the ``experts`` target; ``mixed`` keeps it; ``experts`` keeps it and, where the architecture takes a
+    ``router_bias`` (``steerable``), switches off (bias -inf) the experts that carry the direction
+    (:func:`intervene.measure.attribution.carrying_experts`, at most E - top_k per layer)."""
+    from ..config.schema import RouterBiasEntry
+    from .attribution import carrying_experts
+
+    if attrib.regime == "residual":
+        return [t for t in targets if t != "experts"], []
+    if attrib.regime == "mixed" or not steerable:
+        return list(targets), []
+    n_exp = int(meas.meta.get("num_experts") or 0) or 1 + max(
+        (r.expert for r in attrib.rows if r.expert is not None), default=0)
+    per_layer = max(1, n_exp - max(1, int(meas.meta.get("top_k") or 1)))
+    entries = [RouterBiasEntry(layers=[layer], bias=float("-inf"), experts=ids)
+               for layer, ids in carrying_experts(attrib, per_layer).items()]
+    return list(targets), entries
 
 
 # ---- helpers -----------------------------------------------------------------------------------

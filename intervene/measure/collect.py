@@ -27,7 +27,13 @@ last-token position, for the embedding and every layer, when ``whiten_rank > 0``
   ``M = XᵀX / N`` (X: the N harmless rows, uncentred), ``k = min(whiten_rank, rank of X)``;
 * ``harmless_moment.trace.{L}`` [1]: ``tr(M)`` (the mean squared norm).
 
-These need the harmless rows kept until the end: ``N·H·(layers + 1)`` float32 on the CPU (300 prompts
+Component writes (``attribution=True``, the default; ``intervene.measure.attribution`` reads them): the
+mean over each set of what each layer's attention, dense MLP, shared experts and each routed expert
+(its gated output) add to the residual at the last prompt token, and the routing weights there
+(``attribution.<set>_<part>.{L}``, see ``intervene.io.measurements``). They cost one extra call of the
+experts module per top-k slot on the last-token rows, and ``E·H`` floats per MoE layer and set in the file.
+
+The harmless moment needs the harmless rows kept until the end: ``N·H·(layers + 1)`` float32 on the CPU (300 prompts
 on a 4096-wide, 32-layer model: 160 MB). ``whiten_rank=0`` keeps nothing.
 """
 
@@ -41,7 +47,7 @@ import torch
 
 from ..arch import arch_for_config, text_config
 from ..errors import InputError
-from ..hooks.capture import capture
+from ..hooks.capture import capture, write_parts
 from ..io.layerwise import release_free_memory
 from ..io.measurements import Measurements
 from ..io.models import batches, encode, format_prompts, model_device
@@ -51,10 +57,12 @@ from .accumulate import SetStats, build_measurements, check_prompt_sets, measure
 def measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], batch_size: int = 16,
             system_prompt: str | None = None, chat_template: bool = True, model_path: str | None = None,
             progress: bool = True, extra_meta: dict[str, Any] | None = None,
-            whiten_rank: int = 64, on_batch: Callable[[], None] | None = None) -> Measurements:
+            whiten_rank: int = 64, on_batch: Callable[[], None] | None = None,
+            attribution: bool = True) -> Measurements:
     """Means of the last-prompt-token residual after every decoder layer (and the embedding),
     for both prompt sets; ``direction.{L} = harmful_mean.{L} - harmless_mean.{L}``; with
-    ``whiten_rank > 0`` also the top eigenpairs of the harmless second moment (module docstring).
+    ``whiten_rank > 0`` also the top eigenpairs of the harmless second moment (module docstring);
+    with ``attribution`` the mean write of each component (``attribution.*``, module docstring).
     ``on_batch()`` runs after each batch (the interrupt tests pause there)."""
     if isinstance(whiten_rank, bool) or not isinstance(whiten_rank, int) or whiten_rank < 0:
         raise InputError(f"whiten_rank must be an integer >= 0, got {whiten_rank!r}")
@@ -76,7 +84,7 @@ def measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequen
         stats = {
             name: _measure_set(model, tokenizer, texts, batch_size, moe_layers, num_experts, bar,
                                keep_rows=name == "harmless" and whiten_rank > 0, on_batch=on_batch,
-                               prompts=users[name])
+                               prompts=users[name], attribution=attribution)
             for name, texts in (("harmful", harmful_text), ("harmless", harmless_text))
         }
     finally:
@@ -84,7 +92,7 @@ def measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequen
 
     meta = measurement_meta(model, tokenizer, harmful, harmless, moe_layers=moe_layers, batch_size=batch_size,
                             system_prompt=system_prompt, chat_template=chat_template, whiten_rank=whiten_rank,
-                            stats=stats, model_path=model_path)
+                            stats=stats, model_path=model_path, attribution=attribution)
     meta.update(extra_meta or {})
     return build_measurements(stats, meta, whiten_rank)
 
@@ -108,18 +116,24 @@ def sorted_batches(tokenizer: Any, texts: Sequence[str], batch_size: int, device
 
 def _measure_set(model: Any, tokenizer: Any, texts: list[str], batch_size: int, moe_layers: list[int],
                  num_experts: int, bar: Any, keep_rows: bool = False,
-                 on_batch: Callable[[], None] | None = None, prompts: Sequence[str] | None = None) -> SetStats:
+                 on_batch: Callable[[], None] | None = None, prompts: Sequence[str] | None = None,
+                 attribution: bool = False) -> SetStats:
     stats = SetStats(keep_rows=keep_rows)
     extra = {"use_cache": False}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         extra["logits_to_keep"] = 1  # the lm_head over every position is wasted work here
     for enc, user in sorted_batches(tokenizer, texts, batch_size, model_device(model),
                                     prompts if moe_layers else None):
-        with torch.inference_mode(), capture(model, embed=True, router=bool(moe_layers)) as acts:
+        with torch.inference_mode(), capture(model, embed=True, router=bool(moe_layers), writes=attribution) as acts:
             model(**enc, **extra)
-        layers = range(int(text_config(model.config).num_hidden_layers))
+        config = text_config(model.config)
+        layers = range(int(config.num_hidden_layers))
         stats.add_batch(acts, acts.token_mask(), layers, True, moe_layers, num_experts, last_token=True,
                         user_mask=user)
+        if attribution:
+            spec = arch_for_config(model.config)
+            for layer in layers:
+                stats.add_writes(acts, layer, write_parts(spec, config, layer))
         del acts
         release_free_memory()  # the forward's temporaries: glibc would keep the heap they leave
         bar.update(1)

@@ -35,7 +35,7 @@ import torch
 
 from ..arch import arch_for_config, decoder_layers, text_config
 from ..errors import InputError
-from ..hooks.capture import capture, resid_site, router_site
+from ..hooks.capture import capture, resid_site, router_site, write_parts
 from ..io.layer_calls import record_layer_calls
 from ..io.layerwise import LayerLoader, stream_skeleton
 from ..io.measurements import Measurements
@@ -63,7 +63,7 @@ def measure_streamed(spec: str, tokenizer: Any, harmful: Sequence[str], harmless
                      dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
                      hidden_on: HiddenOn = "device", model_path: str | None = None, progress: bool = True,
                      extra_meta: dict[str, Any] | None = None, whiten_rank: int = 64,
-                     on_layer: Callable[[int], None] | None = None) -> Measurements:
+                     on_layer: Callable[[int], None] | None = None, attribution: bool = True) -> Measurements:
     """:func:`intervene.measure.collect.measure` with one decoder layer in memory at a time (module
     docstring). ``spec`` names a local safetensors checkpoint; ``device`` is where each layer runs.
     ``on_layer(L)`` runs after layer L (the memory benchmark samples there)."""
@@ -101,12 +101,14 @@ def measure_streamed(spec: str, tokenizer: Any, harmful: Sequence[str], harmless
             moe = layer in moe_layers
             for b in batches:
                 args, kwargs = b.calls[layer]
-                with torch.inference_mode(), capture(model, layers=[layer], router=moe) as acts:
+                with torch.inference_mode(), capture(model, layers=[layer], router=moe, writes=attribution) as acts:
                     out = layers[layer](b.hidden.to(device), *args, **kwargs)
                 out = out[0] if isinstance(out, (tuple, list)) else out
                 b.hidden = out if hidden_on == "device" else out.to("cpu")
                 st = stats[b.set_name]
                 st.add_residual(str(layer), acts[resid_site(layer)])
+                if attribution:
+                    st.add_writes(acts, layer, write_parts(arch, config, layer))
                 if moe:
                     st.add_router_all(layer, acts[router_site(layer, "logits")], acts[router_site(layer, "topk")],
                                       b.mask, num_experts, b.selections)
@@ -120,7 +122,7 @@ def measure_streamed(spec: str, tokenizer: Any, harmful: Sequence[str], harmless
         loader.close()
     meta = measurement_meta(model, tokenizer, harmful, harmless, moe_layers=moe_layers, batch_size=batch_size,
                             system_prompt=system_prompt, chat_template=chat_template, whiten_rank=whiten_rank,
-                            stats=stats, model_path=model_path)
+                            stats=stats, model_path=model_path, attribution=attribution)
     meta.update({"stream_layers": True, "device": str(device)})
     meta.update(extra_meta or {})
     return build_measurements(stats, meta, whiten_rank)

@@ -112,7 +112,8 @@ class SearchSpace:
                 min_fraction: tuple[float, float] = (0.0, 1.0),
                 whiten_range: tuple[float, float] | str | None = None,
                 router_bias: bool = False, router_bias_top: tuple[int, int] = (1, 4),
-                router_bias_tokens: str = "last", projection_optional: bool = False) -> "SearchSpace":
+                router_bias_tokens: str = "last", projection_optional: bool = False,
+                regime: str | None = None) -> "SearchSpace":
         """Ranges given as fractions of the last layer index (``direction_range``,
         ``center_range``, ``width_range``) or absolute (scales, ``whiten_range``). ``direction_range``
         is clipped to the measured layers. ``whiten_range`` is searched (log-uniform) when the
@@ -120,7 +121,9 @@ class SearchSpace:
         raw direction only; ``"auto"``: :data:`WHITEN_RANGE` when the measurements hold the moment,
         else the raw direction. ``router_bias``: also search expert steering (N in ``router_bias_top``,
         clipped to E − top_k; its window over the MoE layers), ranked on the measurements' router
-        statistics over ``router_bias_tokens``; ``projection_optional``: also search without projection."""
+        statistics over ``router_bias_tokens``; ``projection_optional``: also search without projection.
+        ``regime`` (``analyze``'s attribution): ``residual`` leaves the routed experts' dimensions out of the
+        default targets (they carry little of the direction), any other keeps them."""
         num_layers = int(model_config.num_hidden_layers)
         last = max(num_layers - 1, 1)
         measured = measurements.layers
@@ -135,6 +138,8 @@ class SearchSpace:
             hi = lo = float(min(measured, key=lambda m: abs(m - (direction_range[0] + direction_range[1]) / 2 * last)))
         moe_layers = tuple(layer for layer in range(num_layers) if spec.is_moe_layer(model_config, layer))
         present = [t for t in WRITE_TARGETS if spec.has_target(t) and _at_some_layer(t, moe_layers, num_layers)]
+        if targets is None and regime == "residual":
+            present = [t for t in present if t != "experts"]
         wanted = list(targets) if targets is not None else present
         bad = [t for t in wanted if t not in WRITE_TARGETS]
         if bad:
@@ -285,6 +290,34 @@ class SearchSpace:
         return d
 
 
+def seed_params(space: SearchSpace, config: InterventionConfig) -> dict[str, Any]:
+    """The parameters of ``space`` closest to a recommended ``config`` (one ``ablate`` entry over a window,
+    one direction, flat scale), for :func:`intervene.search.study.run_search` to try first: only the
+    parameters the space searches (fixed ones are not suggested), each clipped to its range."""
+    entry = config.ablate[0]
+    layers = entry.layers
+    scale = float(entry.scale) if not isinstance(entry.scale, dict) else 1.0
+    center, width = (layers[0] + layers[-1]) / 2, max((layers[-1] - layers[0]) / 2, 0.5)
+    wanted: dict[str, tuple[Range, Any]] = {
+        "direction": (space.direction, float(entry.measurement)),
+        "center": (space.center, center), "width": (space.width, width)}
+    for target in space.targets:
+        on = config.targets is None or target in config.targets
+        wanted[f"{target}.max"] = (space.max_scale[target], scale if on else space.max_scale[target].low)
+        wanted[f"{target}.min"] = (space.min_fraction[target], 1.0 if on else space.min_fraction[target].low)
+    if space.whiten is not None:
+        wanted["whiten"] = (space.whiten, math.sqrt(space.whiten.low * space.whiten.high))
+    params: dict[str, Any] = {name: round(min(max(value, rng.low), rng.high), DECIMALS)
+                              for name, (rng, value) in wanted.items() if rng.low != rng.high}
+    if space.router:
+        params["router"] = False
+    if len(space.methods) > 1:
+        params["method"] = config.method if config.method in space.methods else space.methods[0]
+    if space.router_bias:
+        params["router_bias"] = False
+    return params
+
+
 def _at_some_layer(target: str, moe_layers: tuple[int, ...], num_layers: int) -> bool:
     if target == "mlp":
         return len(moe_layers) < num_layers
@@ -308,4 +341,4 @@ def kernel(layer: int, center: float, width: float, max_scale: float, min_scale:
     return max_scale + (min_scale - max_scale) * distance
 
 
-__all__ = ["Range", "SearchSpace", "window", "kernel", "WRITE_TARGETS", "MIN_SCALE"]
+__all__ = ["Range", "SearchSpace", "seed_params", "window", "kernel", "WRITE_TARGETS", "MIN_SCALE"]

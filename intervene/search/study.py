@@ -36,7 +36,8 @@ from ..live.stream_eval import LayerStream
 from .objective import Objective, PromptObjective, StreamedObjective
 from .pareto import best_so_far, dominates, pareto_front, spread
 from .report import SearchResult, TrialRecord, write_outputs
-from .space import SearchSpace
+from ..measure.analyze import analyze, recommend
+from .space import SearchSpace, seed_params
 
 STUDY_NAME = "intervene-search"
 SAMPLERS = ("tpe", "nsga2")
@@ -69,7 +70,8 @@ def run_search(model: Any, measurements: Measurements, space: SearchSpace, objec
                out_dir: str | Path, settings: SearchSettings | None = None, *,
                final: Objective | None = None, model_spec: str | None = None,
                measurements_path: str | None = None, progress: bool = True,
-               say: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> SearchResult:
+               say: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+               seeds: Sequence[dict[str, Any]] = ()) -> SearchResult:
     """Run ``settings.trials`` new trials (resuming ``out_dir/study.db`` if it exists), then
     evaluate the front on ``final`` (the eval prompts) and write the outputs.
 
@@ -85,7 +87,8 @@ def run_search(model: Any, measurements: Measurements, space: SearchSpace, objec
     Pareto front of that evaluation.
 
     ``objective``/``final`` are injectable (see :class:`~intervene.search.objective.Objective`): a
-    test can score a tiny model with a logit proxy, no tokenizer or generation."""
+    test can score a tiny model with a logit proxy, no tokenizer or generation. ``seeds``: parameter
+    sets (:func:`~intervene.search.space.seed_params`) a new study tries first, before its sampler."""
     import optuna
     from tqdm.auto import tqdm
 
@@ -110,6 +113,9 @@ def run_search(model: Any, measurements: Measurements, space: SearchSpace, objec
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, sampler=sampler,
                                 directions=["minimize", "minimize"], load_if_exists=True)
     _check_identity(study, identity, out)
+    if existing == 0:
+        for params in seeds:
+            study.enqueue_trial(dict(params))
 
     records = _records(study)
     baseline = _baseline(study, model, objective)
@@ -187,9 +193,16 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
         loaded, tokenizer = load_model(model, dtype=dtype, device_map=device_map, quantization=quantization)
     config = text_config(loaded.config)
     meas.check_model(int(config.hidden_size), int(config.num_hidden_layers))
+    report = analyze(meas)
+    regime = report.attribution.regime if report.attribution is not None else None
     space = SearchSpace.default(arch_for_config(loaded.config), config, meas, targets=targets, router=router,
                                 methods=methods, whiten_range=whiten, router_bias=router_bias,
-                                router_bias_top=router_bias_top, projection_optional=projection_optional)
+                                router_bias_top=router_bias_top, projection_optional=projection_optional,
+                                regime=regime)
+    seeds = [seed_params(space, recommend(meas, report=report))] if report.best_layer is not None else []
+    if regime is not None and space.moe_layers:
+        say(f"attribution: {report.attribution.regime_line()}; routed experts "
+            f"{'searched' if 'experts' in space.targets else 'left out'}; the first trial is analyze's recommendation")
     say("direction: " + (f"harmless-whitened, lambda searched in [{space.whiten.low}, {space.whiten.high}]"
                          if space.whiten else
                          "raw difference of means (no harmless second moment in the measurements, or --whiten off)"))
@@ -211,7 +224,7 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
                      sources={"harmful": eval_harmful, "harmless": eval_harmless, "limit": str(eval_limit)},
                      max_new_tokens=max_new_tokens, **common)
     return run_search(loaded, meas, space, objective, out, settings, final=final, model_spec=model_reference(model),
-                      measurements_path=str(Path(measurements).resolve()), progress=progress, say=say)
+                      measurements_path=str(Path(measurements).resolve()), progress=progress, say=say, seeds=seeds)
 
 
 def evenly(prompts: Sequence[str], limit: int | None) -> list[str]:
