@@ -139,6 +139,9 @@ def test_export_gguf_tiny_llama_q8_0_through_transformers_loader(tmp_path, smoll
     _, tensors = gguf_fields(out)
     assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q8_0"
     assert "PASS GGUF check" in capsys.readouterr().out
+    # transformers' GGUF tokenizer loader drops the chat template; intervene reads it from the file
+    from intervene.io.models import load_tokenizer
+    assert load_tokenizer(out).chat_template == smollm2_tokenizer.chat_template
 
 
 # ---- refusals: one line, nothing written -----------------------------------------------------------

@@ -33,10 +33,21 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
     src = resolve_model(spec)
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     tok = AutoTokenizer.from_pretrained(src.path, **kwargs)
+    if src.gguf_file and not getattr(tok, "chat_template", None):
+        # transformers' GGUF tokenizer loader drops the file's chat template; llama.cpp uses it
+        tok.chat_template = gguf_chat_template(os.path.join(src.path, src.gguf_file))
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def gguf_chat_template(path: str | os.PathLike) -> str | None:
+    """The ``tokenizer.chat_template`` string a GGUF file carries, or None."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
+    return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
 
 
 TokenizerNeed = Literal["required", "optional", "none"]
