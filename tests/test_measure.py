@@ -278,7 +278,11 @@ def test_smollm2_measure_end_to_end(tmp_path, capsys):
     names = ["embed"] + [str(i) for i in range(30)]
     means = {f"{k}.{n}" for k in ("harmful_mean", "harmless_mean", "direction") for n in names}
     moments = {f"harmless_moment.{k}.{n}" for k in ("eigvals", "eigvecs", "trace") for n in names}
-    assert set(m.tensors) == means | moments
+    # a dense model's attribution: the attention's and the MLP's mean write at the decision token, per layer
+    attribution = {f"attribution.{k}_{part}.{i}" for k in ("harmful", "harmless") for part in ("attention", "mlp")
+                   for i in range(30)}
+    assert set(m.tensors) == means | moments | attribution
+    assert all(m.tensors[k].shape == (576,) for k in attribution)
     assert all(m.tensors[k].shape == (576,) and m.tensors[k].dtype == torch.float32 for k in means)
     # 32 harmless prompts: the second moment has rank <= 32 (the embedding's: 1, one shared last token)
     assert m.tensors["harmless_moment.eigvecs.15"].shape == (32, 576) and m.meta["whiten_rank"] == 64
