@@ -42,6 +42,7 @@ import torch
 from ..errors import CheckpointError, InputError
 from ..io.checkpoint import open_checkpoint
 from ..io.files import atomic_write, write_json
+from ..io.models import gguf_field
 
 GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
 TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
@@ -299,7 +300,7 @@ def check_gguf(baked: str | os.PathLike, gguf_path: str | os.PathLike, prompts: 
     start = time.perf_counter()
     baked = Path(baked)
     reader = GGUFReader(str(gguf_path))
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     tensors = _baked_tensors(baked)
     sources = _sources(reader, arch, tensors)
     exact, transformed, unmapped, worst = 0, [], [], 0.0
@@ -343,12 +344,6 @@ def check_gguf(baked: str | os.PathLike, gguf_path: str | os.PathLike, prompts: 
                      seconds=time.perf_counter() - start)
 
 
-def _field(reader: Any, key: str) -> Any:
-    f = reader.fields[key]
-    value = f.parts[f.data[0]]
-    return bytes(value).decode("utf-8") if f.types and f.types[0].name == "STRING" else value[0]
-
-
 def _baked_tensors(baked: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -365,7 +360,7 @@ def _sources(reader: Any, arch: str, tensors: dict[str, torch.Tensor]) -> dict[s
     by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
     if arch not in by_name:
         raise CheckpointError(f"GGUF architecture '{arch}' is unknown to the gguf package {gguf.__name__} reads with")
-    blocks = int(_field(reader, f"{arch}.block_count"))
+    blocks = int(gguf_field(reader, f"{arch}.block_count"))
     table = gguf.get_tensor_name_map(by_name[arch], blocks)
     grouped: dict[str, list[tuple[int, str]]] = {}
     for key in tensors:

@@ -46,8 +46,15 @@ def gguf_chat_template(path: str | os.PathLike) -> str | None:
     """The ``tokenizer.chat_template`` string a GGUF file carries, or None."""
     from gguf import GGUFReader
 
-    field = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
-    return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+    reader = GGUFReader(str(path))
+    return gguf_field(reader, "tokenizer.chat_template") if "tokenizer.chat_template" in reader.fields else None
+
+
+def gguf_field(reader: Any, key: str) -> Any:
+    """One metadata value of an open ``gguf.GGUFReader``: a string decoded, else the scalar."""
+    f = reader.fields[key]
+    value = f.parts[f.data[0]]
+    return bytes(value).decode("utf-8") if f.types and f.types[0].name == "STRING" else value[0]
 
 
 TokenizerNeed = Literal["required", "optional", "none"]
