@@ -16,7 +16,7 @@ import torch
 from intervene.arch import arch_for_config, decoder_layers, get_module
 from intervene.config.schema import parse_config
 from intervene.errors import ConfigError
-from intervene.hooks.apply import apply, apply_edits, list_sites, plan_sites, resolve_for_model
+from intervene.hooks.apply import apply, apply_edits, bind_model, list_sites, plan_sites
 from intervene.testing import ARCH_NAMES, MOE_ARCH_NAMES, make_measurements, random_ids, tiny_model
 
 HIDDEN = 64
@@ -481,13 +481,13 @@ def test_router_target_on_dense_model_is_a_named_error():
     model, spec, meas = build("llama")
     cfg = parse_config({"targets": ["router"], "ablate": [{"layer": 0, "measurement": 0}]})
     with pytest.raises(ConfigError, match="router not present in architecture 'llama'; valid: attention, mlp"):
-        resolve_for_model(model, cfg, meas)
+        bind_model(model, cfg, meas)
 
 
 def test_hooks_follow_the_activation_device_and_dtype():
     """The direction is moved to each activation's device/dtype (device_map spreads layers)."""
     model, spec, meas = build("llama")
-    edits = resolve_for_model(model, all_layers_config(model, ["attention"]), meas)
+    edits = bind_model(model, all_layers_config(model, ["attention"]), meas).projections
     plan = plan_sites(model, edits)
     from intervene.hooks.apply import _write_hook
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from intervene.arch import arch_for_config, decoder_layers, get_module
 from intervene.cli import main
 from intervene.config.schema import parse_config
-from intervene.hooks.apply import apply, resolve_for_model
+from intervene.hooks.apply import apply, bind_model
 from intervene.io.models import encode, format_prompts
 from intervene.live.route import changed_fraction, plot, route_study, selection_freq, top_changes
 from intervene.maths import js_divergence
@@ -100,7 +100,7 @@ def test_route_report_matches_a_direct_computation(arch):
     report = route_study(model, tokenizer, HARMFUL, HARMLESS, intervention=lambda: apply(model, cfg, meas),
                          batch_size=3, progress=False, top=3)
     k, n_exp = spec.top_k(model.config), spec.num_experts(model.config)
-    edits = {(e.layer, e.target): e for e in resolve_for_model(model, cfg, meas)}
+    edits = {(e.layer, e.target): e for e in bind_model(model, cfg, meas).projections}
 
     direct: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
     for condition in ("baseline", "intervened"):

@@ -419,7 +419,8 @@ def test_analyze_ranks_experts_by_risk_difference_and_suggests_top_n(tmp_path):
 
 @pytest.mark.parametrize("arch", ["glm4_moe", "qwen3_moe"])
 def test_route_shows_steered_experts_going_to_zero(arch):
-    from intervene.hooks.apply import apply_edits
+    from intervene.config.resolve import bind
+    from intervene.hooks.apply import apply
     from intervene.live.route import format_report, route_study, steered_experts
     from intervene.testing import tiny_tokenizer
 
@@ -429,9 +430,9 @@ def test_route_shows_steered_experts_going_to_zero(arch):
     entries, vectors = _steering(model)
     cfg = parse_config({"router_bias": entries})
     spec = arch_for_config(model.config)
-    edits = resolve(cfg, spec, model.config, meas)
-    report = route_study(model, tok, harmful, harmless, intervention=lambda: apply_edits(model, edits), progress=False)
-    report.steered = steered_experts(report, edits)
+    bound = bind(cfg, meas, model.config)
+    report = route_study(model, tok, harmful, harmless, intervention=lambda: apply(model, bound), progress=False)
+    report.steered = steered_experts(report, bound.router_biases)
     assert len(report.steered) == 2 * len(vectors)
     for st in report.steered:
         row = next(r for r in report.layers if r.layer == st.layer)

@@ -13,7 +13,7 @@ import torch
 from intervene.cli import main
 from intervene.config.schema import parse_config
 from intervene.errors import ConfigError, InputError
-from intervene.hooks.apply import apply, apply_edits, resolve_for_model
+from intervene.hooks.apply import apply, bind_model
 from intervene.io.models import load_model
 from intervene.live.evaluate import first_token_scores, kl_divergence
 from intervene.live.stream_eval import LayerStream, first_token_streamed
@@ -159,10 +159,10 @@ def test_streamed_objective_equals_prompt_objective(arch, tmp_path):
     assert streamed.refusals(streamed.stream.model) is None
     assert streamed.describe()["stream_layers"] and not memory.describe().get("stream_layers")
     for cfg in (config(2, layers="0:2"), config(2, layers="1:2", method="norm_preserving")):
-        edits = resolve_for_model(model, cfg, meas)
-        with torch.no_grad(), apply_edits(model, edits):
+        edits = bind_model(model, cfg, meas)
+        with torch.no_grad(), apply(model, edits):
             want = memory.cheap(model)
-        got = streamed.cheap_edits(streamed.stream.model, resolve_for_model(streamed.stream.model, cfg, meas))
+        got = streamed.cheap_edits(streamed.stream.model, bind_model(streamed.stream.model, cfg, meas))
         assert want[1] > 1e-3, "negative control: the edit must move the first token"
         assert close(want[0], got[0]) and close(want[1], got[1]), (want, got)
 

@@ -18,24 +18,22 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from ..arch import arch_for_config, split_layer_key, text_config
-from ..config.resolve import resolve
-from ..config.schema import InterventionConfig
+from ..arch import split_layer_key
+from ..config.resolve import Bound
 from ..errors import CheckpointError, InputError
 from ..io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
-from ..io.measurements import Measurements
 from ..io.quantized import QuantizedReader, QuantizedTensor, find_quantized, updated_config
-from .plan import layer_prefix, read_model_config
+from .plan import layer_prefix
 from .writer import _pwrite_all, copy_range
 
 Dequantize = Literal["edited", "all"]
 DEQUANTIZE_CHOICES: tuple[Dequantize, ...] = ("edited", "all")
 
 
-def keys_to_dequantize(cfg: InterventionConfig, source: Path, measurements: Measurements, mode: Dequantize,
+def keys_to_dequantize(bound: Bound, source: Path, mode: Dequantize,
                        checkpoint: Checkpoint | None = None) -> dict[str, QuantizedTensor]:
     """The quantized tensors ``mode`` dequantizes: ``all`` of them, or those whose dequantized key
-    the config's edits match (the architecture table's on-disk patterns, as the bake plan matches them)."""
+    the bound config's projections match (the architecture table's on-disk patterns, as the bake plan matches them)."""
     if mode not in DEQUANTIZE_CHOICES:
         raise InputError(f"--dequantize must be one of {', '.join(DEQUANTIZE_CHOICES)}, got {mode!r}")
     checkpoint = checkpoint or open_checkpoint(source)
@@ -45,12 +43,10 @@ def keys_to_dequantize(cfg: InterventionConfig, source: Path, measurements: Meas
                               "tensors found")
     if mode == "all":
         return quantized
-    full_config = read_model_config(source)
-    model_config = text_config(full_config)
-    spec = arch_for_config(full_config)
+    spec, model_config = bound.spec, bound.model_config
     prefix = layer_prefix(checkpoint, spec)
     modules: set[str] = set()
-    for le in resolve(cfg, spec, model_config, measurements):
+    for le in bound.projections:
         patterns = [p for p in spec.disk_patterns(model_config, le.layer) if p.target == le.target]
         for key in quantized:
             parts = split_layer_key(key)
@@ -75,12 +71,12 @@ def module_of(key: str, spec: Any, prefix: str) -> str:
 
 
 @contextmanager
-def dequantized_copy(cfg: InterventionConfig, source: Path, measurements: Measurements, mode: Dequantize,
-                     near: Path, on_tensor: Callable[[str], None] | None = None) -> Iterator[Path]:
+def dequantized_copy(bound: Bound, source: Path, mode: Dequantize, near: Path,
+                     on_tensor: Callable[[str], None] | None = None) -> Iterator[Path]:
     """A hidden sibling of ``near`` holding ``source`` with ``mode``'s tensors dequantized; removed on exit."""
     checkpoint = open_checkpoint(source)
-    chosen = keys_to_dequantize(cfg, source, measurements, mode, checkpoint)
-    spec = arch_for_config(read_model_config(source))
+    chosen = keys_to_dequantize(bound, source, mode, checkpoint)
+    spec = bound.spec
     prefix = layer_prefix(checkpoint, spec)
     near.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{near.name}.dequantize.", dir=near.parent))

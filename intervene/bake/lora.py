@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from ..config.schema import InterventionConfig, load_config
+from ..config.reference import load_any_config
+from ..config.schema import InterventionConfig
 from ..errors import ConfigError, InputError
 from ..io.checkpoint import load_tensor
 from .outputs import with_source_card
@@ -270,10 +271,10 @@ def bake_lora(config: InterventionConfig | str | os.PathLike, output: str | os.P
     before anything is written; the directory appears complete or not at all."""
     from safetensors.torch import save_file
 
-    from ..io.models import versions
     from ..io.measurements import measurements_for
+    from ..io.models import versions
 
-    cfg = config if isinstance(config, InterventionConfig) else load_config(config)
+    cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model=model)
     source = resolve_source(model if model is not None else cfg.model)
     plan = plan_bake(cfg, source, measurements_for(measurements, cfg.measurements, cfg.source))
     module_of = check_lora(plan)

@@ -1,6 +1,6 @@
 """The bake plan: config + checkpoint headers -> the list of tensor edits, before any byte is written.
-The edits come from :func:`intervene.config.resolve.resolve` (the same list the live hooks use) and
-the on-disk key patterns of :mod:`intervene.arch`; every problem the checkpoint can have (a missing
+The edits come from :func:`intervene.config.resolve.bind` (the same projections and router biases the
+live hooks use) and the on-disk key patterns of :mod:`intervene.arch`; every problem the checkpoint can have (a missing
 key, a missing expert, quantized storage) is found here, so a failing bake writes nothing."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any, Literal
 import torch
 
 from .. import maths
-from ..arch import ArchSpec, DiskPattern, Target, arch_for_config, split_layer_key, text_config
-from ..config.resolve import LayerEdit, RouterBiasEdit, projection_edits, resolve, router_bias_vectors
+from ..arch import ArchSpec, DiskPattern, Target, split_layer_key
+from ..config.resolve import Bound, LayerEdit, bind
 from ..config.schema import InterventionConfig, Method
 from ..errors import CheckpointError, InputError
 from ..text import format_ranges
@@ -61,11 +61,8 @@ class BakePlan:
 
     source: Path
     checkpoint: Checkpoint
-    config: InterventionConfig
-    spec: ArchSpec
-    model_config: Any
+    bound: Bound  # the config bound to the checkpoint's config.json
     layer_prefix: str
-    layer_edits: list[LayerEdit | RouterBiasEdit]
     edits: dict[str, list[TensorEdit]]  # key -> edits in config order
     measurements_path: str | None = None
     measurements_sha256: str | None = None
@@ -84,12 +81,30 @@ class BakePlan:
         return sum(self.checkpoint.info(k).nbytes for k in self.edits)
 
     @property
-    def layers(self) -> list[int]:
-        return sorted({e.layer for e in self.layer_edits})
+    def config(self) -> InterventionConfig:
+        return self.bound.config
 
     @property
-    def targets(self) -> list[Target]:
-        return list(dict.fromkeys(e.target for e in self.layer_edits))
+    def spec(self) -> ArchSpec:
+        return self.bound.spec
+
+    @property
+    def model_config(self) -> Any:
+        return self.bound.model_config
+
+    @property
+    def layer_edits(self) -> tuple[LayerEdit, ...]:
+        """The projections."""
+        return self.bound.projections
+
+    @property
+    def layers(self) -> list[int]:
+        return self.bound.layers
+
+    @property
+    def targets(self) -> list[str]:
+        return list(dict.fromkeys([e.target for e in self.bound.projections]
+                                  + (["router_bias"] if self.bound.router_biases else [])))
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per (key, edit): what ``--dry-run`` prints."""
@@ -185,14 +200,15 @@ def layer_prefix(checkpoint: Checkpoint, spec: ArchSpec) -> str:
     raise CheckpointError(f"{checkpoint.path}: several layer stacks ({', '.join(sorted(found))}); cannot tell which is the text decoder")
 
 
-def plan_bake(cfg: InterventionConfig, source: str | os.PathLike, measurements: Measurements) -> BakePlan:
-    """Match every resolved edit to checkpoint keys. Raises before anything is written."""
+def plan_bake(config: InterventionConfig | Bound, source: str | os.PathLike,
+              measurements: Measurements | str | os.PathLike | None = None) -> BakePlan:
+    """Match every resolved edit to checkpoint keys. Raises before anything is written. ``config``: a
+    config (bound here to the checkpoint's config.json with ``measurements``) or a :class:`Bound`."""
     source = Path(source)
     checkpoint = open_checkpoint(source)
     full_config = read_model_config(source)
-    model_config = text_config(full_config)
-    spec = arch_for_config(full_config)
-    layer_edits = resolve(cfg, spec, model_config, measurements)
+    bound = config if isinstance(config, Bound) else bind(config, measurements, full_config)
+    cfg, spec, model_config = bound.config, bound.spec, bound.model_config
     prefix = layer_prefix(checkpoint, spec)
     num_layers = int(model_config.num_hidden_layers)
 
@@ -207,8 +223,8 @@ def plan_bake(cfg: InterventionConfig, source: str | os.PathLike, measurements: 
 
     quant = _quantization_note(full_config)
     edits: dict[str, list[TensorEdit]] = {}
-    _plan_router_bias(checkpoint, spec, model_config, prefix, layer_edits, edits)
-    for le in projection_edits(layer_edits):
+    _plan_router_bias(checkpoint, spec, model_config, prefix, bound.router_biases, edits)
+    for le in bound.projections:
         if not spec.sites(model_config, le.layer, [le.target]):
             continue  # target absent at this layer (e.g. experts on a dense leading layer): live skips it too
         patterns = spec.target_patterns(model_config, le.layer, le.target)
@@ -244,19 +260,18 @@ def plan_bake(cfg: InterventionConfig, source: str | os.PathLike, measurements: 
                 direction=direction.to(torch.float32).contiguous(), scale=le.scale, method=le.method,
                 post_norm_key=post_norm_key, dtype=info.dtype, shape=info.shape,
             ))
-    meas_path = measurements.path
+    meas_path = bound.measurements.path if bound.measurements is not None else None
     sha = sha256_file(meas_path) if meas_path and Path(meas_path).is_file() else None
-    return BakePlan(source=source, checkpoint=checkpoint, config=cfg, spec=spec, model_config=model_config,
-                    layer_prefix=prefix, layer_edits=layer_edits, edits=edits, measurements_path=meas_path,
+    return BakePlan(source=source, checkpoint=checkpoint, bound=bound,
+                    layer_prefix=prefix, edits=edits, measurements_path=meas_path,
                     measurements_sha256=sha, skipped_layers=sorted(skipped))
 
 
 def _plan_router_bias(checkpoint: Checkpoint, spec: ArchSpec, model_config: Any, prefix: str,
-                      layer_edits: list[Any], edits: dict[str, list[TensorEdit]]) -> None:
-    """router_bias edits -> additions to the router's selection-bias tensor (``ArchSpec.selection_bias_tensor``).
-    Refuses (before anything is written) where the architecture or the checkpoint has no such tensor:
-    an approximation is never baked."""
-    vectors = router_bias_vectors(layer_edits, spec.num_experts(model_config))
+                      vectors: dict[int, torch.Tensor], edits: dict[str, list[TensorEdit]]) -> None:
+    """``Bound.router_biases`` -> additions to the router's selection-bias tensor
+    (``ArchSpec.selection_bias_tensor``). Refuses (before anything is written) where the architecture or
+    the checkpoint has no such tensor: an approximation is never baked."""
     if not vectors:
         return
     if spec.selection_bias_tensor is None:
@@ -359,7 +374,7 @@ def _check_shape(checkpoint: Checkpoint, key: str, info: TensorInfo, pat: DiskPa
 def plan_summary(plan: BakePlan) -> dict[str, Any]:
     """JSON-able description of the edit (for metadata and the model card)."""
     cfg = plan.config
-    scales = sorted({e.scale for e in projection_edits(plan.layer_edits)})
+    scales = sorted({e.scale for e in plan.bound.projections})
     return {
         "source": str(plan.source),
         "architecture": plan.spec.name,

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config.reference import load_any_config
+from ..config.resolve import bind
 from ..config.schema import InterventionConfig
 from ..errors import CheckpointError, InputError
 from ..io.measurements import Measurements, measurements_for
 from .outputs import MANIFEST, check_untouched, shard_metadata, write_manifest, write_side_files
-from .plan import BakePlan, plan_bake, resolve_source
+from .plan import BakePlan, plan_bake, read_model_config, resolve_source
 from .publish import check_output, make_temporary, mark_complete, publish
 from .workers import run_jobs
 from .writer import ShardJob, TensorHook
@@ -92,12 +93,13 @@ def bake(config: InterventionConfig | str | os.PathLike, output: str | os.PathLi
     if dequantize is not None:
         from .dequantize import dequantized_copy, keys_to_dequantize
 
-        keys_to_dequantize(cfg, Path(source), meas, dequantize)  # named errors before anything is written
+        bound = bind(cfg, meas, read_model_config(Path(source)))
+        keys_to_dequantize(bound, Path(source), dequantize)  # named errors before anything is written
         if dry_run or out is None:
             raise InputError("--dequantize writes a checkpoint: give --output DIR and no --dry-run")
         check_output(source, Path(out), overwrite)
-        with dequantized_copy(cfg, Path(source), meas, dequantize, Path(os.path.abspath(out))) as copy:
-            plan = plan_bake(cfg, copy, meas)
+        with dequantized_copy(bound, Path(source), dequantize, Path(os.path.abspath(out))) as copy:
+            plan = plan_bake(bound, copy)
             return _with_gguf(execute(plan, Path(out), overwrite=overwrite, workers=workers, progress=progress,
                                       verify_hashes=verify_hashes, threads=threads, on_tensor=on_tensor), gguf)
     plan = plan_bake(cfg, source, meas)

@@ -37,7 +37,7 @@ from ..config.reference import load_any_config
 from ..config.schema import InterventionConfig
 from ..errors import InputError
 from ..io.files import write_json
-from ..io.measurements import Measurements
+from ..io.measurements import Measurements, measurements_for
 
 DEFAULT_PROMPTS = ("builtin:harmful:eval", "builtin:harmless:eval")
 DEFAULT_PER_SET = 8
@@ -117,7 +117,7 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
     tokenizer). ``sequential``: load the two models one after the other (the original's logits
     are kept on the CPU meanwhile) instead of side by side.
     """
-    from ..hooks.apply import apply, load_config_measurements
+    from ..hooks.apply import apply
     from ..io.models import load_model, parse_dtype, versions
     from ..io.sources import resolve_model
 
@@ -139,7 +139,7 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
             raise InputError(f"{baked} is a LoRA adapter; verifying it needs PEFT: pip install 'intervene[lora]'") from None
         base_model, _ = load_model(original_spec, torch_dtype, device_map, tokenizer="none")
         return PeftModel.from_pretrained(base_model, str(baked)).eval()
-    meas = load_config_measurements(cfg, measurements)
+    meas = measurements_for(measurements, cfg.measurements, cfg.source)
     torch_dtype = parse_dtype(dtype or cfg.dtype)
     if torch_dtype == "auto":
         raise InputError("verify needs an explicit dtype (float32, bfloat16 or float16), not 'auto'")

@@ -121,12 +121,12 @@ def run(args: argparse.Namespace) -> int:
         reference = load_model(args.reference, dtype=args.dtype, device_map=args.device_map)
     intervention = None
     if cfg is not None:
-        from ..hooks.apply import apply  # lazy: only --config needs the hooks
+        from ..hooks.apply import apply, bind_model  # lazy: only --config needs the hooks
 
-        measurements = _config_measurements(args, cfg)
-        with apply(model, cfg, measurements):  # config errors surface now, not after the baseline
+        bound = bind_model(model, cfg, _config_measurements(args, cfg))
+        with apply(model, bound):  # config errors surface now, not after the baseline
             pass
-        intervention = lambda: apply(model, cfg, measurements)  # noqa: E731
+        intervention = lambda: apply(model, bound)  # noqa: E731
 
     report = evaluate(model, tokenizer, harmful, harmless, intervention=intervention,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, n_samples=args.samples,
@@ -176,16 +176,17 @@ def _first_token(args: argparse.Namespace, model_spec: str, cfg: Any, harmful: l
         report = first_token_streamed(model_spec, load_tokenizer(model_spec), harmful, harmless, cfg, measurements,
                                       dtype=args.dtype, device=args.device, hidden_on=args.hidden_on, **common)
     else:
-        from ..hooks.apply import apply
+        from ..hooks.apply import apply, bind_model
         from ..io.models import load_model
         from ..live.evaluate import first_token_scores
 
         model, tokenizer = load_model(model_spec, dtype=args.dtype, device_map=args.device_map)
         intervention = None
         if cfg is not None:
-            with apply(model, cfg, measurements):  # config errors surface now, not after the baseline
+            bound = bind_model(model, cfg, measurements)
+            with apply(model, bound):  # config errors surface now, not after the baseline
                 pass
-            intervention = lambda: apply(model, cfg, measurements)  # noqa: E731
+            intervention = lambda: apply(model, bound)  # noqa: E731
         report = first_token_scores(model, tokenizer, harmful, harmless, intervention=intervention,
                                     config=cfg.to_dict() if cfg else None, **common)
     print(f"{model_spec}{f' with {args.config} (live)' if cfg else ' (no intervention: scored against itself)'}")

@@ -1,19 +1,27 @@
-"""The resolved edit, the contract the live hooks and the bake share: :func:`resolve` checks a parsed
-config against a model (its architecture, config and measurements; named errors for anything they
-cannot satisfy) and expands it into the ordered list of :class:`LayerEdit` that both apply, so the
-directions, scales and orders tried live and baked are identical."""
+"""The bound intervention, the contract the live hooks and the bake share: :func:`bind` reads a config
+(native or reference schema) and its measurements, checks them against a model's config (named errors
+for anything the architecture or the measurements cannot satisfy) and resolves them ONCE into a
+:class:`Bound`: one field per kind of edit (``projections``: the ordered :class:`LayerEdit` list;
+``router_biases``: per MoE layer the [E] vector added to the selection score), so the directions,
+scales and orders tried live and baked are identical and no consumer sorts edits by kind. A new kind
+of edit is one entry in ``schema``, one resolver here, one field of :class:`Bound`, and one consumer
+each in ``hooks/apply`` (live) and ``bake/plan`` (baked). :func:`resolve` is the same expansion as
+one flat list (projections, then :class:`RouterBiasEdit`), for tests and scripts."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import torch
 
 from .. import maths
-from ..arch import ArchSpec, Target
+from ..arch import ArchSpec, Target, arch_for_config, text_config
 from ..errors import ConfigError
-from ..io.measurements import Measurements, router_key
+from ..io.measurements import Measurements, measurements_for, router_key
+from .reference import load_any_config
 from .schema import AblateEntry, InterventionConfig, Measurement, Method, RouterBiasEntry
 
 EXPERT_SUBSET_TARGETS = ("experts", "expert_inputs", "routed_expert_inputs")  # targets an 'experts' subset restricts
@@ -34,7 +42,7 @@ class LayerEdit:
 @dataclass(frozen=True)
 class RouterBiasEdit:
     """One resolved router_bias: add ``bias`` to the selection score of ``experts`` at MoE ``layer``
-    (where: ``ArchSpec.selection_bias``). Rides in the same list as :class:`LayerEdit`."""
+    (where: ``ArchSpec.selection_bias``). :func:`bind` sums them per layer into ``Bound.router_biases``."""
 
     layer: int
     experts: tuple[int, ...]
@@ -56,11 +64,6 @@ def router_bias_vectors(edits: Sequence[Any], num_experts: int) -> dict[int, tor
             vec = out.setdefault(e.layer, torch.zeros(num_experts, dtype=torch.float32))
             vec[list(e.experts)] += e.bias
     return out
-
-
-def projection_edits(edits: Sequence[Any]) -> list[LayerEdit]:
-    """The projection edits of a resolved list (router_bias edits left out)."""
-    return [e for e in edits if isinstance(e, LayerEdit)]
 
 
 def validate_router_bias(cfg: InterventionConfig, spec: ArchSpec, model_config: Any,
@@ -252,13 +255,11 @@ def entry_direction(cfg: InterventionConfig, entry: AblateEntry, layer: int, mea
     return maths.unit(r, f"direction for layer {layer} (measurement {m})")
 
 
-def resolve(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measurements: Measurements) -> list[Edit]:
-    """Validate, then expand the config into the ordered list of edits that hooks and bake apply:
-    the projections (:class:`LayerEdit`, config order), then the router_bias edits
-    (:class:`RouterBiasEdit`), which touch no tensor a projection touches."""
-    validate(cfg, spec, model_config, measurements)
-    router_bias = resolve_router_bias(cfg, spec, model_config, measurements)
-    edits: list[Edit] = []
+def resolve_projections(cfg: InterventionConfig, spec: ArchSpec, model_config: Any,
+                        measurements: Measurements) -> list[LayerEdit]:
+    """The config's ``ablate`` entries as the ordered list of projections (config order; each
+    entry's direction computed once per layer, whitening included). Call :func:`validate` first."""
+    edits: list[LayerEdit] = []
     for entry in cfg.ablate:
         targets = cfg.targets_for(entry, spec)
         for layer in entry.layers:
@@ -269,4 +270,51 @@ def resolve(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measurem
                     continue
                 experts = cfg.experts_for(layer) if target in EXPERT_SUBSET_TARGETS else None
                 edits.append(LayerEdit(layer, target, r_hat, float(scale), cfg.method, experts))
-    return edits + router_bias
+    return edits
+
+
+def resolve(cfg: InterventionConfig, spec: ArchSpec, model_config: Any, measurements: Measurements) -> list[Edit]:
+    """Validate, then expand the config into one flat list: the projections (:class:`LayerEdit`,
+    config order), then the router_bias edits (:class:`RouterBiasEdit`). Consumers take
+    :func:`bind`'s :class:`Bound` instead, which keeps the kinds apart."""
+    validate(cfg, spec, model_config, measurements)
+    router_bias = resolve_router_bias(cfg, spec, model_config, measurements)
+    return [*resolve_projections(cfg, spec, model_config, measurements), *router_bias]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A config bound to a model: what it is (``config``, native; ``measurements``), what it is bound to
+    (``spec``, ``model_config``: the text config) and what it does, one field per kind of edit."""
+
+    config: InterventionConfig
+    measurements: Measurements | None
+    spec: ArchSpec
+    model_config: Any
+    projections: tuple[LayerEdit, ...]  # config order
+    router_biases: dict[int, torch.Tensor]  # MoE layer -> float32 [E] added to the selection score
+
+    @property
+    def layers(self) -> list[int]:
+        """Every decoder layer an edit of any kind touches, ascending."""
+        return sorted({e.layer for e in self.projections} | set(self.router_biases))
+
+    def at_layer(self, layer: int) -> Bound:
+        """The edits of one decoder layer (a layer-streamed pass installs them layer by layer)."""
+        return dataclasses.replace(self, projections=tuple(e for e in self.projections if e.layer == layer),
+                                   router_biases={k: v for k, v in self.router_biases.items() if k == layer})
+
+
+def bind(config: InterventionConfig | str | os.PathLike, measurements: Measurements | str | os.PathLike | None,
+         model_config: Any) -> Bound:
+    """The config (an object, or a native or reference-schema YAML path, translated against
+    ``model_config``) and its measurements (loaded, a path, or None for the config's own file) checked
+    against ``model_config`` (a transformers config; multimodal wrappers allowed) and resolved, once."""
+    cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model_config=model_config)
+    meas = measurements_for(measurements, cfg.measurements, cfg.source)
+    spec, text = arch_for_config(model_config), text_config(model_config)
+    validate(cfg, spec, text, meas)
+    router_bias = resolve_router_bias(cfg, spec, text, meas)
+    projections = resolve_projections(cfg, spec, text, meas)
+    vectors = router_bias_vectors(router_bias, spec.num_experts(text)) if router_bias else {}
+    return Bound(cfg, meas, spec, text, tuple(projections), vectors)

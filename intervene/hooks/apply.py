@@ -4,9 +4,10 @@
         model.generate(...)            # edited behaviour
     model.generate(...)                # original behaviour, bit for bit
 
-``apply`` resolves the config with :func:`intervene.config.resolve` -- the same list of
-:class:`~intervene.config.resolve.LayerEdit` the bake consumes -- and installs each edit at the hook
-sites that :meth:`intervene.arch.ArchSpec.sites` lists. Two mechanisms, chosen per site:
+``apply`` binds the config with :func:`intervene.config.resolve.bind` (or takes a
+:class:`~intervene.config.resolve.Bound` already made) -- the same projections and router biases the
+bake consumes -- and installs each projection at the hook sites that :meth:`intervene.arch.ArchSpec.sites`
+lists. Two mechanisms, chosen per site:
 
 *hook*  (``method: project``, all experts) -- write side: a forward hook projects ``y ← y - s(y·r̂)r̂``
         on the site module's output; read side: a forward pre-hook projects the module's input
@@ -35,7 +36,7 @@ Gemma3: ``o_proj``/``down_proj`` outputs pass through a per-channel post-norm; t
 ``post_norm`` and the direction used there is ``maths.post_norm_direction(r̂, norm.weight)``,
 which removes r̂ exactly from the residual (live and bake alike).
 
-Router bias (config ``router_bias``, :class:`~intervene.config.resolve.RouterBiasEdit`): added where
+Router bias (config ``router_bias``, ``Bound.router_biases``): added where
 the architecture adds its own selection bias (``ArchSpec.selection_bias``). ``correction_bias``
 (GLM-4 MoE, DeepSeek-V3) and ``router_bias`` (gpt-oss): the router's ``e_score_correction_bias`` /
 ``bias`` is swapped for ``maths.add_selection_bias`` of itself -- the tensor and the arithmetic the
@@ -49,19 +50,19 @@ Site names are stable and printable (``layers.12.attn.out``, ``layers.3.router.i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from .. import maths
 from ..arch import ArchSpec, Site, TensorRef, arch_for_config, decoder_layers, get_module, site_name, text_config
-from ..config.reference import load_any_config
-from ..config.resolve import LayerEdit, RouterBiasEdit, projection_edits, resolve, router_bias_vectors
+from ..config.resolve import Bound, LayerEdit, bind
 from ..config.schema import InterventionConfig
 from ..errors import ArchitectureError, ConfigError
-from ..io.measurements import Measurements, measurements_for
+from ..io.measurements import Measurements
 
 MODES = ("auto", "hooks", "weights")
 
@@ -83,7 +84,7 @@ class LiveIntervention:
     """What ``apply`` installed (yielded by the context manager)."""
 
     sites: list[SiteEdit]
-    edits: list[LayerEdit | RouterBiasEdit]
+    edits: list[LayerEdit]  # the projections
     router_bias: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E] added to the selection score
     router_bias_mechanism: str = ""  # "hook" (logits re-chosen) or "swap" (the router's own bias tensor)
 
@@ -103,45 +104,39 @@ class LiveIntervention:
 # ---- public API --------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def apply(model: Any, config: InterventionConfig | str | os.PathLike,
+def apply(model: Any, config: Bound | InterventionConfig | str | os.PathLike,
           measurements: Measurements | str | os.PathLike | None = None,
           mode: str = "auto") -> Iterator[LiveIntervention]:
     """Apply an intervention config live for the duration of the ``with`` block.
 
-    ``config`` is an :class:`InterventionConfig` or a YAML path; ``measurements`` a loaded
-    :class:`Measurements`, a path, or None to read ``config.measurements``. ``mode``: ``auto``
-    (hooks where exact, weight swaps where needed), ``weights`` (swap every site's weights, the
-    bake done in memory), ``hooks`` (refuse anything that needs a swap).
+    ``config`` is a :class:`Bound` (bound once, e.g. to check it before a baseline, then applied as
+    often as needed without resolving again), an :class:`InterventionConfig` or a YAML path (native
+    or reference schema); ``measurements`` a loaded :class:`Measurements`, a path, or None to read
+    ``config.measurements`` (ignored for a :class:`Bound`). ``mode``: ``auto`` (hooks where exact,
+    weight swaps where needed), ``weights`` (swap every site's weights, the bake done in memory),
+    ``hooks`` (refuse anything that needs a swap).
     """
-    edits = resolve_for_model(model, config, measurements)
-    with apply_edits(model, edits, mode=mode) as live:
+    bound = config if isinstance(config, Bound) else bind_model(model, config, measurements)
+    with apply_edits(model, bound.projections, bound.router_biases, mode=mode, spec=bound.spec) as live:
         yield live
 
 
-def resolve_for_model(model: Any, config: InterventionConfig | str | os.PathLike,
-                      measurements: Measurements | str | os.PathLike | None = None) -> list[LayerEdit]:
-    """``config.resolve`` against a loaded model (loading the config/measurements if given as paths)."""
-    cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model_config=model.config)
-    meas = load_config_measurements(cfg, measurements)
-    spec = arch_for_config(model.config)
-    return resolve(cfg, spec, text_config(model.config), meas)
-
-
-def load_config_measurements(cfg: InterventionConfig,
-                             measurements: Measurements | str | os.PathLike | None = None) -> Measurements:
-    """``measurements`` (loaded or a path) else the config's own file."""
-    return measurements_for(measurements, cfg.measurements, cfg.source)
+def bind_model(model: Any, config: InterventionConfig | str | os.PathLike,
+               measurements: Measurements | str | os.PathLike | None = None) -> Bound:
+    """:func:`intervene.config.resolve.bind` against a loaded model's config."""
+    return bind(config, measurements, model.config)
 
 
 @contextlib.contextmanager
-def apply_edits(model: Any, edits: Sequence[LayerEdit], mode: str = "auto") -> Iterator[LiveIntervention]:
-    """Install resolved edits; remove every hook and restore every swapped weight on exit, also
-    when the block raises."""
+def apply_edits(model: Any, projections: Sequence[LayerEdit], router_biases: Mapping[int, torch.Tensor] | None = None,
+                mode: str = "auto", *, spec: ArchSpec | None = None) -> Iterator[LiveIntervention]:
+    """Install resolved edits (a :class:`Bound`'s ``projections`` and ``router_biases``); remove every
+    hook and restore every swapped weight on exit, also when the block raises."""
     if mode not in MODES:
         raise ConfigError(f"unknown live mode '{mode}'; valid: {', '.join(MODES)}")
-    plan = plan_sites(model, edits, mode)
-    spec = arch_for_config(model.config)
-    biases = router_bias_vectors(edits, spec.num_experts(text_config(model.config)))
+    spec = spec or arch_for_config(model.config)
+    plan = plan_sites(model, projections, mode, spec=spec)
+    biases = dict(router_biases or {})
     if biases and spec.selection_bias != "logits" and mode == "hooks":
         raise ConfigError(f"router_bias on '{spec.name}' swaps the router's '{spec.selection_bias_tensor}'; "
                           "mode='hooks' cannot apply it")
@@ -160,7 +155,7 @@ def apply_edits(model: Any, edits: Sequence[LayerEdit], mode: str = "auto") -> I
                 handles.append(module.register_forward_hook(_write_hook(site_edit)))
             else:
                 handles.append(module.register_forward_pre_hook(_read_hook(site_edit), with_kwargs=True))
-        yield LiveIntervention(sites=plan, edits=list(edits), router_bias=biases,
+        yield LiveIntervention(sites=plan, edits=list(projections), router_bias=biases,
                                router_bias_mechanism="hook" if spec.selection_bias == "logits" else "swap")
     finally:
         for handle in reversed(handles):
@@ -168,14 +163,14 @@ def apply_edits(model: Any, edits: Sequence[LayerEdit], mode: str = "auto") -> I
         _restore(saved)
 
 
-def plan_sites(model: Any, edits: Sequence[LayerEdit], mode: str = "auto") -> list[SiteEdit]:
-    """Group edits by site (first-seen order; edits in config order) and pick each site's mechanism."""
-    spec = arch_for_config(model.config)
+def plan_sites(model: Any, edits: Sequence[LayerEdit], mode: str = "auto", *,
+               spec: ArchSpec | None = None) -> list[SiteEdit]:
+    """Group projections by site (first-seen order; edits in config order) and pick each site's mechanism."""
+    spec = spec or arch_for_config(model.config)
     config = text_config(model.config)
     layers = decoder_layers(model)
     by_name: dict[str, SiteEdit] = {}
-    # router_bias edits are installed by apply_edits, not at sites
-    for edit in projection_edits(sited_edits(model, edits)):
+    for edit in sited_edits(model, edits, spec=spec):
         for site in spec.sites(config, edit.layer, [edit.target]):
             name = site_name(edit.layer, site)
             entry = by_name.setdefault(name, SiteEdit(name, edit.layer, site))
@@ -192,26 +187,30 @@ def plan_sites(model: Any, edits: Sequence[LayerEdit], mode: str = "auto") -> li
     return plan
 
 
-def sited_edits(model: Any, edits: Sequence[LayerEdit | RouterBiasEdit]) -> list[LayerEdit | RouterBiasEdit]:
-    """The edits that act on this model: a projection edit whose target has no module at its layer
-    ('mlp' on a MoE layer, 'experts' on a dense one) is left out (router_bias edits are kept). Named
-    errors: a layer out of range, or projection edits none of which has a module. Reads no weights
-    (a meta-device skeleton will do), so a layer-streamed pass can check a config before any layer loads
-    and install each layer's share of it when that layer is in memory."""
-    spec = arch_for_config(model.config)
+def sited_edits(model: Any, projections: Sequence[LayerEdit], *, spec: ArchSpec | None = None) -> list[LayerEdit]:
+    """The projections that act on this model: one whose target has no module at its layer ('mlp' on a
+    MoE layer, 'experts' on a dense one) is left out. Named errors: a layer out of range, or projections
+    none of which has a module. Reads no weights (a meta-device skeleton will do), so a layer-streamed
+    pass can check a config before any layer loads and install each layer's share of it when that layer
+    is in memory."""
+    spec = spec or arch_for_config(model.config)
     config = text_config(model.config)
     n_layers = len(decoder_layers(model))
-    projections = projection_edits(edits)
     for edit in projections:
         if not 0 <= edit.layer < n_layers:
             raise ConfigError(f"edit at layer {edit.layer} out of range; the model has layers 0..{n_layers - 1}")
-    kept = [e for e in edits if not isinstance(e, LayerEdit) or spec.sites(config, e.layer, [e.target])]
-    if projections and not projection_edits(kept):
+    kept = [e for e in projections if spec.sites(config, e.layer, [e.target])]
+    if projections and not kept:
         wanted = sorted({e.target for e in projections})
         layers_ = sorted({e.layer for e in projections})
         raise ConfigError(f"the config edits nothing on this model: target(s) {', '.join(wanted)} have no module at "
                           f"layer(s) {', '.join(map(str, layers_))} (e.g. 'mlp' on MoE layers, 'experts' on dense ones)")
     return kept
+
+
+def sited(model: Any, bound: Bound) -> Bound:
+    """``bound`` with its projections :func:`sited_edits` on this model (same checks, same errors)."""
+    return dataclasses.replace(bound, projections=tuple(sited_edits(model, bound.projections, spec=bound.spec)))
 
 
 def list_sites(model: Any, targets: Sequence[str] | None = None) -> list[str]:
@@ -409,5 +408,5 @@ def _restore(saved: list[tuple[torch.Tensor, torch.Tensor, int | None, int | Non
     saved.clear()
 
 
-__all__ = ["apply", "apply_edits", "resolve_for_model", "plan_sites", "sited_edits", "list_sites", "LiveIntervention", "SiteEdit",
-           "MODES"]
+__all__ = ["apply", "apply_edits", "bind_model", "plan_sites", "sited_edits", "sited", "list_sites", "LiveIntervention",
+           "SiteEdit", "MODES"]

@@ -7,13 +7,13 @@ chain of a site as :mod:`intervene.hooks.apply` computes it."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 
 from .. import maths
 from ..arch import arch_for_config, text_config
-from ..config.resolve import LayerEdit
+from ..config.resolve import Bound, LayerEdit
 from ..config.schema import InterventionConfig
 from ..errors import ConfigError, InputError
 from ..io.measurements import Measurements
@@ -108,27 +108,40 @@ def layer_selection(model: Any, layers: Sequence[int] | None) -> tuple[list[int]
 
 # ---- edits -------------------------------------------------------------------------------------
 
-def resolve_edits(model: Any, config: InterventionConfig | str | os.PathLike | Sequence[LayerEdit],
-                  measurements: Measurements | str | os.PathLike | None = None) -> list[LayerEdit]:
-    """A config (object or YAML path) resolved against ``model``; resolved edits pass through."""
-    if isinstance(config, (list, tuple)) and all(isinstance(e, LayerEdit) for e in config):
-        return list(config)
-    from ..hooks.apply import resolve_for_model
-
-    return resolve_for_model(model, config, measurements)
+Edits = Union[Bound, Sequence[LayerEdit]]  # a config bound to the model, or projections resolved already
 
 
-def site_plan(model: Any, edits: Sequence[LayerEdit]) -> list[Any]:
-    """:func:`intervene.hooks.apply.plan_sites`: the edits grouped by site, each with its mechanism
+def resolve_edits(model: Any, config: InterventionConfig | str | os.PathLike | Edits,
+                  measurements: Measurements | str | os.PathLike | None = None) -> Edits:
+    """A config (object or YAML path) bound to ``model`` (:func:`intervene.config.resolve.bind`); a
+    :class:`Bound` or resolved projections pass through."""
+    if isinstance(config, Bound) or (isinstance(config, (list, tuple)) and all(isinstance(e, LayerEdit) for e in config)):
+        return config if isinstance(config, Bound) else list(config)
+    from ..hooks.apply import bind_model
+
+    return bind_model(model, config, measurements)
+
+
+def site_plan(model: Any, edits: Edits) -> list[Any]:
+    """:func:`intervene.hooks.apply.plan_sites`: the projections grouped by site, each with its mechanism
     (``hook``: an activation projection; ``swap``: needs edited weights) and its directions
     (Gemma3 post-norm sites already rescaled)."""
-    from ..config.resolve import RouterBiasEdit
     from ..hooks.apply import plan_sites
 
-    if any(isinstance(e, RouterBiasEdit) for e in edits):
-        raise ConfigError("router_bias changes the routers' choice, which no TransformerLens/nnsight activation "
-                          "intervention here expresses; use intervene.apply() on the transformers model")
+    if isinstance(edits, Bound):
+        if edits.router_biases:
+            raise ConfigError("router_bias changes the routers' choice, which no TransformerLens/nnsight activation "
+                              "intervention here expresses; use intervene.apply() on the transformers model")
+        return plan_sites(model, edits.projections, mode="auto", spec=edits.spec)
     return plan_sites(model, edits, mode="auto")
+
+
+def live(model: Any, edits: Edits) -> Any:
+    """:func:`intervene.hooks.apply.apply` of ``edits`` on the transformers model (the fallback where
+    activation hooks cannot express them)."""
+    from ..hooks.apply import apply, apply_edits
+
+    return apply(model, edits) if isinstance(edits, Bound) else apply_edits(model, edits)
 
 
 def refuse_swaps(plan: Sequence[Any], library: str, fallback: str) -> None:

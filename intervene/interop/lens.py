@@ -66,7 +66,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..arch import ArchSpec, Site, arch_for_config, decoder_layers, get_module, site_name, text_config
-from ..config.resolve import LayerEdit
 from ..config.schema import InterventionConfig
 from ..errors import ArchitectureError, ConfigError, InputError
 from ..hooks.capture import EMBED, resid_site, router_site
@@ -252,13 +251,13 @@ def capture_means(bridge: Any, tokenizer: Any, harmful: Sequence[str], harmless:
 
 # ---- interventions -----------------------------------------------------------------------------
 
-def resolve_edits(bridge: Any, config: InterventionConfig | str | os.PathLike | Sequence[LayerEdit],
-                  measurements: Measurements | str | os.PathLike | None = None) -> list[LayerEdit]:
-    """The config's resolved edits for the wrapped model (:func:`intervene.config.resolve`)."""
+def resolve_edits(bridge: Any, config: InterventionConfig | str | os.PathLike | _common.Edits,
+                  measurements: Measurements | str | os.PathLike | None = None) -> _common.Edits:
+    """The config bound to the wrapped model (:func:`intervene.config.resolve.bind`); resolved edits pass through."""
     return _common.resolve_edits(hf_model(bridge), config, measurements)
 
 
-def lens_hooks(bridge: Any, edits: Sequence[LayerEdit]) -> list[TLHook]:
+def lens_hooks(bridge: Any, edits: _common.Edits) -> list[TLHook]:
     """``(hook_name, fn)`` pairs for ``bridge.run_with_hooks(fwd_hooks=...)`` or
     ``bridge.hooks(...)`` that apply the edits as intervene's live hooks do: ``y ← y - s(y·r̂)r̂``
     on a write site's output, the same on a read site's input. Named error for a site the bridge
@@ -283,13 +282,13 @@ def _tl_fn(project: _common.Projection, index: int | None) -> Callable[[Any, Any
 
 
 def run_with_config(bridge: Any, input_ids: torch.Tensor,
-                    config: InterventionConfig | str | os.PathLike | Sequence[LayerEdit],
+                    config: InterventionConfig | str | os.PathLike | _common.Edits,
                     measurements: Measurements | str | os.PathLike | None = None,
                     attention_mask: torch.Tensor | None = None, fallback: bool = True) -> torch.Tensor:
     """Logits ``[B, S, V]`` of the bridge under the config's projections, applied as TL hooks.
 
     Configs that TL hooks cannot express (see the module docstring) are applied with
-    :func:`intervene.hooks.apply.apply_edits` on ``bridge.original_model`` instead when
+    :func:`intervene.hooks.apply.apply` on ``bridge.original_model`` instead when
     ``fallback`` is true, and refused with the named error otherwise.
     """
     model = hf_model(bridge)
@@ -301,9 +300,7 @@ def run_with_config(bridge: Any, input_ids: torch.Tensor,
     except (ArchitectureError, ConfigError):
         if not fallback:
             raise
-        from ..hooks.apply import apply_edits
-
-        with torch.no_grad(), apply_edits(model, edits):
+        with torch.no_grad(), _common.live(model, edits):
             return bridge(inputs["input_ids"], return_type="logits", **kwargs)
     with torch.no_grad():
         return bridge.run_with_hooks(inputs["input_ids"], fwd_hooks=hooks, return_type="logits", **kwargs)

@@ -47,7 +47,6 @@ from typing import Any, Sequence
 import torch
 
 from ..arch import Site, arch_for_config, text_config
-from ..config.resolve import LayerEdit
 from ..config.schema import InterventionConfig
 from ..errors import ArchitectureError, InputError
 from ..hooks.capture import EMBED, resid_site, router_site
@@ -150,13 +149,13 @@ def capture_means(nn_model: Any, tokenizer: Any, harmful: Sequence[str], harmles
 
 # ---- interventions -----------------------------------------------------------------------------
 
-def resolve_edits(nn_model: Any, config: InterventionConfig | str | os.PathLike | Sequence[LayerEdit],
-                  measurements: Measurements | str | os.PathLike | None = None) -> list[LayerEdit]:
-    """The config's resolved edits for the wrapped model (:func:`intervene.config.resolve`)."""
+def resolve_edits(nn_model: Any, config: InterventionConfig | str | os.PathLike | _common.Edits,
+                  measurements: Measurements | str | os.PathLike | None = None) -> _common.Edits:
+    """The config bound to the wrapped model (:func:`intervene.config.resolve.bind`); resolved edits pass through."""
     return _common.resolve_edits(hf_model(nn_model), config, measurements)
 
 
-def nnsight_edits(tracer: Any, nn_model: Any, edits: Sequence[LayerEdit]) -> None:
+def nnsight_edits(tracer: Any, nn_model: Any, edits: _common.Edits) -> None:
     """Add the edits to a trace in invoke mode (``with nn_model.trace() as tracer:``), after the
     invoke that carries the input: one whole-batch ``tracer.invoke()`` per site replaces the site
     module's output (write) or first input (read) by its projection."""
@@ -180,25 +179,23 @@ def nnsight_edits(tracer: Any, nn_model: Any, edits: Sequence[LayerEdit]) -> Non
 
 
 def run_with_config(nn_model: Any, input_ids: torch.Tensor,
-                    config: InterventionConfig | str | os.PathLike | Sequence[LayerEdit],
+                    config: InterventionConfig | str | os.PathLike | _common.Edits,
                     measurements: Measurements | str | os.PathLike | None = None,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits ``[B, S, V]`` of one traced forward under the config's projections (nnsight edits).
     Configs that need edited weights (norm_preserving, expert subsets) run the trace inside
-    :func:`intervene.hooks.apply.apply_edits` instead."""
+    :func:`intervene.hooks.apply.apply` instead."""
     model = hf_model(nn_model)
     edits = resolve_edits(nn_model, config, measurements)
     inputs = _common.forward_inputs(input_ids, attention_mask)
     plan = _common.site_plan(model, edits)
     if any(s.mechanism != "hook" for s in plan):
-        from ..hooks.apply import apply_edits
-
-        with apply_edits(model, edits):
+        with _common.live(model, edits):
             return _trace_logits(nn_model, inputs, [])
     return _trace_logits(nn_model, inputs, edits)
 
 
-def _trace_logits(nn_model: Any, inputs: dict[str, torch.Tensor], edits: Sequence[LayerEdit]) -> torch.Tensor:
+def _trace_logits(nn_model: Any, inputs: dict[str, torch.Tensor], edits: _common.Edits) -> torch.Tensor:
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad(), nn_model.trace() as tracer:
         with tracer.invoke(**inputs):

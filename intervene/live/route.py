@@ -12,7 +12,7 @@ import os
 import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
@@ -291,17 +291,15 @@ def route_config(config: InterventionConfig | str | os.PathLike, harmful: str | 
                          batch_size=batch_size, system_prompt=run.system_prompt, chat_template=run.chat_template,
                          top=top, progress=progress, config=p.config.to_dict(), model_name=p.model_spec)
     report.measurements, report.sites, report.prompt_sources = p.measurements.path, p.sites(), run.prompt_sources
-    report.steered = steered_experts(report, p.edits)
+    report.steered = steered_experts(report, p.bound.router_biases)
     return report
 
 
-def steered_experts(report: RouteReport, edits: Sequence[Any]) -> list[SteeredExpert]:
-    """The ``router_bias`` experts of resolved ``edits`` with their frequencies from ``report``."""
-    from ..config.resolve import router_bias_vectors
-
+def steered_experts(report: RouteReport, router_biases: Mapping[int, torch.Tensor]) -> list[SteeredExpert]:
+    """The experts ``router_biases`` (``Bound.router_biases``) steer, with their frequencies from ``report``."""
     rows = {row.layer: row for row in report.layers}
     out = []
-    for layer, vec in sorted(router_bias_vectors(edits, report.num_experts).items()):
+    for layer, vec in sorted(router_biases.items()):
         row = rows.get(layer)
         if row is None:
             continue

@@ -6,8 +6,8 @@ The skeleton, the layer loader and the recorded layer arguments are those of
 :func:`intervene.measure.stream.measure_streamed` (:mod:`intervene.io.layerwise`,
 :mod:`intervene.io.layer_calls`); the output head is loaded too (tied heads are re-tied). Each batch
 carries two hidden-state streams: the baseline's and the edited one. For each layer L, once it is
-loaded, the edited stream runs through it under :func:`intervene.hooks.apply.apply_edits` of the
-config's edits at layer L -- the live hooks and weight swaps themselves, installed on the loaded layer
+loaded, the edited stream runs through it under :func:`intervene.hooks.apply.apply` of the
+bound config's edits at layer L -- the live hooks and weight swaps themselves, installed on the loaded layer
 and removed before the baseline stream runs through it unedited. Before the first edited layer the
 edited stream IS the baseline's (not computed twice). At the end the model's own output part (final
 norm, lm_head at the last position, any logit scaling) runs on each stream
@@ -27,11 +27,10 @@ from typing import Any, Sequence
 import torch
 
 from ..arch import decoder_layers, text_config
-from ..config.reference import load_any_config
-from ..config.resolve import LayerEdit, RouterBiasEdit
+from ..config.resolve import Bound
 from ..config.schema import InterventionConfig
 from ..errors import InputError
-from ..hooks.apply import apply_edits, resolve_for_model, sited_edits
+from ..hooks.apply import apply, bind_model, sited
 from ..io.layer_calls import LayerCall, head_logits, record_layer_calls
 from ..io.layerwise import LayerLoader, stream_skeleton
 from ..io.measurements import Measurements
@@ -39,7 +38,6 @@ from ..io.models import batches, encode, format_prompts
 from ..io.sources import resolve_model
 from .evaluate import FirstTokenReport, FirstTokenSettings, PerSet, first_token_report
 
-Edits = Sequence[LayerEdit | RouterBiasEdit]
 HIDDEN_ON = ("device", "cpu")
 
 
@@ -77,28 +75,27 @@ class LayerStream:
             raise InputError(f"{self.loader.checkpoint.path}: the output head's '{left[0]}' is not in the checkpoint")
 
     def resolve(self, config: InterventionConfig | str | os.PathLike,
-                measurements: Measurements | str | os.PathLike | None = None) -> list[LayerEdit | RouterBiasEdit]:
-        """The config's edits on this model, checked (:func:`~intervene.hooks.apply.sited_edits`)
-        before any layer is read."""
-        return sited_edits(self.model, resolve_for_model(self.model, config, measurements))
+                measurements: Measurements | str | os.PathLike | None = None) -> Bound:
+        """The config bound to this model, checked (:func:`~intervene.hooks.apply.sited`) before any
+        layer is read."""
+        return sited(self.model, bind_model(self.model, config, measurements))
 
     def encode(self, texts: Sequence[str], tokenizer: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
         """Left-padded batches of already formatted ``texts`` on the compute device."""
         return [encode(tokenizer, chunk, self.device) for chunk in batches(list(texts), batch_size)]
 
-    def logprobs(self, encoded: Sequence[dict[str, torch.Tensor]], edits: Edits | None, *, baseline: bool = True,
+    def logprobs(self, encoded: Sequence[dict[str, torch.Tensor]], edits: Bound | None, *, baseline: bool = True,
                  progress: bool = False, desc: str = "first-token (streamed)"
                  ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
         """One pass over the layers: per batch, float32 log-softmax of the next token at the last
         position [B, V] (CPU) of the unedited model (``baseline``; else None) and of the model under
-        ``edits`` (None when ``edits`` is None; ``[]`` gives the baseline's numbers)."""
+        ``edits`` (a bound config; None when ``edits`` is None; one without edits gives the baseline's numbers)."""
         if not baseline and edits is None:
             raise ValueError("LayerStream.logprobs: nothing to compute (no baseline and no edits)")
         layers = decoder_layers(self.model)
-        by_layer: dict[int, list[LayerEdit | RouterBiasEdit]] = {}
-        for edit in sited_edits(self.model, edits or []):
-            by_layer.setdefault(edit.layer, []).append(edit)
-        first_edited = min(by_layer, default=self.num_layers)
+        bound = sited(self.model, edits) if edits is not None else None
+        edited_layers = bound.layers if bound is not None else []
+        first_edited = min(edited_layers, default=self.num_layers)
         streams = []
         for enc in encoded:
             hidden, calls = record_layer_calls(self.model, enc)
@@ -111,8 +108,8 @@ class LayerStream:
             for layer in range(self.num_layers):
                 self.loader.load_layer(layer)
                 if edits is not None and (layer >= first_edited or not baseline):
-                    here = by_layer.get(layer)
-                    with apply_edits(self.model, here) if here else contextlib.nullcontext():
+                    here = bound.at_layer(layer) if layer in edited_layers else None
+                    with apply(self.model, here) if here is not None else contextlib.nullcontext():
                         for s in streams:
                             start = s.edited if s.edited is not None else s.base
                             s.edited = self._run(layers[layer], start, s.calls[layer])
@@ -167,9 +164,8 @@ def first_token_streamed(model: str, tokenizer: Any, harmful: Sequence[str], har
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     stream = LayerStream(model, dtype=dtype, device=device, hidden_on=hidden_on)
-    if config is not None and not isinstance(config, InterventionConfig):
-        config = load_any_config(config, model_config=stream.model.config)
     edits = stream.resolve(config, measurements) if config is not None else None
+    config = edits.config if edits is not None else None
     texts = PerSet.of(lambda name: format_prompts(tokenizer, (harmful, harmless)[name == "harmless"],
                                                   system_prompt, chat_template))
     encoded = PerSet.of(lambda name: stream.encode(texts[name], tokenizer, batch_size))

@@ -1,10 +1,10 @@
 """``intervene try``: score a config live, baseline vs hooked model, one process, one load. The
 config is validated against the model's config (layers, targets, measurements) BEFORE the weights
 load; :func:`intervene.live.evaluate.evaluate` then runs the baseline outside and the intervened
-model inside ``apply_edits`` (hooks, or in-memory weight swaps for ``norm_preserving`` and expert
+model inside ``apply`` (hooks, or in-memory weight swaps for ``norm_preserving`` and expert
 subsets), and nothing is written but the optional JSON report (``try_config("configs/organism.yaml")
-.to_dict()``). :func:`prepare` (config -> model, tokenizer, measurements, resolved edits) is shared
-by ``try``, ``route`` and ``chat``.
+.to_dict()``). :func:`prepare` (config -> model, tokenizer and the config bound to the model, resolved
+once) is shared by ``try``, ``route`` and ``chat``.
 """
 
 from __future__ import annotations
@@ -13,42 +13,50 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from ..config.resolve import LayerEdit, resolve
+from ..config.resolve import Bound, LayerEdit, bind
 from ..config.reference import load_any_config
 from ..config.schema import InterventionConfig
 from ..errors import ConfigError
-from ..io.measurements import Measurements
+from ..io.measurements import Measurements, measurements_for
 from ..io.models import Quantization
 from .evaluate import EvalReport, FirstTokenReport, Intervention, evaluate
 
 
 @dataclass
 class Prepared:
-    """A config resolved against a loaded model."""
+    """A config bound to a loaded model (resolved once, before the weights loaded)."""
 
-    config: InterventionConfig
-    measurements: Measurements
     model: Any
     tokenizer: Any
-    edits: list[LayerEdit]
+    bound: Bound
     model_spec: str | None
+
+    @property
+    def config(self) -> InterventionConfig:
+        return self.bound.config
+
+    @property
+    def measurements(self) -> Measurements:
+        return self.bound.measurements
+
+    @property
+    def edits(self) -> tuple[LayerEdit, ...]:
+        """The projections (``bound.router_biases``: the router biases)."""
+        return self.bound.projections
 
     def intervention(self) -> Intervention:
         """A zero-argument callable returning the live context manager (what evaluate/route take)."""
-        from ..hooks.apply import apply_edits
+        from ..hooks.apply import apply
 
-        return lambda: apply_edits(self.model, self.edits)
+        return lambda: apply(self.model, self.bound)
 
     def sites(self) -> list[dict[str, str]]:
-        from ..arch import arch_for_config, text_config
-        from ..config.resolve import router_bias_vectors
         from ..hooks.apply import plan_sites
 
-        spec = arch_for_config(self.model.config)
-        steered = router_bias_vectors(self.edits, spec.num_experts(text_config(self.model.config)))
-        return [{"site": s.name, "mechanism": s.mechanism} for s in plan_sites(self.model, self.edits)] + [
+        spec = self.bound.spec
+        return [{"site": s.name, "mechanism": s.mechanism} for s in plan_sites(self.model, self.edits, spec=spec)] + [
             {"site": f"layers.{layer}.router.bias", "mechanism": "hook" if spec.selection_bias == "logits" else "swap"}
-            for layer in sorted(steered)]
+            for layer in sorted(self.bound.router_biases)]
 
     @property
     def system_prompt(self) -> str | None:
@@ -68,26 +76,23 @@ def prepare(config: InterventionConfig | str | os.PathLike, model_spec: str | No
 
     ``model_spec``, ``dtype`` and ``device_map`` override the config's ``model``, ``dtype`` and
     ``device_map``; the default dtype is ``auto`` (the checkpoint's own)."""
-    from ..arch import arch_for_config, text_config
-    from ..hooks.apply import load_config_measurements, resolve_for_model
-
     cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model=model_spec)
     spec = model_spec or cfg.model
-    meas = load_config_measurements(cfg, measurements)
+    meas = measurements_for(measurements, cfg.measurements, cfg.source)
     if model is None:
         if not spec:
             raise ConfigError(f"{cfg.source or 'config'}: no model given (set 'model' in the config or pass --model)")
         from ..io.sources import load_model_config
         from ..io.models import load_model
 
-        hf_config = load_model_config(spec)
-        resolve(cfg, arch_for_config(hf_config), text_config(hf_config), meas)  # named errors before weights load
+        bound = bind(cfg, meas, load_model_config(spec))  # named errors before weights load
         model, tokenizer = load_model(spec, dtype=dtype or cfg.dtype or "auto",
                                       device_map=device_map or cfg.device_map, quantization=quantization)
     elif tokenizer is None:
         raise ConfigError("prepare: a model was given without its tokenizer")
-    edits = resolve_for_model(model, cfg, meas)
-    return Prepared(cfg, meas, model, tokenizer, edits, spec)
+    else:
+        bound = bind(cfg, meas, model.config)
+    return Prepared(model, tokenizer, bound, spec)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The Optuna study behind ``intervene search``: the model is loaded once; each trial builds an
 :class:`~intervene.config.schema.InterventionConfig` from the sampled parameters
-(:mod:`~intervene.search.space`), re-parses it from its own YAML, resolves it and installs it with
-:func:`~intervene.hooks.apply.apply_edits` (no reload, no weight reset), so a trial's YAML bakes to
+(:mod:`~intervene.search.space`), re-parses it from its own YAML, binds it and installs it with
+:func:`~intervene.hooks.apply.apply` (no reload, no weight reset), so a trial's YAML bakes to
 exactly what it scored; the study lives in ``OUT/study.db`` (resumable), belongs to one model,
 measurements file, space and objective (:func:`run_search` checks), and its final front is
 re-evaluated on the eval prompts (cached in ``OUT/eval_cache.json``) and written by
@@ -23,10 +23,10 @@ import torch
 import yaml
 
 from ..arch import arch_for_config, text_config
-from ..config.resolve import resolve
+from ..config.resolve import bind
 from ..config.schema import parse_config
 from ..errors import InputError
-from ..hooks.apply import apply_edits
+from ..hooks.apply import apply
 from ..io.files import atomic_write_text, sha256_text
 from ..io.measurements import Measurements, load_measurements
 from ..io.models import Quantization, load_model, load_tokenizer, versions
@@ -338,12 +338,12 @@ def _run_trial(study: Any, model: Any, spec: Any, model_config: Any, measurement
             cfg.indexing = "layer_output"
         config_yaml = cfg.to_yaml()
         cfg = parse_config(yaml.safe_load(config_yaml), where=f"trial {trial.number}")  # what a YAML gives
-        edits = resolve(cfg, spec, model_config, measurements)
+        edits = bind(cfg, measurements, model.config)
         refusals = None
         cheap_from = getattr(objective, "cheap_from", None)
         cheap_edits = getattr(objective, "cheap_edits", None)  # installs the edits itself (streamed)
-        start_layer = min(e.layer for e in edits)
-        with torch.no_grad(), contextlib.nullcontext() if cheap_edits else apply_edits(model, edits):
+        start_layer = min(edits.layers)
+        with torch.no_grad(), contextlib.nullcontext() if cheap_edits else apply(model, edits):
             if cheap_edits is not None:
                 proxy, kl = cheap_edits(model, edits)
             else:
@@ -416,15 +416,15 @@ def _final_front(records: list[TrialRecord], settings: SearchSettings, final: Ob
         say(f"evaluating {len(todo)} front trial(s) on the eval prompts ...")
     for r in chosen:
         if str(r.number) not in entries["trials"]:
-            edits = resolve(r.config(), spec, model_config, measurements)
+            edits = bind(r.config(), measurements, model.config)
             if getattr(final, "cheap_edits", None) is not None:  # streamed: installs the edits itself
                 entries["trials"][str(r.number)] = _scores(final, model, edits)
             else:
-                with torch.no_grad(), apply_edits(model, edits):
+                with torch.no_grad(), apply(model, edits):
                     entries["trials"][str(r.number)] = _scores(final, model)
             if hasattr(final, "answer_kl"):  # full-answer KL, toggling the edit around each forward
                 entries["trials"][str(r.number)]["answer_kl"] = final.answer_kl(
-                    model, lambda edits=edits: apply_edits(model, edits))
+                    model, lambda edits=edits: apply(model, edits))
             atomic_write_text(cache_path, json.dumps(cache, indent=1, default=str))
         r.eval = entries["trials"][str(r.number)]
     atomic_write_text(cache_path, json.dumps(cache, indent=1, default=str))
