@@ -79,7 +79,7 @@ def rows_for(has_dense_in_band: bool, bias_top: int) -> list[Row]:
 def main() -> None:
     from intervene.arch import arch_for_config, text_config
     from intervene.config.schema import parse_config
-    from intervene.hooks.apply import apply_edits
+    from intervene.hooks.apply import apply
     from intervene.io.measurements import load_measurements, save_measurements
     from intervene.io.models import load_model, versions
     from intervene.io.prompts import load_prompts
@@ -195,7 +195,7 @@ def main() -> None:
                                     "experts": f"top:{row.router_bias_top}", "bias": "-inf"}]
         cfg = parse_config(data, where=f"row {row.name}")
         prepared = prepare(cfg, model=model, tokenizer=tokenizer, measurements=meas)
-        with torch.no_grad(), apply_edits(model, prepared.edits):
+        with torch.no_grad(), apply(model, prepared.bound):
             obs = observe()
         js = last_js(obs)
         changed = {k: sum(changed_fraction(base["choices"][k][i], obs["choices"][k][i]) * len(base["choices"][k][i])

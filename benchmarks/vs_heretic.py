@@ -131,8 +131,8 @@ def read_lines(path: Path) -> list[str]:
 def run_intervene(model: Any, tokenizer: Any, judge: Judge, files: dict[str, Path], work: Path,
                   args: argparse.Namespace) -> ToolRun:
     from intervene.arch import arch_for_config, text_config
-    from intervene.config.resolve import resolve
-    from intervene.hooks.apply import apply_edits
+    from intervene.config.resolve import bind
+    from intervene.hooks.apply import apply
     from intervene.measure.collect import measure
     from intervene.search.study import SearchSettings, run_search
     from intervene.search.space import SearchSpace
@@ -161,13 +161,12 @@ def run_intervene(model: Any, tokenizer: Any, judge: Judge, files: dict[str, Pat
     wall = time.time() - start
     run = ToolRun("intervene", versions()["intervene"], args.trials, wall,
                   note=f"trial loop alone: {result.trials_per_hour:.0f} trials/h")
-    spec, config = arch_for_config(model.config), text_config(model.config)
     for rec in result.front:
         member = Member(rec.number, rec.refusals, rec.total, rec.kl,
                         detail=f"dir {rec.params['direction']:.2f}, window {rec.params['center']:.1f}"
                                f"±{rec.params['width']:.1f}, {rec.params['method']}, "
                                + (f"whiten {rec.params['whiten']:.2f}" if "whiten" in rec.params else "whiten off"))
-        with apply_edits(model, resolve(rec.config(), spec, config, meas)):
+        with apply(model, bind(rec.config(), meas, model.config)):
             judge.judge(member, model)
         run.members.append(member)
     mark_front(run.members)
