@@ -20,7 +20,8 @@ import torch
 
 from ..errors import InputError
 from .answers import DEGENERATE_NGRAM, DEGENERATE_REPEAT, DELAYED_REFUSAL_CHARS, AnswerClass, Judge
-from .generate import Intervention, PromptFormat, TransformersBackend, decode_answers, next_token_logprobs
+from .generate import (GenerationBackend, Intervention, PromptFormat, TransformersBackend, decode_answers,
+                       next_token_logprobs)
 from .metrics import (REFUSAL_MARKERS, AnswerKL, FirstTokenKL, RefusalCounts, Refusals, RefusalScore, classify,
                       is_refusal, kl_divergence, refusal_counts, refusal_score, refusal_token_ids)
 
@@ -241,7 +242,7 @@ class _Run:
     classes: PerSet[list[AnswerClass]]
 
 
-def _run(backend: TransformersBackend, prompts: PerSet[Sequence[str]], refusals: Refusals, label: str,
+def _run(backend: GenerationBackend, prompts: PerSet[Sequence[str]], refusals: Refusals, label: str,
          max_new_tokens: int) -> _Run:
     ids = PerSet.of(lambda name: backend.generate_ids(prompts[name], max_new_tokens, desc=f"{label}: {name}"))
     outputs = PerSet.of(lambda name: decode_answers(backend.tokenizer, ids[name]))
