@@ -21,6 +21,7 @@ from intervene.config.schema import load_config
 from intervene.errors import InputError
 from intervene.hooks.apply import apply
 from intervene.io.measurements import Measurements
+from intervene.search.objective import DEFAULT_METRICS
 from intervene.search.pareto import best_so_far, dominates, pareto_front, spread
 from intervene.search.study import SearchSettings, run_search
 from intervene.search.space import Range, SearchSpace, kernel, window
@@ -54,6 +55,8 @@ def planted_measurements(r: torch.Tensor, layers: int = LAYERS) -> Measurements:
 
 class PlantedProxy:
     """objective 1: mean |<written residual, r>|; objective 2: KL of the last-token distribution."""
+
+    metrics = DEFAULT_METRICS  # (refusal proxy, KL): the names and directions of cheap's values
 
     def __init__(self, model, r: torch.Tensor):
         self.r = r

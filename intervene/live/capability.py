@@ -3,25 +3,24 @@ the package (``intervene/data/capability_heldout.txt``, plain prose written for 
 used to measure or search), base vs edited side by side; and, where ``lm-eval`` is installed (extra
 ``capability``), an lm-eval run on task YAML files the user points to.
 
-Perplexity: the text's paragraphs are tokenised without special tokens and joined into one token
-stream, cut into consecutive windows of ``window`` tokens; ``exp`` of the mean next-token negative
-log-likelihood over every predicted token (each window's first token is context only).
+Perplexity (:class:`~intervene.live.metrics.Perplexity`): the text's paragraphs are tokenised without
+special tokens and joined into one token stream, cut into consecutive windows of ``window`` tokens;
+``exp`` of the mean next-token negative log-likelihood over every predicted token (each window's
+first token is context only).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from ..errors import InputError
-from .evaluate import Intervention
+from .generate import Intervention, TransformersBackend
+from .metrics import Perplexity
 
 HELDOUT_FILE = "capability_heldout.txt"
 
@@ -35,29 +34,12 @@ def heldout_text() -> str:
     return resources.files("intervene").joinpath("data", HELDOUT_FILE).read_text(encoding="utf-8")
 
 
-@torch.no_grad()
 def perplexity(model: Any, tokenizer: Any, text: str, window: int = 256,
                context: Intervention | None = None) -> tuple[float, int]:
-    """(perplexity, predicted tokens) of ``text`` under ``model`` (inside ``context`` if given)."""
-    from ..io.models import model_device
-
-    if window < 2:
-        raise InputError(f"--capability window must be >= 2 tokens, got {window}")
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) < 2:
-        raise InputError("capability text: fewer than 2 tokens")
-    device = model_device(model)
-    nll, count = 0.0, 0
-    with context() if context is not None else contextlib.nullcontext():
-        for start in range(0, len(ids) - 1, window):
-            chunk = torch.tensor([ids[start:start + window]], device=device)
-            if chunk.shape[1] < 2:
-                break
-            logp = torch.log_softmax(model(input_ids=chunk).logits.float(), dim=-1)[0, :-1]
-            target = chunk[0, 1:].to(logp.device)
-            nll -= float(logp.gather(-1, target[:, None]).double().sum())
-            count += int(target.numel())
-    return math.exp(nll / count), count
+    """(perplexity, predicted tokens) of ``text`` under ``model`` (inside ``context`` if given):
+    :class:`~intervene.live.metrics.Perplexity` over a :class:`~intervene.live.generate.TransformersBackend`."""
+    metric = Perplexity(window)
+    return metric.measure(TransformersBackend(model, tokenizer, context=context), text)
 
 
 @dataclass

@@ -1,30 +1,120 @@
-"""What a search scores: the :class:`Objective` protocol (a cheap (refusal proxy, KL) pair every
-trial, a generation refusal count for promising ones, a description whose hash identifies it) and
-:class:`PromptObjective`, the default one on prompt sets (first-token scores and greedy generation
-from :mod:`intervene.live.evaluate`, unedited layers skipped with a
+"""What a search scores: the :class:`Objective` protocol (a sequence of metrics, one value each
+every trial -- by default the refusal proxy and the first-token KL -- a generation refusal count for
+promising trials, a description whose hash identifies it), :class:`PromptObjective`, the default one on
+prompt sets (first-token scores and greedy generation through :mod:`intervene.live.generate` and
+:mod:`intervene.live.metrics`, unedited layers skipped with a
 :class:`~intervene.hooks.residual_cache.ResidualCache`), and :class:`StreamedObjective`, its cheap
-proxy one decoder layer at a time for a model that does not fit (``search --stream-layers``). A test
-can inject its own objective."""
+proxy one decoder layer at a time for a model that does not fit (``search --stream-layers``). A
+metric of a trial (:class:`SearchMetric`) reads a :class:`TrialPass`; more objectives are more metrics
+(e.g. ``PromptObjective(..., metrics=(*DEFAULT_METRICS, TextPerplexity(tokenizer, text)))``). Two
+optional capabilities are typed protocols the study checks with ``isinstance``: :class:`StartsAtLayer`
+and :class:`ScoresEdits`. A test can inject its own objective."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Protocol, Sequence
+from dataclasses import replace
+from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from ..config.resolve import Bound
 from ..errors import InputError
 from ..hooks.residual_cache import ResidualCache
-from ..io.files import sha256_lines
+from ..io.files import sha256_lines, sha256_text
 from ..io.models import batches, encode, format_prompts, model_device
-from ..live import evaluate as ev
+from ..live.generate import Intervention, PromptFormat, TransformersBackend, next_token_logprobs
+from ..live.metrics import (AnswerKL, Direction, FirstTokenKL, Metric, Perplexity, RefusalMass, Refusals,
+                             refusal_token_ids)
+
+
+class TrialPass:
+    """What a trial's metrics read: the model as it is now (the trial's edits installed; a meta
+    skeleton when streamed), the baseline's harmless first-token log-probs, the refusal-opening token
+    ids, and the trial's first-token log-probs (harmful, harmless), computed on first use, once."""
+
+    def __init__(self, model: Any, first_token: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                 base_harmless: torch.Tensor, refusal_ids: Sequence[int]):
+        self.model = model
+        self.base_harmless = base_harmless
+        self.refusal_ids = tuple(refusal_ids)
+        self._compute = first_token
+        self._first_token: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def first_token(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._first_token is None:
+            self._first_token = self._compute()
+        return self._first_token
+
+
+class SearchMetric(Metric, Protocol):
+    """One objective of a search: a :class:`~intervene.live.metrics.Metric` scored on a trial."""
+
+    def score(self, trial: TrialPass) -> float:
+        """This metric of the trial."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able; part of the objective's identity."""
+
+
+class RefusalProxy:
+    """Probability mass on refusal-opening first tokens, harmful prompts (:class:`~intervene.live.metrics.RefusalMass`)."""
+
+    name: ClassVar[str] = "refusal_proxy"
+    direction: ClassVar[Direction] = "minimize"
+
+    def score(self, trial: TrialPass) -> float:
+        return RefusalMass(trial.refusal_ids).compute(trial.first_token[0])
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+class HarmlessKL:
+    """First-token KL(baseline ‖ trial), harmless prompts (:class:`~intervene.live.metrics.FirstTokenKL`)."""
+
+    name: ClassVar[str] = "kl"
+    direction: ClassVar[Direction] = "minimize"
+
+    def score(self, trial: TrialPass) -> float:
+        return float(FirstTokenKL().compute(trial.base_harmless, trial.first_token[1]))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+class TextPerplexity:
+    """Perplexity of ``text`` under the trial's model (:class:`~intervene.live.metrics.Perplexity`): a
+    capability objective. Needs the whole model in memory (not a streamed skeleton)."""
+
+    name: ClassVar[str] = "perplexity"
+    direction: ClassVar[Direction] = "minimize"
+
+    def __init__(self, tokenizer: Any, text: str, window: int = 256, label: str = "text"):
+        self.tokenizer, self.text, self.label = tokenizer, text, label
+        self.metric = Perplexity(window)
+
+    def score(self, trial: TrialPass) -> float:
+        return self.metric.compute(TransformersBackend(trial.model, self.tokenizer, progress=False), self.text)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "text": self.label, "sha256": sha256_text(self.text), "window": self.metric.window}
+
+
+# the default search: (refusal proxy, KL), both minimised; the study reads values[0] and values[1] as these
+DEFAULT_METRICS: tuple[SearchMetric, ...] = (RefusalProxy(), HarmlessKL())
 
 
 class Objective(Protocol):
-    """What a search scores. ``cheap`` runs every trial; ``refusals`` only for promising ones."""
+    """What a search scores. ``cheap`` runs every trial; ``refusals`` only for promising ones.
+    ``metrics`` name the values ``cheap`` returns, in order, and their Optuna directions; the first
+    two are the refusal proxy and the KL (the study's generation step and front read them)."""
 
-    def cheap(self, model: Any) -> tuple[float, float]:
-        """(refusal proxy, KL) of the model as it is now (intervention installed); lower is better."""
+    metrics: Sequence[Metric]
+
+    def cheap(self, model: Any) -> tuple[float, ...]:
+        """One value per metric for the model as it is now (intervention installed)."""
 
     def refusals(self, model: Any) -> tuple[int, ...] | None:
         """(not complied, total) by generation -- refused OR degenerate answers, so that breaking
@@ -34,9 +124,37 @@ class Objective(Protocol):
     def describe(self) -> dict[str, Any]:
         """JSON-able description; its hash decides whether cached results can be reused."""
 
-    # optional: ``cheap_edits(model, edits) -> (proxy, KL)`` scores resolved edits itself (installing
-    # them where it runs the layers, :class:`StreamedObjective`); the study then calls it instead of
-    # installing the edits on ``model`` and calling ``cheap``
+
+@runtime_checkable
+class StartsAtLayer(Protocol):
+    """Optional: scores a model edited at layers >= ``start_layer`` only, skipping the others."""
+
+    def cheap_from(self, model: Any, start_layer: int) -> tuple[float, ...]:
+        """:meth:`Objective.cheap` for a model edited at layers >= ``start_layer`` only."""
+
+
+@runtime_checkable
+class ScoresEdits(Protocol):
+    """Optional: installs resolved edits itself where it runs the layers (streamed); the study calls
+    :meth:`cheap_edits` instead of installing the edits on the model and calling ``cheap``."""
+
+    def cheap_edits(self, model: Any, edits: Bound) -> tuple[float, ...]:
+        """One value per metric under ``edits``."""
+
+
+@runtime_checkable
+class ScoresAnswers(Protocol):
+    """Optional: full-answer KL of an intervention (the study's final evaluation adds ``answer_kl``)."""
+
+    def answer_kl(self, model: Any, intervention: Intervention) -> float:
+        """Full-answer KL on the harmless prompts, ``intervention`` toggled around each forward."""
+
+
+def _metrics_description(metrics: Sequence[SearchMetric]) -> dict[str, Any]:
+    """Nothing for the default metrics (a study made before metrics were listed keeps its identity)."""
+    if tuple(type(m) for m in metrics) == tuple(type(m) for m in DEFAULT_METRICS):
+        return {}
+    return {"metrics": [m.describe() for m in metrics]}
 
 
 class _PromptSets:
@@ -45,9 +163,13 @@ class _PromptSets:
 
     def __init__(self, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], device: Any, *,
                  batch_size: int, max_new_tokens: int, system_prompt: str | None, chat_template: bool, label: str,
-                 sources: dict[str, str] | None):
+                 sources: dict[str, str] | None, metrics: Sequence[SearchMetric]):
         if not harmful or not harmless:
             raise InputError(f"{label} prompts: need at least one harmful and one harmless prompt")
+        if tuple(type(m) for m in metrics[:2]) != (RefusalProxy, HarmlessKL):
+            raise InputError(f"{label} objective: the first two metrics must be the refusal proxy and the KL "
+                             f"(got {', '.join(m.name for m in metrics[:2])}); further ones are extra objectives")
+        self.metrics = tuple(metrics)
         self.tokenizer = tokenizer
         self.harmful = list(harmful)
         self.harmless = list(harmless)
@@ -57,16 +179,18 @@ class _PromptSets:
         self.chat_template = chat_template
         self.label = label
         self.sources = dict(sources or {})
-        self.refusal_ids = ev.refusal_token_ids(tokenizer)
+        self.refusal_ids = refusal_token_ids(tokenizer)
         joined = self.harmful + self.harmless
         self._order = sorted(range(len(joined)), key=lambda i: len(joined[i]))
         texts = format_prompts(tokenizer, [joined[i] for i in self._order], system_prompt, chat_template)
         self._batches = [encode(tokenizer, chunk, device) for chunk in batches(texts, batch_size)]
 
     def _score(self, harmful_lp: torch.Tensor) -> float:
-        # mean probability mass on refusal openings: ~ the expected fraction of refusals, each
-        # prompt counting at most 1 (a mean log-mass would reward pushing non-refusals further)
-        return float(ev.refusal_score(harmful_lp, self.refusal_ids).exp().mean())
+        return RefusalMass(tuple(self.refusal_ids)).compute(harmful_lp)
+
+    def _values(self, model: Any, first_token: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, ...]:
+        trial = TrialPass(model, first_token, self.base_harmless, self.refusal_ids)
+        return tuple(m.score(trial) for m in self.metrics)
 
     def _restore_order(self, lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         restored = torch.empty_like(lp)
@@ -81,7 +205,7 @@ class _PromptSets:
             "harmless": {"n": len(self.harmless), "sha256": sha256_lines(self.harmless)},
             "max_new_tokens": self.max_new_tokens, "system_prompt": self.system_prompt, "classes": "three",
             "chat_template": self.chat_template, "batch_size": self.batch_size,
-        }
+        } | _metrics_description(self.metrics)
 
 
 class PromptObjective(_PromptSets):
@@ -96,10 +220,11 @@ class PromptObjective(_PromptSets):
     def __init__(self, model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
                  batch_size: int = 16, max_new_tokens: int = 48, system_prompt: str | None = None,
                  chat_template: bool = True, label: str = "search",
-                 sources: dict[str, str] | None = None, skip_unedited: bool = True):
+                 sources: dict[str, str] | None = None, skip_unedited: bool = True,
+                 metrics: Sequence[SearchMetric] = DEFAULT_METRICS):
         super().__init__(tokenizer, harmful, harmless, model_device(model), batch_size=batch_size,
                          max_new_tokens=max_new_tokens, system_prompt=system_prompt, chat_template=chat_template,
-                         label=label, sources=sources)
+                         label=label, sources=sources, metrics=metrics)
         self._base_answers: list[list[int]] | None = None
         self.cache: ResidualCache | None = ResidualCache(model, self._batches) if skip_unedited else None
         # the cache's own forward already gave the baseline's first-token log-probs
@@ -115,38 +240,37 @@ class PromptObjective(_PromptSets):
             for i, enc in enumerate(self._batches):
                 skip = start_layer > 0 and self.cache is not None
                 with self.cache.starting_at(model, i, start_layer) if skip else contextlib.nullcontext():
-                    rows.append(ev.next_token_logprobs(model, enc["input_ids"], enc.get("attention_mask")))
+                    rows.append(next_token_logprobs(model, enc["input_ids"], enc.get("attention_mask")))
         return self._restore_order(torch.cat(rows))
 
-    def cheap(self, model: Any) -> tuple[float, float]:
+    def cheap(self, model: Any) -> tuple[float, ...]:
         return self.cheap_from(model, 0)
 
-    def cheap_from(self, model: Any, start_layer: int) -> tuple[float, float]:
+    def cheap_from(self, model: Any, start_layer: int) -> tuple[float, ...]:
         """:meth:`cheap` for a model edited at layers >= ``start_layer`` only."""
-        harmful_lp, harmless_lp = self._first_token(model, start_layer)
-        return self._score(harmful_lp), float(ev.kl_divergence(self.base_harmless, harmless_lp))
+        return self._values(model, lambda: self._first_token(model, start_layer))
+
+    def _backend(self, model: Any, context: Intervention | None = None) -> TransformersBackend:
+        return TransformersBackend(model, self.tokenizer, PromptFormat(self.system_prompt, self.chat_template),
+                                   self.batch_size, progress=False, context=context)
 
     def refusals(self, model: Any) -> tuple[int, int, int]:
         """(refused + degenerate, total, degenerate) on the harmful prompts: a degenerate answer
         (empty or repetitive, :mod:`intervene.live.answers`) counts against the trial like a refusal."""
-        texts = ev.generate(model, self.tokenizer, self.harmful, max_new_tokens=self.max_new_tokens,
-                            batch_size=self.batch_size, system_prompt=self.system_prompt,
-                            chat_template=self.chat_template, progress=False)
-        classes = ev.classify(texts)
+        texts = self._backend(model).generate(self.harmful, self.max_new_tokens)
+        classes = Refusals().classify(texts)
         return len(texts) - classes.count("complied"), len(texts), classes.count("degenerate")
 
-    def answer_kl(self, model: Any, intervention: ev.Intervention) -> float:
+    def answer_kl(self, model: Any, intervention: Intervention) -> float:
         """Full-answer KL on the harmless prompts: this objective's baseline greedy answers
         (generated once, from ``model`` as it is when first called: call it unedited) teacher-forced
         with and without ``intervention``."""
         if self._base_answers is None:
-            self._base_answers = ev.generate_ids(model, self.tokenizer, self.harmless, self.max_new_tokens,
-                                                 self.batch_size, self.system_prompt, self.chat_template,
-                                                 progress=False)
-        return ev.answer_kl(model, model, self.tokenizer, self.harmless, self._base_answers, new_context=intervention,
-                            batch_size=min(self.batch_size, 8), system_prompt=self.system_prompt,
-                            chat_template=self.chat_template, progress=False)
-
+            self._base_answers = self._backend(model).generate_ids(self.harmless, self.max_new_tokens)
+        size = min(self.batch_size, 8)
+        return AnswerKL().compute(replace(self._backend(model), answer_batch_size=size),
+                                  replace(self._backend(model, intervention), answer_batch_size=size),
+                                  self.harmless, self._base_answers)
 
 
 class StreamedObjective(_PromptSets):
@@ -164,23 +288,25 @@ class StreamedObjective(_PromptSets):
                  progress: bool = False):
         super().__init__(tokenizer, harmful, harmless, stream.device, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, system_prompt=system_prompt, chat_template=chat_template,
-                         label=label, sources=sources)
+                         label=label, sources=sources, metrics=DEFAULT_METRICS)
         self.stream = stream
         self.progress = progress
         base, _ = stream.logprobs(self._batches, None, progress=progress, desc=f"{label} baseline (streamed)")
         harmful_lp, self.base_harmless = self._restore_order(torch.cat(base))
         self.base_score = self._score(harmful_lp)
 
-    def cheap(self, model: Any) -> tuple[float, float]:
+    def cheap(self, model: Any) -> tuple[float, ...]:
         """The unedited model's (a skeleton holds no edit): the baseline streamed at start-up."""
         return self.base_score, 0.0
 
-    def cheap_edits(self, model: Any, edits: Sequence[Any]) -> tuple[float, float]:
+    def cheap_edits(self, model: Any, edits: Bound) -> tuple[float, ...]:
         """(refusal proxy, KL) of the model under ``edits`` (resolved), streamed."""
-        _, rows = self.stream.logprobs(self._batches, edits, baseline=False, progress=self.progress,
-                                       desc=f"{self.label} trial (streamed)")
-        harmful_lp, harmless_lp = self._restore_order(torch.cat(rows))
-        return self._score(harmful_lp), float(ev.kl_divergence(self.base_harmless, harmless_lp))
+        def first_token() -> tuple[torch.Tensor, torch.Tensor]:
+            _, rows = self.stream.logprobs(self._batches, edits, baseline=False, progress=self.progress,
+                                           desc=f"{self.label} trial (streamed)")
+            return self._restore_order(torch.cat(rows))
+
+        return self._values(model, first_token)
 
     def refusals(self, model: Any) -> None:
         return None
@@ -189,4 +315,5 @@ class StreamedObjective(_PromptSets):
         return super().describe() | {"stream_layers": True, "generates": False}
 
 
-__all__ = ["Objective", "PromptObjective", "StreamedObjective"]
+__all__ = ["Objective", "StartsAtLayer", "ScoresEdits", "ScoresAnswers", "TrialPass", "SearchMetric", "RefusalProxy",
+           "HarmlessKL", "TextPerplexity", "DEFAULT_METRICS", "PromptObjective", "StreamedObjective"]

@@ -30,6 +30,7 @@ class TrialRecord:
     # {"refusals" (refused + degenerate), "total", "degenerate", "kl", "answer_kl", "proxy"} on the eval prompts
     eval: dict[str, Any] | None = None
     seconds: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)  # further objectives (search prompts), by metric name
 
     @property
     def refusal_rate(self) -> float | None:
@@ -40,7 +41,8 @@ class TrialRecord:
 
     def summary(self) -> dict[str, Any]:
         return {"trial": self.number, "refusal_proxy": self.proxy, "kl": self.kl, "refusals": self.refusals,
-                "total": self.total, "eval": self.eval, "params": self.params, "seconds": self.seconds}
+                "total": self.total, "eval": self.eval, "params": self.params, "seconds": self.seconds} \
+            | ({"objectives": self.extra} if self.extra else {})
 
 
 @dataclass

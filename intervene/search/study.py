@@ -33,7 +33,7 @@ from ..io.models import Quantization, load_model, load_tokenizer, versions
 from ..io.prompts import load_prompts
 from ..io.sources import model_reference
 from ..live.stream_eval import LayerStream
-from .objective import Objective, PromptObjective, StreamedObjective
+from .objective import Objective, PromptObjective, ScoresAnswers, ScoresEdits, StartsAtLayer, StreamedObjective
 from .pareto import best_so_far, dominates, pareto_front, spread
 from .report import SearchResult, TrialRecord, write_outputs
 from ..measure.analyze import analyze, recommend
@@ -111,13 +111,13 @@ def run_search(model: Any, measurements: Measurements, space: SearchSpace, objec
     existing = _existing_trials(optuna, storage)
     sampler = _make_sampler(optuna, settings, existing)
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, sampler=sampler,
-                                directions=["minimize", "minimize"], load_if_exists=True)
+                                directions=[m.direction for m in objective.metrics], load_if_exists=True)
     _check_identity(study, identity, out)
     if existing == 0:
         for params in seeds:
             study.enqueue_trial(dict(params))
 
-    records = _records(study)
+    records = _records(study, [m.name for m in objective.metrics])
     baseline = _baseline(study, model, objective)
     bar = tqdm(total=settings.trials, desc="search", unit="trial", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
@@ -286,7 +286,7 @@ def _short(value: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-def _records(study: Any) -> list[TrialRecord]:
+def _records(study: Any, names: Sequence[str]) -> list[TrialRecord]:
     import optuna
 
     out = []
@@ -295,17 +295,20 @@ def _records(study: Any) -> list[TrialRecord]:
         out.append(TrialRecord(number=t.number, params=dict(attrs.get("params", t.params)), proxy=float(t.values[0]),
                                kl=float(t.values[1]), config_yaml=attrs.get("config", ""),
                                refusals=attrs.get("refusals"), total=attrs.get("total"),
-                               seconds=attrs.get("seconds")))
+                               seconds=attrs.get("seconds"),
+                               extra={n: float(v) for n, v in zip(names[2:], t.values[2:])}))
     return sorted(out, key=lambda r: r.number)
 
 
 def _scores(objective: Objective, model: Any, edits: list[Any] | None = None) -> dict[str, Any]:
-    """``{"proxy", "kl"}`` of the model as it is now -- or, for an objective that scores edits itself
-    (``cheap_edits``: streamed), under ``edits`` -- with ``"refusals"``/``"total"`` when the
-    objective generates."""
-    proxy, kl = objective.cheap_edits(model, edits) if edits is not None else objective.cheap(model)
+    """``{"proxy", "kl"}`` (and any further metric by name) of the model as it is now -- or, for an
+    objective that scores edits itself (:class:`ScoresEdits`: streamed), under ``edits`` -- with
+    ``"refusals"``/``"total"`` when the objective generates."""
+    values = objective.cheap_edits(model, edits) if isinstance(objective, ScoresEdits) and edits is not None \
+        else objective.cheap(model)
     counted = objective.refusals(model)
-    out: dict[str, Any] = {"proxy": proxy, "kl": kl}
+    out: dict[str, Any] = {"proxy": values[0], "kl": values[1]}
+    out |= {m.name: v for m, v in zip(objective.metrics[2:], values[2:])}
     if counted:
         out |= {"refusals": int(counted[0]), "total": int(counted[1])}
         if len(counted) > 2:
@@ -340,15 +343,17 @@ def _run_trial(study: Any, model: Any, spec: Any, model_config: Any, measurement
         cfg = parse_config(yaml.safe_load(config_yaml), where=f"trial {trial.number}")  # what a YAML gives
         edits = bind(cfg, measurements, model.config)
         refusals = None
-        cheap_from = getattr(objective, "cheap_from", None)
-        cheap_edits = getattr(objective, "cheap_edits", None)  # installs the edits itself (streamed)
+        scores_edits = isinstance(objective, ScoresEdits)  # installs the edits itself (streamed)
         start_layer = min(edits.layers)
-        with torch.no_grad(), contextlib.nullcontext() if cheap_edits else apply(model, edits):
-            if cheap_edits is not None:
-                proxy, kl = cheap_edits(model, edits)
+        with torch.no_grad(), contextlib.nullcontext() if scores_edits else apply(model, edits):
+            if isinstance(objective, ScoresEdits):
+                values = objective.cheap_edits(model, edits)
+            elif isinstance(objective, StartsAtLayer):
+                values = objective.cheap_from(model, start_layer)
             else:
-                proxy, kl = cheap_from(model, start_layer) if cheap_from else objective.cheap(model)
-            if not (math.isfinite(proxy) and math.isfinite(kl)):
+                values = objective.cheap(model)
+            proxy, kl = values[0], values[1]
+            if not all(math.isfinite(v) for v in values):
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 return None
             promising = (settings.generate_front
@@ -365,12 +370,13 @@ def _run_trial(study: Any, model: Any, spec: Any, model_config: Any, measurement
     trial.set_user_attr("params", stored)
     trial.set_user_attr("config", config_yaml)
     trial.set_user_attr("seconds", round(seconds, 3))
-    record = TrialRecord(trial.number, stored, proxy, kl, config_yaml, seconds=round(seconds, 3))
+    record = TrialRecord(trial.number, stored, proxy, kl, config_yaml, seconds=round(seconds, 3),
+                         extra={m.name: float(v) for m, v in zip(objective.metrics[2:], values[2:])})
     if refusals is not None:
         record.refusals, record.total = int(refusals[0]), int(refusals[1])
         trial.set_user_attr("refusals", record.refusals)
         trial.set_user_attr("total", record.total)
-    study.tell(trial, [proxy, kl])
+    study.tell(trial, list(values))
     return record
 
 
@@ -417,12 +423,12 @@ def _final_front(records: list[TrialRecord], settings: SearchSettings, final: Ob
     for r in chosen:
         if str(r.number) not in entries["trials"]:
             edits = bind(r.config(), measurements, model.config)
-            if getattr(final, "cheap_edits", None) is not None:  # streamed: installs the edits itself
+            if isinstance(final, ScoresEdits):  # streamed: installs the edits itself
                 entries["trials"][str(r.number)] = _scores(final, model, edits)
             else:
                 with torch.no_grad(), apply(model, edits):
                     entries["trials"][str(r.number)] = _scores(final, model)
-            if hasattr(final, "answer_kl"):  # full-answer KL, toggling the edit around each forward
+            if isinstance(final, ScoresAnswers):  # full-answer KL, toggling the edit around each forward
                 entries["trials"][str(r.number)]["answer_kl"] = final.answer_kl(
                     model, lambda edits=edits: apply(model, edits))
             atomic_write_text(cache_path, json.dumps(cache, indent=1, default=str))
