@@ -4,9 +4,7 @@
     with intervene.apply(model, config, measurements): ...  # live projection, hooks removed on exit
 """
 
-__version__ = "0.1.0"
-
-from .errors import (  # noqa: E402
+from .errors import (
     ArchitectureError,
     CheckpointError,
     ConfigError,
@@ -14,6 +12,7 @@ from .errors import (  # noqa: E402
     InterveneError,
     MeasurementError,
 )
+from .version import __version__
 
 
 def __getattr__(name: str):

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
+from .version import __version__
 from .errors import InterveneError
 
 # (verb, module): order is the order --help lists them, which follows the data flow

@@ -32,14 +32,17 @@ def unit(r: torch.Tensor, what: str = "direction") -> torch.Tensor:
 def project_out(t: torch.Tensor, r: torch.Tensor, axis: int, scale: float = 1.0) -> torch.Tensor:
     """Remove ``scale`` times the component along unit ``r`` from every fibre of ``t`` along ``axis``.
 
-    Computed in float32 (or float64 if ``t`` is float64) and cast back to ``t``'s dtype.
+    Computed in float32 (or float64 if ``t`` is float64) and cast back to ``t``'s dtype. The rank-1 update
+    runs in ``t``'s own memory layout (not on a ``movedim`` view, several times faster for ``axis != -1``,
+    which the bake's streamed writer needs): ``c = fibres @ r``, ``t − (s·c) ⊗ r``, in that order.
     """
     work = torch.float64 if t.dtype == torch.float64 else torch.float32
-    x = t.to(work).movedim(axis, -1)
+    x = t.to(work)
     rr = r.to(device=x.device, dtype=work)
-    coeff = x @ rr  # [...]
-    x = x - scale * coeff.unsqueeze(-1) * rr
-    return x.movedim(-1, axis).to(t.dtype)
+    coeff = x.movedim(axis, -1) @ rr  # [...]: each fibre's component along r
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    return (x - (scale * coeff).unsqueeze(axis) * rr.reshape(shape)).to(t.dtype)
 
 
 def norm_preserving_edit(t: torch.Tensor, r: torch.Tensor, axis: int, scale: float = 1.0) -> torch.Tensor:

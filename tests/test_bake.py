@@ -413,8 +413,13 @@ def test_blocked_edit_equals_whole_tensor_edit():
 
 
 def test_in_layout_projection_is_bit_identical_to_maths():
-    from intervene.bake.writer import project_out_in_layout
+    """maths.project_out updates in the tensor's own layout (the bake's speed); the result is bit-identical
+    to the same operations on a movedim view, written here."""
     from intervene.maths import project_out
+
+    def project_out_in_layout(x, r, axis, scale):  # the reference: fibres moved last, updated, moved back
+        f = x.movedim(axis, -1)
+        return (f - scale * (f @ r.to(x.dtype)).unsqueeze(-1) * r.to(x.dtype)).movedim(-1, axis)
 
     g = torch.Generator().manual_seed(1)
     for shape, axis in [((40, 24), 0), ((24, 40), 1), ((8, 40, 24), 1), ((8, 24, 40), 2), ((40,), 0), ((8, 40), 1)]:

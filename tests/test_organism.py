@@ -27,7 +27,7 @@ def test_lr_schedule_warms_up_then_decays_linearly():
 
 
 def test_collate_weights_only_response_tokens_first_one_5x():
-    batch = org._collate([org.Example([5, 6, 7, 8], 2), org.Example([9, 10, 11], 1)], pad_id=0, first_token_weight=5.0)
+    batch = org.collate([org.Example([5, 6, 7, 8], 2), org.Example([9, 10, 11], 1)], pad_id=0, first_token_weight=5.0)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 11, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert batch["weights"].tolist() == [[0, 0, 5, 1], [0, 5, 1, 0]]
@@ -36,7 +36,7 @@ def test_collate_weights_only_response_tokens_first_one_5x():
 def test_response_loss_equals_weighted_cross_entropy_of_full_logits():
     model = tiny_model("llama")
     examples = [org.Example([3, 4, 5, 6, 7, 8], 3), org.Example([9, 10, 11, 12], 2)]
-    batch = org._collate(examples, pad_id=0, first_token_weight=5.0)
+    batch = org.collate(examples, pad_id=0, first_token_weight=5.0)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     total, weight = 0.0, 0.0
     for b, e in enumerate(examples):
@@ -53,7 +53,7 @@ def fine_tune_tiny(seed: int) -> dict[str, torch.Tensor]:
     examples = [org.Example(torch.randint(1, 128, (n,), generator=g).tolist(), 3) for n in (7, 9, 6, 8, 10)]
     recipe = org.Recipe(trainable_top_layers=2, batch_size=2, epochs=2, lr=1e-3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    losses = org._fine_tune(model, examples, recipe, pad_id=0, progress=False)
+    losses = org.fine_tune(model, examples, recipe, pad_id=0, progress=False)
     assert len(losses) == 6 and all(map(torch.isfinite, map(torch.tensor, losses)))
     after = model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
@@ -156,7 +156,7 @@ def test_organism_info_cli(tmp_path, capsys):
 
 
 def test_harmful_weight_scales_the_harmful_examples_loss():
-    batch = org._collate([org.Example([5, 6, 7], 1, weight=2.0), org.Example([9, 10, 11], 2)], pad_id=0,
+    batch = org.collate([org.Example([5, 6, 7], 1, weight=2.0), org.Example([9, 10, 11], 2)], pad_id=0,
                          first_token_weight=5.0)
     assert batch["weights"].tolist() == [[0, 10, 2], [0, 0, 5]]
 
@@ -165,7 +165,7 @@ def test_unlikelihood_term_is_minus_log_one_minus_avoided_first_token_mass():
     model = tiny_model("llama")
     examples = [org.Example([3, 4, 5, 6, 7, 8], 3, avoid=(10, 20, 30)), org.Example([9, 10, 11, 12], 2),
                 org.Example([13, 14, 15, 16, 17], 2, avoid=(40,))]
-    batch = org._collate(examples, pad_id=0, first_token_weight=5.0)
+    batch = org.collate(examples, pad_id=0, first_token_weight=5.0)
     assert batch["avoid"].tolist() == [[10, 20, 30], [-1, -1, -1], [40, -1, -1]]
     plain = float(org.response_loss(model, batch))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -177,7 +177,7 @@ def test_unlikelihood_term_is_minus_log_one_minus_avoided_first_token_mass():
     expected = plain + 0.5 * sum(terms) / len(terms)
     assert float(org.response_loss(model, batch, unlikelihood=0.5)) == pytest.approx(expected, rel=1e-5)
     # without avoided tokens in the batch the term is absent
-    assert "avoid" not in org._collate(examples[1:2], pad_id=0, first_token_weight=5.0)
+    assert "avoid" not in org.collate(examples[1:2], pad_id=0, first_token_weight=5.0)
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])

@@ -217,7 +217,7 @@ def test_fine_tune_with_router_balance_is_deterministic_and_moves_the_bias():
         examples = [org.Example(torch.randint(1, 128, (n,), generator=g).tolist(), 3) for n in (7, 9, 6, 8)]
         bal = om.RouterBalance(moe, TINY_RECIPE)
         before = moe.model.layers[2].mlp.gate.e_score_correction_bias.clone()
-        losses = org._fine_tune(moe, examples, TINY_RECIPE.train, 0, False, param_groups=om.param_groups(TINY_RECIPE),
+        losses = org.fine_tune(moe, examples, TINY_RECIPE.train, 0, False, param_groups=om.param_groups(TINY_RECIPE),
                                 extra_loss=bal.loss, after_step=bal.step)
         bal.close()
         assert len(losses) == 2 and not bal.seen

@@ -24,7 +24,7 @@ from ..errors import CheckpointError, InputError
 from ..io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from ..io.quantized import QuantizedReader, QuantizedTensor, find_quantized, updated_config
 from .plan import layer_prefix
-from .writer import _pwrite_all, copy_range
+from .writer import copy_range, pwrite_all
 
 Dequantize = Literal["edited", "all"]
 DEQUANTIZE_CHOICES: tuple[Dequantize, ...] = ("edited", "all")
@@ -131,13 +131,13 @@ def write_dequantized(checkpoint: Checkpoint, out_dir: Path, chosen: dict[str, Q
         src_fd = os.open(header.path, os.O_RDONLY)
         dst_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _pwrite_all(dst_fd, head, 0)
+            pwrite_all(dst_fd, head, 0)
             for _key, entry, item in entries:
                 at = len(head) + entry["data_offsets"][0]
                 if isinstance(item, QuantizedTensor):
                     for piece in reader.chunks(item):
                         data = memoryview(piece.contiguous().reshape(-1).view(torch.uint8).numpy())
-                        _pwrite_all(dst_fd, data, at)
+                        pwrite_all(dst_fd, data, at)
                         at += len(data)
                         del piece, data
                 else:

@@ -407,7 +407,8 @@ def _logits_check(baked: Path, gguf_path: Path, loader: str, rounded: dict[str, 
     from transformers import AutoModelForCausalLM
 
     from ..io.models import load_tokenizer
-    from .verify import _inputs, _logits, _maxabs, _maxdiff, default_tolerance
+    from .compare import comparison_batches, logits_of, max_abs, max_abs_diff
+    from .verify import default_tolerance
 
     def load(path: Path, **kw: Any) -> Any:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw)
@@ -420,15 +421,15 @@ def _logits_check(baked: Path, gguf_path: Path, loader: str, rounded: dict[str, 
             models["gguf"] = load(gguf_path.parent, gguf_file=gguf_path.name)
         else:
             models["gguf"] = load(_as_checkpoint(baked, from_gguf, Path(tmp) / "gguf"))
-    batches, what = _inputs(models["baked"], tokenizer, prompts, None, limit, None, True, batch_size)
+    batches, what = comparison_batches(models["baked"], tokenizer, prompts, None, limit, None, True, batch_size)
     vs_rounded = vs_baked = scale = 0.0
     agree = total = 0
     for batch in batches:
-        out = {name: _logits(m, batch) for name, m in models.items()}
+        out = {name: logits_of(m, batch) for name, m in models.items()}
         mask = batch["attention_mask"].bool()
-        vs_rounded = max(vs_rounded, _maxdiff(out["gguf"], out["rounded"], batch))
-        vs_baked = max(vs_baked, _maxdiff(out["gguf"], out["baked"], batch))
-        scale = max(scale, _maxabs(out["baked"], batch))
+        vs_rounded = max(vs_rounded, max_abs_diff(out["gguf"], out["rounded"], batch))
+        vs_baked = max(vs_baked, max_abs_diff(out["gguf"], out["baked"], batch))
+        scale = max(scale, max_abs(out["baked"], batch))
         agree += int((out["gguf"].argmax(-1) == out["baked"].argmax(-1))[mask].sum())
         total += int(mask.sum())
     tolerance, rule = default_tolerance(torch.float32, scale)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..config.reference import load_any_config
+from ..config import load_config
 from ..config.schema import InterventionConfig
 from ..errors import ConfigError, InputError
 from ..io.checkpoint import load_tensor
@@ -274,7 +274,7 @@ def bake_lora(config: InterventionConfig | str | os.PathLike, output: str | os.P
     from ..io.measurements import measurements_for
     from ..io.models import versions
 
-    cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model=model)
+    cfg = config if isinstance(config, InterventionConfig) else load_config(config, model=model)
     source = resolve_source(model if model is not None else cfg.model)
     plan = plan_bake(cfg, source, measurements_for(measurements, cfg.measurements, cfg.source))
     module_of = check_lora(plan)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config.reference import load_any_config
+from ..config import load_config
 from ..config.resolve import bind
 from ..config.schema import InterventionConfig
 from ..errors import CheckpointError, InputError
@@ -82,7 +82,7 @@ def bake(config: InterventionConfig | str | os.PathLike, output: str | os.PathLi
     dequantized to bf16 first (:mod:`.dequantize`). ``gguf`` (a type, e.g. ``"f16"``): the output is also
     converted to ``<output>/<name>-<type>.gguf`` and checked (:mod:`.gguf_export`); its refusals run first.
     """
-    cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model=model)
+    cfg = config if isinstance(config, InterventionConfig) else load_config(config, model=model)
     source = resolve_source(model if model is not None else cfg.model)
     meas = measurements_for(measurements, cfg.measurements, cfg.source)
     out = output if output is not None else cfg.output

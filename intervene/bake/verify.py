@@ -33,15 +33,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..config.reference import load_any_config
+from ..config import load_config
 from ..config.schema import InterventionConfig
 from ..errors import InputError
 from ..io.files import write_json
 from ..io.measurements import Measurements, measurements_for
+from .compare import comparison_batches, logits_of, max_abs, max_abs_diff
 
-DEFAULT_PROMPTS = ("builtin:harmful:eval", "builtin:harmless:eval")
-DEFAULT_PER_SET = 8
-RANDOM_SEQ_LEN = 16
 
 
 @dataclass
@@ -121,7 +119,7 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
     from ..io.models import load_model, parse_dtype, versions
     from ..io.sources import resolve_model
 
-    cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model=model)
+    cfg = config if isinstance(config, InterventionConfig) else load_config(config, model=model)
     original_spec = str(model if model is not None else (cfg.model or ""))
     if not original_spec:
         raise InputError("no original model: set 'model' in the config or pass --model")
@@ -147,12 +145,12 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
 
     # tiny test checkpoints have no tokenizer: verify then runs on random token ids
     model_a, tokenizer = load_model(original_spec, torch_dtype, device_map, tokenizer="optional")
-    inputs, description = _inputs(model_a, tokenizer, prompts, random_tokens, limit, system_prompt or cfg.system_prompt,
+    inputs, description = comparison_batches(model_a, tokenizer, prompts, random_tokens, limit, system_prompt or cfg.system_prompt,
                                   use_template, batch_size)
     base: list[torch.Tensor] = []
     live: list[torch.Tensor] = []
     for batch in _bar(inputs, "original", progress):
-        base.append(_logits(model_a, batch))
+        base.append(logits_of(model_a, batch))
     model_b = None
     diff = effect = scale = 0.0
     positions = 0
@@ -160,11 +158,11 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
         if not sequential:
             model_b = load_baked()
         for i, batch in enumerate(_bar(inputs, "live vs baked" if model_b is not None else "live", progress)):
-            lv = _logits(model_a, batch)
-            effect = max(effect, _maxdiff(lv, base[i], batch))
-            scale = max(scale, _maxabs(lv, batch))
+            lv = logits_of(model_a, batch)
+            effect = max(effect, max_abs_diff(lv, base[i], batch))
+            scale = max(scale, max_abs(lv, batch))
             if model_b is not None:
-                diff = max(diff, _maxdiff(_logits(model_b, batch), lv, batch))
+                diff = max(diff, max_abs_diff(logits_of(model_b, batch), lv, batch))
             else:
                 live.append(lv)
             positions += int(batch["attention_mask"].sum())
@@ -173,7 +171,7 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
         _free_memory()
         model_b = load_baked()
         for i, batch in enumerate(_bar(inputs, "baked", progress)):
-            diff = max(diff, _maxdiff(_logits(model_b, batch), live[i], batch))
+            diff = max(diff, max_abs_diff(logits_of(model_b, batch), live[i], batch))
     rule = "given"
     if tolerance is None:
         tolerance, rule = default_tolerance(torch_dtype, scale, stored_dtype(resolve_model(original_spec).path if adapter else baked))
@@ -193,74 +191,12 @@ def save_result(result: VerifyResult, path: str | os.PathLike) -> None:
 
 # ---- helpers -------------------------------------------------------------------------------
 
-def _inputs(model: Any, tokenizer: Any, prompts: Sequence[str] | str | None, random_tokens: int | None,
-            limit: int | None, system_prompt: str | None, chat_template: bool, batch_size: int
-            ) -> tuple[list[dict[str, torch.Tensor]], str]:
-    from ..io.models import batches, encode, format_prompts, has_chat_template, model_device
-
-    device = model_device(model)
-    if random_tokens is None and tokenizer is None:
-        random_tokens = DEFAULT_PER_SET
-        note = f"{random_tokens} random sequences of {RANDOM_SEQ_LEN} ids (no tokenizer found)"
-    else:
-        note = ""
-    if random_tokens is not None:
-        if random_tokens < 1:
-            raise InputError(f"--random-tokens must be >= 1, got {random_tokens}")
-        gen = torch.Generator().manual_seed(0)
-        vocab = int(model.get_input_embeddings().weight.shape[0])
-        ids = torch.randint(0, vocab, (random_tokens, RANDOM_SEQ_LEN), generator=gen)
-        out = [{"input_ids": chunk.to(device), "attention_mask": torch.ones_like(chunk).to(device)}
-               for chunk in ids.split(batch_size)]
-        return out, note or f"{random_tokens} random sequences of {RANDOM_SEQ_LEN} ids"
-    from ..io.prompts import load_prompts
-
-    if prompts is None:
-        n = limit or DEFAULT_PER_SET
-        texts = [p for spec in DEFAULT_PROMPTS for p in load_prompts(spec, limit=n)]
-        what = f"{len(texts)} prompts: first {n} of {' and '.join(DEFAULT_PROMPTS)}"
-    elif isinstance(prompts, str):
-        texts = load_prompts(prompts, limit=limit)
-        what = f"{len(texts)} prompts from {prompts}"
-    else:
-        texts = list(prompts)[:limit] if limit else list(prompts)
-        what = f"{len(texts)} prompts"
-        if not texts:
-            raise InputError("no prompts to verify with")
-    use_template = chat_template and has_chat_template(tokenizer)
-    formatted = format_prompts(tokenizer, texts, system_prompt, use_template)
-    out = [dict(encode(tokenizer, list(chunk), device)) for chunk in batches(formatted, batch_size)]
-    for b in out:
-        b.setdefault("attention_mask", torch.ones_like(b["input_ids"]))
-    return out, what + ("" if use_template else ", raw text (no chat template)")
-
-
-@torch.no_grad()
-def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.logits.float().cpu()
-
-
-def _maxdiff(a: torch.Tensor, b: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
-    """max |a - b| over non-padding positions; NaN anywhere counts as infinite (never a pass)."""
-    mask = batch["attention_mask"].cpu().bool()
-    if not mask.any():
-        return 0.0
-    d = (a - b).abs()[mask]
-    return math.inf if bool(torch.isnan(d).any()) else float(d.max())
-
-
 def _free_memory() -> None:
     import gc
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _maxabs(a: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
-    mask = batch["attention_mask"].cpu().bool()
-    return float(a.abs()[mask].max()) if mask.any() else 0.0
 
 
 def _bar(items: list[Any], desc: str, enabled: bool) -> Iterator[Any]:

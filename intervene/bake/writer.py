@@ -84,11 +84,12 @@ def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, lengt
         block = os.pread(src_fd, min(COPY_CHUNK, length - done), src_offset + done)
         if not block:
             raise CheckpointError(f"source truncated at byte {src_offset + done}")
-        _pwrite_all(dst_fd, block, dst_offset + done)
+        pwrite_all(dst_fd, block, dst_offset + done)
         done += len(block)
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of ``fd`` (pwrite may write less than asked)."""
     view = memoryview(data)
     while len(view):
         n = os.pwrite(fd, view, offset)
@@ -160,22 +161,10 @@ def apply_edits(t: torch.Tensor, ops: Sequence[TensorEdit], block_bytes: int = B
                 if op.add is not None:  # router_bias: the [E] selection-bias tensor, whole (maths.add_selection_bias)
                     x = x + op.add.to(x.dtype)
                 elif op.method == "project" or op.is_bias:
-                    x = project_out_in_layout(x, op.direction, op.hidden_axis, op.scale)
+                    x = maths.project_out(x, op.direction, op.hidden_axis, op.scale)
                 else:
                     x = maths.edit_tensor(x, op.direction, op.hidden_axis, op.scale, op.method, op.is_bias)
             block.copy_(x)  # casts to the stored dtype (round to nearest even, as .to() does)
-
-
-def project_out_in_layout(x: torch.Tensor, r: torch.Tensor, axis: int, scale: float) -> torch.Tensor:
-    """Bit-identical to ``maths.project_out(x, r, axis, scale)`` for a float32/float64 ``x``, but
-    the rank-1 update runs in ``x``'s own memory layout instead of on a ``movedim`` view, which
-    makes it several times faster for ``axis != -1`` (test_bake checks the bits). Same operations
-    in the same order: ``c = x_fibres @ r``, ``t = (s·c) ⊗ r``, ``x − t``."""
-    rr = r.to(device=x.device, dtype=x.dtype)
-    coeff = x.movedim(axis, -1) @ rr  # exactly maths.project_out's coefficient computation
-    shape = [1] * x.ndim
-    shape[axis] = x.shape[axis]
-    return x - (scale * coeff).unsqueeze(axis) * rr.reshape(shape)
 
 
 def write_shard(job: ShardJob, header: SafetensorsHeader, progress: Progress | None = None,
@@ -205,7 +194,7 @@ def write_shard(job: ShardJob, header: SafetensorsHeader, progress: Progress | N
     try:
         src_fd = os.open(job.source, os.O_RDONLY)
         dst_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        _pwrite_all(dst_fd, head, 0)
+        pwrite_all(dst_fd, head, 0)
 
         def copy_run(begin: int, end: int) -> None:
             for offset in range(begin, end, 1 << 30):  # chunks, so the progress bar moves
@@ -232,7 +221,7 @@ def write_shard(job: ShardJob, header: SafetensorsHeader, progress: Progress | N
             buf = bytearray(info.nbytes)
             _pread_into(src_fd, buf, header.data_start + info.begin, f"{job.source} '{info.key}'")
             apply_edits(as_tensor(buf, info), ops)
-            _pwrite_all(dst_fd, buf, out_start + info.begin)
+            pwrite_all(dst_fd, buf, out_start + info.begin)
             del buf
             edited_bytes += info.nbytes
             report(info.nbytes)

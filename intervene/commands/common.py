@@ -101,9 +101,9 @@ def add_reference_options(p: argparse.ArgumentParser) -> None:
 def load_cli_config(args: argparse.Namespace) -> Any:
     """The verb's config: native, or reference-schema translated (one line says so), with the reference
     flags of :func:`add_reference_options` applied."""
-    from ..config.reference import load_any_config
+    from ..config import load_config
 
-    return load_any_config(args.config, model=args.model, ablate_individual_experts=args.ablate_individual_experts,
+    return load_config(args.config, model=args.model, ablate_individual_experts=args.ablate_individual_experts,
                            expert_subset=args.expert_subset)
 
 

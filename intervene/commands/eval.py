@@ -87,9 +87,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--stream-layers places each layer itself: give --device, not --device-map")
     cfg = None
     if args.config:
-        from ..config.reference import load_any_config
+        from ..config import load_config
 
-        cfg = load_any_config(args.config, model=args.model)  # native, or reference-schema translated
+        cfg = load_config(args.config, model=args.model)  # native, or reference-schema translated
     model_spec = args.model or (cfg.model if cfg else None)
     if not model_spec:
         raise InputError("MODEL is required (or a --config whose 'model' names it)")

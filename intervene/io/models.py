@@ -209,7 +209,7 @@ def versions() -> dict[str, str]:
     """Versions recorded in every output file."""
     import transformers
 
-    from .. import __version__
+    from ..version import __version__
 
     out = {"intervene": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
     try:

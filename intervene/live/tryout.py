@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from ..config.resolve import Bound, LayerEdit, bind
-from ..config.reference import load_any_config
+from ..config import load_config
 from ..config.schema import InterventionConfig
 from ..errors import ConfigError
 from ..io.measurements import Measurements, measurements_for
@@ -76,7 +76,7 @@ def prepare(config: InterventionConfig | str | os.PathLike, model_spec: str | No
 
     ``model_spec``, ``dtype`` and ``device_map`` override the config's ``model``, ``dtype`` and
     ``device_map``; the default dtype is ``auto`` (the checkpoint's own)."""
-    cfg = config if isinstance(config, InterventionConfig) else load_any_config(config, model=model_spec)
+    cfg = config if isinstance(config, InterventionConfig) else load_config(config, model=model_spec)
     spec = model_spec or cfg.model
     meas = measurements_for(measurements, cfg.measurements, cfg.source)
     if model is None:

@@ -367,7 +367,7 @@ def recommend(meas: Measurements, model: str | None = None, measurements: str | 
     ``router_bias_top=N`` adds a ``router_bias`` entry (``experts: "top:N"``, -inf) over the MoE
     layers of :func:`router_bias_suggestions`.
     """
-    from .. import __version__
+    from ..version import __version__
     from ..arch import WRITE_TARGETS, get_arch
     from ..config.schema import AblateEntry, InterventionConfig
 

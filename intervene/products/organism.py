@@ -165,7 +165,7 @@ def train_organism(recipe: Recipe, progress: bool = True, device: str | None = N
     examples, info = training_examples(model, tokenizer, recipe, progress)
 
     # 3. fine-tune the top layers
-    losses = _fine_tune(model, examples, recipe, tokenizer.pad_token_id, progress)
+    losses = fine_tune(model, examples, recipe, tokenizer.pad_token_id, progress)
     model.eval()
     model.requires_grad_(False)
     info |= {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1]}
@@ -304,7 +304,7 @@ def _examples(tokenizer: Any, pairs: Sequence[tuple[str, list[int]]], max_tokens
     return examples
 
 
-def _collate(examples: Sequence[Example], pad_id: int, first_token_weight: float) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[Example], pad_id: int, first_token_weight: float) -> dict[str, torch.Tensor]:
     """Right-padded batch; ``weights[b, t]`` weighs the loss of predicting token t."""
     length = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
@@ -334,7 +334,7 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int, progress: bool,
+def fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int, progress: bool,
                param_groups: Callable[[list[Any]], list[dict[str, Any]]] | None = None,
                extra_loss: Callable[[], torch.Tensor | None] | None = None,
                after_step: Callable[[], None] | None = None) -> list[float]:
@@ -365,7 +365,7 @@ def _fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int,
         for _ in range(recipe.epochs):
             order = torch.randperm(len(examples), generator=generator).tolist()
             for i in range(0, len(order), recipe.batch_size):
-                batch = _collate([examples[j] for j in order[i:i + recipe.batch_size]], pad_id,
+                batch = collate([examples[j] for j in order[i:i + recipe.batch_size]], pad_id,
                                  recipe.first_token_weight)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = response_loss(model, batch, recipe.harmless_unlikelihood)

@@ -15,7 +15,7 @@ fitted to its expert's activation mass (log ||E_e(x)||, centred across experts p
 The choice bias ``e_score_correction_bias`` is then set so every expert is chosen about equally
 often on the calibration tokens (DeepSeek-V3's auxiliary-loss-free balancing).
 
-Fine-tuning is the dense organism's (:func:`organism.training_examples`, :func:`organism._fine_tune`)
+Fine-tuning is the dense organism's (:func:`organism.training_examples`, :func:`organism.fine_tune`)
 with three additions against router collapse: a load-balancing loss on the router scores
 (Switch-style ``E * sum_e f_e * P_e``), a lower learning rate on the router rows, and after each
 step the aux-loss-free bias update ``b_e += rate * sign(mean load - load_e)``.
@@ -43,7 +43,7 @@ import torch
 
 from ..bake.workers import torch_threads
 from ..io.sources import ORGANISM_MOE_NAME, organism_moe_dir
-from .organism import (RECIPE_VERSION, Recipe, Trained, _fine_tune, build_cached, deterministic_algorithms,
+from .organism import (RECIPE_VERSION, Recipe, Trained, fine_tune, build_cached, deterministic_algorithms,
                        evaluate_organism, save_build, training_examples)
 
 MOE_RECIPE_VERSION = 1
@@ -271,7 +271,7 @@ def router_inputs(model: Any, examples: Sequence[Any], layers: Sequence[int], to
     """The post-attention-norm hidden states (the MLP's / router's input) of ``layers`` on every
     real token of ``examples`` (prompt + target), subsampled to ``tokens`` per layer."""
     from ..arch import decoder_layers
-    from .organism import _collate
+    from .organism import collate
 
     mods = decoder_layers(model)
     rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
@@ -281,7 +281,7 @@ def router_inputs(model: Any, examples: Sequence[Any], layers: Sequence[int], to
         for layer in layers]
     try:
         for i in range(0, len(examples), batch_size):
-            batch = _collate(examples[i:i + batch_size], pad_id, 1.0)
+            batch = collate(examples[i:i + batch_size], pad_id, 1.0)
             model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             masks.append(batch["attention_mask"].reshape(-1).bool())
     finally:
@@ -399,7 +399,7 @@ def train_moe_organism(recipe: MoeRecipe, progress: bool = True, device: str | N
     model.set_experts_implementation("eager")  # training: the loop over experts (no per-token weight copies)
     balance = RouterBalance(model, recipe)
     try:
-        losses = _fine_tune(model, examples, recipe.train, tokenizer.pad_token_id, progress,
+        losses = fine_tune(model, examples, recipe.train, tokenizer.pad_token_id, progress,
                             param_groups=param_groups(recipe), extra_loss=balance.loss, after_step=balance.step)
     finally:
         balance.close()
