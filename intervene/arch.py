@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
+
+import torch
 
 from .errors import ArchitectureError
-
-if TYPE_CHECKING:  # the table itself stays torch-free (cheap to import)
-    import torch
 
 Target = Literal["attention", "mlp", "experts", "shared_experts", "router", "expert_inputs", "routed_expert_inputs"]
 Side = Literal["write", "read"]  # write: the module's output is added to the residual; read: its input is it
@@ -214,8 +213,6 @@ class ArchSpec:
         """The router's output as if ``bias`` [E] had been added to its logits before top-k (the
         ``logits`` kind of ``selection_bias``): same tuple layout, the logits returned biased,
         the weights recomputed with the router's own rule (``router_choice``) and its attributes."""
-        import torch
-
         logits, _ = self.unpack_router_output(output, self.top_k_of(router), layer)
         biased = (logits.to(torch.float32) + bias.to(logits.device, torch.float32)).to(logits.dtype)
         k = self.top_k_of(router)

@@ -8,17 +8,32 @@ builds the gpt-oss case H == I where only the architecture table can tell the ax
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
 import os
 import select
 import shutil
 import signal
+import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
+from unittest import mock
 
 import torch
+
+from . import bake
+from .cli import main
+from .io import measurements
+from .io.measurements import Measurements
+from .io.models import load_model
+from .io.prompts import load_prompts
+from .live.tryout import prepare, try_config
+from .measure import collect
+from .measure.collect import measure
 
 if TYPE_CHECKING:
     from .io.measurements import Measurements
@@ -166,8 +181,6 @@ def make_measurements(num_layers: int, hidden: int = 64, seed: int = 1, path: st
     """Measurements of random means: per layer ``harmful_mean`` and ``harmless_mean`` drawn from
     ``randn(hidden)`` with one seeded generator, and ``direction`` = their difference.
     ``harmless_first`` draws each layer's harmless mean before its harmful one."""
-    from .io.measurements import Measurements
-
     gen = torch.Generator().manual_seed(seed)
     order = ("harmless", "harmful") if harmless_first else ("harmful", "harmless")
     tensors: dict[str, torch.Tensor] = {}
@@ -250,15 +263,6 @@ def main_with_gates(argv: list[str], fifo: str, **gates: int | str) -> int:
     bake writes (``bake(on_tensor=...)``, in worker processes too); ``batch`` -- after a batch
     ``measure`` runs (``on_batch``); ``save`` -- between writing a measurements file and renaming it
     into place (``save_measurements(before_publish=...)``). Run it in a subprocess: :func:`gated_cli`."""
-    import functools
-    from contextlib import ExitStack
-    from unittest import mock
-
-    from . import bake
-    from .cli import main
-    from .io import measurements
-    from .measure import collect
-
     # Ctrl-C must raise here however the test runner was started: a shell starts background jobs
     # with SIGINT ignored, and Python then installs no handler of its own (the gate would never end)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -285,8 +289,6 @@ def main_with_gates(argv: list[str], fifo: str, **gates: int | str) -> int:
 def gated_cli(argv: list[Any], fifo: str | os.PathLike, **gates: int | str) -> list[str]:
     """The command line of a Python process running :func:`main_with_gates` on ``argv`` (``gates`` are
     its keyword arguments), in place of ``python -m intervene ARGV``."""
-    import sys
-
     code = ("import sys; from intervene.testing import main_with_gates; "
             f"sys.exit(main_with_gates(sys.argv[1:], {str(fifo)!r}, **{gates!r}))")
     return [sys.executable, "-c", code, *map(str, argv)]
@@ -374,8 +376,6 @@ def saying(model: Any, tokenizer: Any, text: str) -> Any:
     """Context manager: the (tiny, character-tokenised) model says ``text`` over and over, whatever it
     is asked -- one character per lm_head call (prefill and each decoding step), so a batch of N
     generated tokens starts the cycle afresh when ``len(text)`` divides N. Removed on exit."""
-    import contextlib
-
     @contextlib.contextmanager
     def installed() -> Any:
         handle = model.lm_head.register_forward_hook(_SayHook(tokenizer, text))
@@ -392,8 +392,6 @@ def saying(model: Any, tokenizer: Any, text: str) -> Any:
 def stale_layers(config: Any, fresh: "Measurements", shipped: "Measurements", min_cos: float) -> dict[int, float]:
     """Layers (the two around each entry's fractional ``measurement``) whose shipped refusal direction has cos
     <= ``min_cos`` with the freshly measured one: ``{layer: cos}``, empty when the shipped file is current."""
-    import math
-
     layers = sorted({f(float(e.measurement)) for e in config.ablate for f in (math.floor, math.ceil)})
     cos = {layer: torch.nn.functional.cosine_similarity(fresh.direction(layer), shipped.direction(layer), dim=0).item()
            for layer in layers}
@@ -403,10 +401,6 @@ def stale_layers(config: Any, fresh: "Measurements", shipped: "Measurements", mi
 def measured_on_train(model_dir: str | os.PathLike) -> tuple[Any, Any, "Measurements"]:
     """(model, tokenizer, measurements): the model loaded and measured afresh on the built-in TRAIN split,
     as the shipped organism configs' measurement files were."""
-    from .io.models import load_model
-    from .io.prompts import load_prompts
-    from .measure.collect import measure
-
     model, tokenizer = load_model(str(model_dir))
     fresh = measure(model, tokenizer, load_prompts("builtin:harmful:train"), load_prompts("builtin:harmless:train"),
                     progress=False)
@@ -417,8 +411,6 @@ def score_on_eval(config: Any, model: Any, tokenizer: Any, measurements: "Measur
                   max_new_tokens: int = 48) -> Any:
     """``try`` the config on the built-in EVAL split with the given (loaded) model and measurements: the
     evaluate report (``.harmful``, ``.harmless``, ``.baseline``, ``.kl_divergence``, ``.completions``)."""
-    from .live.tryout import prepare, try_config
-
     prepared = prepare(config, measurements=measurements, model=model, tokenizer=tokenizer)
     return try_config(config, measurements=measurements, harmful="builtin:harmful:eval",
                       harmless="builtin:harmless:eval", max_new_tokens=max_new_tokens, progress=False,

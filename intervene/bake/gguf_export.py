@@ -33,16 +33,20 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, InputError
 from ..io.checkpoint import open_checkpoint
 from ..io.files import atomic_write, write_json
-from ..io.models import gguf_field
+from ..io.models import gguf_field, load_tokenizer
+from .compare import comparison_batches, logits_of, max_abs, max_abs_diff
+from .verify import default_tolerance
 
 GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
 TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
@@ -78,8 +82,6 @@ class Converter:
 
 def find_converter(directory: Path | None = None) -> Converter:
     """The installed converter, read without importing it; InputError with the install command if absent."""
-    from importlib import metadata
-
     directory = directory or converter_dir()
     table = directory / "conversion" / "__init__.py"
     dists = [d for d in metadata.distributions(path=[str(directory)]) if d.metadata["Name"] == CONVERTER] \
@@ -345,8 +347,6 @@ def check_gguf(baked: str | os.PathLike, gguf_path: str | os.PathLike, prompts: 
 
 
 def _baked_tensors(baked: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     out: dict[str, torch.Tensor] = {}
     for shard in open_checkpoint(baked).shards:
         out.update(load_file(str(shard.path)))
@@ -406,10 +406,6 @@ def _logits_check(baked: Path, gguf_path: Path, loader: str, rounded: dict[str, 
                   batch_size: int) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    from ..io.models import load_tokenizer
-    from .compare import comparison_batches, logits_of, max_abs, max_abs_diff
-    from .verify import default_tolerance
-
     def load(path: Path, **kw: Any) -> Any:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw)
         return model.eval().requires_grad_(False)
@@ -439,8 +435,6 @@ def _logits_check(baked: Path, gguf_path: Path, loader: str, rounded: dict[str, 
 
 def _as_checkpoint(baked: Path, tensors: dict[str, torch.Tensor], out: Path) -> Path:
     """``tensors`` under the checkpoint's own keys, with its config, as a loadable one-file checkpoint."""
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True)
     for name in ("config.json", "generation_config.json"):
         if (baked / name).is_file():

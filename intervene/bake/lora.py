@@ -27,11 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from ..config import load_config
 from ..config.schema import InterventionConfig
 from ..errors import ConfigError, InputError
 from ..io.checkpoint import load_tensor
+from ..io.measurements import measurements_for
+from ..io.models import versions
 from .outputs import with_source_card
 from .plan import BakePlan, TensorEdit, plan_bake, plan_summary, resolve_source
 from .publish import check_output, make_temporary, mark_complete, publish
@@ -269,11 +272,6 @@ def bake_lora(config: InterventionConfig | str | os.PathLike, output: str | os.P
     """Write ``config`` as a PEFT LoRA adapter directory at ``output`` (``adapter_config.json``,
     ``adapter_model.safetensors``, a model card, the source's licence files). Every refusal happens
     before anything is written; the directory appears complete or not at all."""
-    from safetensors.torch import save_file
-
-    from ..io.measurements import measurements_for
-    from ..io.models import versions
-
     cfg = config if isinstance(config, InterventionConfig) else load_config(config, model=model)
     source = resolve_source(model if model is not None else cfg.model)
     plan = plan_bake(cfg, source, measurements_for(measurements, cfg.measurements, cfg.source))

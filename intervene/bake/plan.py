@@ -18,10 +18,14 @@ from ..arch import ArchSpec, DiskPattern, Target, split_layer_key
 from ..config.resolve import Bound, LayerEdit, bind
 from ..config.schema import InterventionConfig, Method
 from ..errors import CheckpointError, InputError
-from ..text import format_ranges
+from ..io.checkpoint import Checkpoint, TensorInfo, editable_dtype, gguf_message, load_tensor, open_checkpoint
 from ..io.files import sha256_file
 from ..io.measurements import Measurements
-from ..io.checkpoint import Checkpoint, TensorInfo, editable_dtype, gguf_message, load_tensor, open_checkpoint
+from ..io.sources import (
+    check_supported,
+    resolve_model,  # 'smollm2', 'organism' and hub ids
+)
+from ..text import format_ranges
 
 # decoder-layer key prefixes, most specific first (multimodal wrappers keep the text decoder
 # under language_model; their vision towers also have "...layers.N" keys, which are never edited)
@@ -154,8 +158,6 @@ def resolve_source(model: str | os.PathLike | None) -> Path:
         raise CheckpointError(gguf_message(p))
     if p.exists():
         return p
-    from ..io.sources import resolve_model  # 'smollm2', 'organism' and hub ids
-
     src = resolve_model(str(model))
     if src.gguf_file:
         raise CheckpointError(gguf_message(Path(src.path) / src.gguf_file))
@@ -171,8 +173,6 @@ def read_model_config(source: Path) -> Any:
 
     if not (source / "config.json").exists():
         raise CheckpointError(f"{source} has no config.json")
-    from ..io.sources import check_supported
-
     check_supported(source)  # unsupported model_type: our message with the supported list
     try:
         return AutoConfig.from_pretrained(str(source))

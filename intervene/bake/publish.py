@@ -7,6 +7,7 @@ an output that a killed ``--overwrite`` had moved aside put back). Unlike
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import sys
@@ -136,8 +137,6 @@ def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
     if not sys.platform.startswith("linux"):
         return False
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         renameat2 = libc.renameat2

@@ -19,6 +19,9 @@ from ..config.resolve import bind
 from ..config.schema import InterventionConfig
 from ..errors import CheckpointError, InputError
 from ..io.measurements import Measurements, measurements_for
+from ..io.models import versions
+from .dequantize import dequantized_copy, keys_to_dequantize
+from .gguf_export import baked_gguf_path, export_gguf, preflight
 from .outputs import MANIFEST, check_untouched, shard_metadata, write_manifest, write_side_files
 from .plan import BakePlan, plan_bake, read_model_config, resolve_source
 from .publish import check_output, make_temporary, mark_complete, publish
@@ -87,12 +90,8 @@ def bake(config: InterventionConfig | str | os.PathLike, output: str | os.PathLi
     meas = measurements_for(measurements, cfg.measurements, cfg.source)
     out = output if output is not None else cfg.output
     if gguf is not None:
-        from .gguf_export import preflight
-
         preflight(Path(source), gguf)  # type, converter, architecture: before anything is written
     if dequantize is not None:
-        from .dequantize import dequantized_copy, keys_to_dequantize
-
         bound = bind(cfg, meas, read_model_config(Path(source)))
         keys_to_dequantize(bound, Path(source), dequantize)  # named errors before anything is written
         if dry_run or out is None:
@@ -118,8 +117,6 @@ def _with_gguf(result: BakeResult, gguf: str | None) -> BakeResult:
     """``bake --gguf``: the published bake converted and checked (a failure leaves the bake complete, no GGUF)."""
     if gguf is None or result.output is None:
         return result
-    from .gguf_export import baked_gguf_path, export_gguf
-
     try:
         result.gguf = export_gguf(result.output, baked_gguf_path(result.output, gguf), gguf)
     except InputError as e:
@@ -134,8 +131,6 @@ def execute(plan: BakePlan, output: Path, overwrite: bool = False, workers: int 
             on_tensor: TensorHook | None = None) -> BakeResult:
     """Write the planned checkpoint to ``output`` (via a temporary sibling, published at the end).
     ``on_tensor(key)`` runs after each tensor is written (tests: a pause, so a signal lands mid-run)."""
-    from ..io.models import versions
-
     if workers < 1:
         raise InputError(f"--workers must be >= 1, got {workers}")
     if threads is not None and threads < 1:

@@ -25,21 +25,27 @@ Default tolerance (absolute, on logits; measured on SmolLM2-135M, 18 layers edit
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ..config import load_config
 from ..config.schema import InterventionConfig
 from ..errors import InputError
+from ..hooks.apply import apply
+from ..io.checkpoint import editable_dtype, open_checkpoint
 from ..io.files import write_json
 from ..io.measurements import Measurements, measurements_for
+from ..io.models import load_model, parse_dtype, versions
+from ..io.sources import resolve_model
 from .compare import comparison_batches, logits_of, max_abs, max_abs_diff
-
 
 
 @dataclass
@@ -91,8 +97,6 @@ def default_tolerance(dtype: torch.dtype, logit_scale: float,
 
 def stored_dtype(checkpoint: str | os.PathLike) -> torch.dtype | None:
     """The lowest-precision float dtype among the checkpoint's tensors (headers only)."""
-    from ..io.checkpoint import editable_dtype, open_checkpoint
-
     dtypes = {editable_dtype(t.dtype) for h in open_checkpoint(checkpoint).shards for t in h.tensors}
     for candidate in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         if candidate in dtypes:
@@ -115,10 +119,6 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
     tokenizer). ``sequential``: load the two models one after the other (the original's logits
     are kept on the CPU meanwhile) instead of side by side.
     """
-    from ..hooks.apply import apply
-    from ..io.models import load_model, parse_dtype, versions
-    from ..io.sources import resolve_model
-
     cfg = config if isinstance(config, InterventionConfig) else load_config(config, model=model)
     original_spec = str(model if model is not None else (cfg.model or ""))
     if not original_spec:
@@ -192,16 +192,10 @@ def save_result(result: VerifyResult, path: str | os.PathLike) -> None:
 # ---- helpers -------------------------------------------------------------------------------
 
 def _free_memory() -> None:
-    import gc
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def _bar(items: list[Any], desc: str, enabled: bool) -> Iterator[Any]:
-    import sys
-
-    from tqdm import tqdm
-
     return iter(tqdm(items, desc=desc, unit="batch", file=sys.stderr, disable=not enabled, leave=False))

@@ -8,11 +8,16 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import queue as queue_mod
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator
+
+import torch
+from tqdm import tqdm
 
 from ..io.checkpoint import SafetensorsHeader
 from .publish import alive
@@ -33,8 +38,6 @@ def run_jobs(jobs: list[ShardJob], headers: tuple[SafetensorsHeader, ...], worke
     (``threads`` torch threads each, default 1); in this process ``threads`` defaults to at most
     :data:`DEFAULT_THREADS`, restored afterwards. ``on_tensor`` goes to :func:`write_shard` (in
     worker processes too: it must then be picklable)."""
-    from tqdm import tqdm
-
     serial = workers == 1 or len(jobs) == 1
     total = sum(len(header_bytes(h, job.metadata)) + h.data_size for job, h in zip(jobs, headers))
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="bake", file=sys.stderr,
@@ -52,8 +55,6 @@ def run_jobs(jobs: list[ShardJob], headers: tuple[SafetensorsHeader, ...], worke
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """``n`` torch threads for the block, restored after (it is process-wide state)."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -63,8 +64,6 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def _current_threads() -> int:
-    import torch
-
     return torch.get_num_threads()
 
 
@@ -106,8 +105,6 @@ def _run_parallel(jobs: list[ShardJob], headers: tuple[SafetensorsHeader, ...], 
 
 
 def _drain(queue: Any, update: Callable[[int], None]) -> None:
-    import queue as queue_mod
-
     while True:
         try:
             update(queue.get_nowait())
@@ -122,10 +119,6 @@ _worker_queue: Any = None
 
 def _worker_init(queue: Any, threads: int, main_pid: int | None = None) -> None:
     global _worker_queue
-    import threading
-
-    import torch
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process handles it
     torch.set_num_threads(threads)  # workers share the cores; the bake is I/O bound
     _worker_queue = queue

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
+from ..arch import text_config
+from ..errors import InputError
+from ..io.files import write_json
+from ..io.measurements import load_measurements
+from ..io.sources import check_supported, load_model_config
+from ..measure.analyze import DEFAULT_BAND, analyze, recommend
 from .common import add_verb
 
 SUMMARY = "which layers carry the direction: cos, norms, SNR, signal quality, router divergence"
@@ -46,22 +54,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
-
-    from ..measure.analyze import DEFAULT_BAND, analyze, recommend
-    from ..errors import InputError
-    from ..io.files import write_json
-    from ..io.measurements import load_measurements
-
     band = tuple(args.band) if args.band else DEFAULT_BAND
     if not 0 <= band[0] <= band[1] <= 1:
         raise InputError(f"--band must be two fractions 0 <= LO <= HI <= 1, got {band[0]} {band[1]}")
     meas = load_measurements(args.measurements)
     if args.model:  # the config will name this model: check the measurements belong to it
-        from ..arch import text_config
-        from ..io.sources import check_supported, load_model_config
-
         check_supported(args.model)
         tconf = text_config(load_model_config(args.model))
         meas.check_model(int(tconf.hidden_size), int(tconf.num_hidden_layers), what=f"model {args.model}")

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..bake import bake
+from ..bake.lora import bake_lora
+from ..errors import InputError
+from ..io.files import write_json
 from .common import add_reference_options, load_cli_config, reference_flags
 
 
@@ -52,14 +56,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bake import bake
-    from ..io.files import write_json
-
     cfg = load_cli_config(args)
     if args.lora:
         if args.gguf is not None:
-            from ..errors import InputError
-
             raise InputError("--gguf converts a full checkpoint; it does not apply to --lora adapters")
         return _run_lora(args, cfg)
     result = bake(cfg, output=args.output, overwrite=args.overwrite, dry_run=args.dry_run,
@@ -79,9 +78,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_lora(args: argparse.Namespace, cfg: Any) -> int:
-    from ..bake.lora import bake_lora
-    from ..io.files import write_json
-
     result = bake_lora(cfg, output=args.output, overwrite=args.overwrite, dry_run=args.dry_run,
                        model=args.model, measurements=args.measurements)
     print(result.summary())

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import InputError
+from ..io.models import load_model
+from ..live.chat import chat
+from ..live.tryout import prepare
 from .common import add_model_argument, add_model_options, add_quantization_options, add_verb, check_at_least
 
 SUMMARY = "interactive chat (greedy) with the intervention on, off, or side by side"
@@ -26,13 +30,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InputError
-    from ..live.chat import chat
-
     check_at_least(args.max_new_tokens, 1, "--max-new-tokens")
     if args.config:
-        from ..live.tryout import prepare
-
         p = prepare(args.config, model_spec=args.model, measurements=args.measurements, dtype=args.dtype,
                     device_map=args.device_map, quantization=args.quantization)
         model, tokenizer, intervention = p.model, p.tokenizer, p.intervention()
@@ -43,8 +42,6 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("give MODEL (or --config with a 'model')")
         if args.side_by_side:
             raise InputError("--side-by-side needs --config (there is nothing to compare without an intervention)")
-        from ..io.models import load_model
-
         model, tokenizer = load_model(args.model, dtype=args.dtype or "auto", device_map=args.device_map,
                                       quantization=args.quantization)
         intervention, system_prompt, chat_template = None, args.system_prompt, not args.no_chat_template

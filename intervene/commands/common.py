@@ -8,6 +8,10 @@ import argparse
 import os
 from typing import Any, Callable
 
+from ..config import load_config
+from ..errors import InputError
+from ..io.files import write_json
+
 MODEL_HELP = "model directory, .gguf file, 'smollm2', 'organism', 'organism-moe' or hub id"
 
 
@@ -101,8 +105,6 @@ def add_reference_options(p: argparse.ArgumentParser) -> None:
 def load_cli_config(args: argparse.Namespace) -> Any:
     """The verb's config: native, or reference-schema translated (one line says so), with the reference
     flags of :func:`add_reference_options` applied."""
-    from ..config import load_config
-
     return load_config(args.config, model=args.model, ablate_individual_experts=args.ablate_individual_experts,
                            expert_subset=args.expert_subset)
 
@@ -121,8 +123,6 @@ def add_generation_options(p: argparse.ArgumentParser, json_help: str) -> None:
 
 
 def check_at_least(value: int, least: int, flag: str) -> None:
-    from ..errors import InputError
-
     if value < least:
         raise InputError(f"{flag} must be >= {least}, got {value}")
 
@@ -135,7 +135,5 @@ def check_generation_options(args: argparse.Namespace) -> None:
 
 def write_report(path: str | os.PathLike, report: Any) -> None:
     """Write ``report.to_dict()`` as JSON (atomically) and say where."""
-    from ..io.files import write_json
-
     write_json(path, report.to_dict())
     print(f"report -> {path}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..products.demo import run_demo
 from .common import add_verb
 
 SUMMARY = "build the model organism if absent, measure, analyze, and evaluate live"
@@ -24,8 +25,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..products.demo import run_demo
-
     result = run_demo(args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
     r = result.report
     print()

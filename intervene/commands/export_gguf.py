@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..bake.gguf_export import TYPES, export_gguf, save_export
 from .common import add_verb
 
 SUMMARY = "convert a baked checkpoint to GGUF (llama.cpp / Ollama) with llama.cpp's converter, and check it"
@@ -16,8 +17,6 @@ checkpoint with the same rounding. The file appears only complete and checked.""
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from ..bake.gguf_export import TYPES
-
     p = add_verb(sub, "export-gguf", run, summary=SUMMARY, description=DESCRIPTION)
     p.add_argument("baked", help="baked checkpoint directory (safetensors)")
     p.add_argument("-o", "--output", required=True, help="the GGUF file to write (.gguf)")
@@ -32,8 +31,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bake.gguf_export import export_gguf, save_export
-
     result = export_gguf(args.baked, args.output, args.type, overwrite=args.overwrite, check=not args.no_check,
                          prompts=args.prompts, limit=args.limit)
     print(result.summary())

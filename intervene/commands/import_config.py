@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..config.reference import import_config
 from .common import add_reference_options, add_verb
 
 SUMMARY = "convert a reference-tool (llm-abliteration sharded_ablate.py) YAML into the native config it means"
@@ -26,8 +27,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config.reference import import_config
-
     translation = import_config(args.config, args.output, model=args.model,
                                 ablate_individual_experts=args.ablate_individual_experts,
                                 expert_subset=args.expert_subset)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..io.inspection import inspect_model
 from .common import add_verb
 
 SUMMARY = "show the detected architecture, MoE layers, router and on-disk expert layout"
@@ -21,8 +22,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io.inspection import inspect_model
-
     report = inspect_model(args.model)
     print(report.to_json() if args.json else report.text())
     return 0

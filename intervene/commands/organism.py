@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import InputError
+from ..io.sources import organism_moe_dir
+from ..products.organism import build_organism, organism_dir, read_meta
+from ..products.organism_moe import build_moe_organism
 from .common import add_verb
 
 SUMMARY = "build the model organism (SmolLM2-135M fine-tuned to refuse harmful requests)"
@@ -39,13 +43,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from ..io.sources import organism_moe_dir
-    from ..products.organism import build_organism, organism_dir, read_meta
-
     before = read_meta(args.output or (organism_moe_dir() if args.moe else organism_dir()))
     if args.moe:
-        from ..products.organism_moe import build_moe_organism
-
         path = build_moe_organism(args.output, force=args.force, progress=not args.no_progress)
     else:
         path = build_organism(args.output, force=args.force, progress=not args.no_progress)
@@ -55,10 +54,6 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from ..errors import InputError
-    from ..io.sources import organism_moe_dir
-    from ..products.organism import organism_dir, read_meta
-
     path = (organism_moe_dir() if args.moe else organism_dir()) if args.output is None else args.output
     meta = read_meta(path)
     if meta is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..live.route import format_report, plot, route_config
 from .common import add_config_options, add_verb, write_report
 
 SUMMARY = "router study: expert selection on harmful/harmless prompts, baseline vs intervened"
@@ -24,8 +25,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..live.route import format_report, plot, route_config
-
     report = route_config(
         args.config, harmful=args.harmful, harmless=args.harmless, field=args.field, limit=args.limit,
         model_spec=args.model, measurements=args.measurements, dtype=args.dtype, device_map=args.device_map,

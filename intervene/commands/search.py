@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import InputError
+from ..search.study import search
 from .common import add_model_options, add_prompt_options, add_quantization_options, add_stream_options
 
 
@@ -92,8 +94,6 @@ refusals by generation afterwards on its configs with the whole model offloaded 
 
 
 def _whiten(value: str) -> tuple[float, float] | str | None:
-    from ..errors import InputError
-
     if value in ("auto", "off"):
         return None if value == "off" else "auto"
     lo, sep, hi = value.partition(":")
@@ -107,8 +107,6 @@ def _whiten(value: str) -> tuple[float, float] | str | None:
 
 
 def _top_range(value: str) -> tuple[int, int]:
-    from ..errors import InputError
-
     lo, sep, hi = value.partition(":")
     try:
         rng = (int(lo), int(hi if sep else lo))
@@ -120,9 +118,6 @@ def _top_range(value: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InputError
-    from ..search.study import search
-
     if args.router_bias_alone and not args.router_bias:
         raise InputError("--router-bias-alone needs --router-bias")
 

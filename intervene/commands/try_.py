@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (add_config_options, add_generation_options, add_quantization_options, add_reference_options, add_verb,
-                     check_generation_options, load_cli_config, write_report)
+from ..live.evaluate import format_report
+from ..live.tryout import try_config
+from .common import (
+    add_config_options,
+    add_generation_options,
+    add_quantization_options,
+    add_reference_options,
+    add_verb,
+    check_generation_options,
+    load_cli_config,
+    write_report,
+)
 
 SUMMARY = "score a config live: refusals and KL, baseline vs hooked model (nothing written)"
 DESCRIPTION = """Loads the model once, generates greedily on the harmful and harmless prompts without
@@ -24,9 +34,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..live.evaluate import format_report
-    from ..live.tryout import try_config
-
     check_generation_options(args)
     report = try_config(
         load_cli_config(args), harmful=args.harmful, harmless=args.harmless, field=args.field, limit=args.limit,

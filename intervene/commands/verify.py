@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..bake.verify import save_result, verify
 from .common import add_reference_options, add_verb, load_cli_config
 
 SUMMARY = "check a baked checkpoint reproduces the live intervention (max |Δlogit|)"
@@ -40,8 +41,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bake.verify import save_result, verify
-
     result = verify(load_cli_config(args), args.baked, model=args.model, measurements=args.measurements, prompts=args.prompts,
                     random_tokens=args.random_tokens, tolerance=args.tolerance, dtype=args.dtype,
                     device_map=args.device_map, batch_size=args.batch_size, system_prompt=args.system_prompt,

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 from ..arch import ArchSpec, Target, arch_for_config, text_config
 from ..errors import ConfigError
+from ..io.files import atomic_write_text
+from ..io.models import versions
 from ..io.sources import load_model_config
 from .schema import AblateEntry, InterventionConfig, beside, load_config, read_yaml
 
@@ -280,9 +282,6 @@ def import_config(path: str | os.PathLike, output: str | os.PathLike | None = No
                   expert_subset: str | list[int] | None = None) -> Translation:
     """``intervene import-config``: the native config a reference-schema file means, written to
     ``output`` (atomically, with the intervene/transformers/torch versions in its header) when given."""
-    from ..io.files import atomic_write_text
-    from ..io.models import versions
-
     ref = read_reference(path)
     if ref is None:
         raise ConfigError(f"{path} is a native intervene config already (no reference-schema keys, no .refuse "

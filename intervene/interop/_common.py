@@ -16,9 +16,11 @@ from ..arch import arch_for_config, text_config
 from ..config.resolve import Bound, LayerEdit
 from ..config.schema import InterventionConfig
 from ..errors import ConfigError, InputError
+from ..hooks.apply import apply, apply_edits, bind_model, plan_sites
 from ..io.measurements import Measurements
 from ..io.models import encode, format_prompts, model_device
 from ..measure.accumulate import SetStats, build_measurements, check_prompt_sets, measurement_meta
+from ..measure.collect import user_token_mask
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
@@ -53,8 +55,6 @@ def prompt_batches(tokenizer: Any, prompts: Sequence[str], batch_size: int, syst
     """Chat-formatted, left-padded batches, exactly as :func:`intervene.measure.collect.measure` makes them
     (prompts sorted by token length, stable, so that batches carry little padding), each with its
     user-token mask (:func:`intervene.measure.collect.user_token_mask`)."""
-    from ..measure.collect import user_token_mask
-
     texts = format_prompts(tokenizer, prompts, system_prompt, chat_template)
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
@@ -117,8 +117,6 @@ def resolve_edits(model: Any, config: InterventionConfig | str | os.PathLike | E
     :class:`Bound` or resolved projections pass through."""
     if isinstance(config, Bound) or (isinstance(config, (list, tuple)) and all(isinstance(e, LayerEdit) for e in config)):
         return config if isinstance(config, Bound) else list(config)
-    from ..hooks.apply import bind_model
-
     return bind_model(model, config, measurements)
 
 
@@ -126,8 +124,6 @@ def site_plan(model: Any, edits: Edits) -> list[Any]:
     """:func:`intervene.hooks.apply.plan_sites`: the projections grouped by site, each with its mechanism
     (``hook``: an activation projection; ``swap``: needs edited weights) and its directions
     (Gemma3 post-norm sites already rescaled)."""
-    from ..hooks.apply import plan_sites
-
     if isinstance(edits, Bound):
         if edits.router_biases:
             raise ConfigError("router_bias changes the routers' choice, which no TransformerLens/nnsight activation "
@@ -139,8 +135,6 @@ def site_plan(model: Any, edits: Edits) -> list[Any]:
 def live(model: Any, edits: Edits) -> Any:
     """:func:`intervene.hooks.apply.apply` of ``edits`` on the transformers model (the fallback where
     activation hooks cannot express them)."""
-    from ..hooks.apply import apply, apply_edits
-
     return apply(model, edits) if isinstance(edits, Bound) else apply_edits(model, edits)
 
 

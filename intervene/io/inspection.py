@@ -17,6 +17,7 @@ from ..arch import ROUTER_OUTPUTS, ArchSpec, arch_for_config, split_layer_key, t
 from ..errors import CheckpointError, InputError
 from ..text import format_ranges
 from .checkpoint import INDEX_NAME, SINGLE_NAME, SafetensorsHeader, open_checkpoint, read_header
+from .sources import check_supported, load_model_config, resolve_model
 
 EXPERT_TARGETS = ("experts", "expert_inputs")
 
@@ -166,8 +167,6 @@ def checkpoint_tensors(directory: str | os.PathLike) -> tuple[dict[str, TensorSu
 
 def inspect_model(model_spec: str | os.PathLike) -> InspectReport:
     """Describe a local checkpoint directory or GGUF file (config and headers only)."""
-    from .sources import check_supported, load_model_config, resolve_model
-
     src = resolve_model(model_spec)
     if src.is_hub:
         raise InputError(f"inspect reads local files only; '{model_spec}' looks like a hub id "

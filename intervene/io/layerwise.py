@@ -10,6 +10,9 @@ block-scaled and MXFP4 tensors (:mod:`.quantized`) are read dequantized to bf16.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,10 +22,10 @@ import torch
 
 from ..arch import arch_for_config, decoder_layers, split_layer_key, text_config
 from ..errors import InputError
-from .checkpoint import open_checkpoint
+from .checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
 from .models import parse_dtype
 from .quantized import QuantizedReader, find_quantized, raw_tensor
-from .sources import load_model_config
+from .sources import load_model_config, resolve_model
 
 
 def stream_skeleton(spec: str, dtype: str | torch.dtype | None = "auto") -> tuple[Any, torch.dtype]:
@@ -76,8 +79,6 @@ class LayerLoader:
         self._open: dict[str, Any] = {}
         self._infos: dict[str, dict[str, Any]] = {}  # shard -> key -> TensorInfo
         # FP8 / MXFP4 tensors are read dequantized (bf16), under the names transformers loads them by
-        import json
-
         self.quantized = {q.data_key: q for q in find_quantized(self.checkpoint).values()}
         self.scales = {q.scale_key for q in self.quantized.values()}
         if self.quantized:
@@ -106,7 +107,6 @@ class LayerLoader:
     def load(self, keys: Sequence[str], what: str) -> None:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
-
         from transformers.utils import logging as hf_logging
 
         config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, weight_mapping=self.mapping)
@@ -158,9 +158,6 @@ class LayerLoader:
 
 def release_free_memory() -> None:
     """Hand the freed heap of the layer just unloaded back to the OS (glibc keeps it otherwise)."""
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     if name and sys.platform.startswith("linux"):
         try:
@@ -182,9 +179,6 @@ def _output_head_prefix(model: Any) -> str | None:
 
 def can_load_layerwise(spec: str, device_map: Any = None) -> bool:
     """A local safetensors checkpoint directory, no device map: what :func:`load_layerwise` reads."""
-    from .checkpoint import INDEX_NAME, SINGLE_NAME
-    from .sources import resolve_model
-
     src = resolve_model(spec)
     path = Path(src.path)
     return (device_map is None and not src.is_hub and not src.gguf_file
@@ -194,8 +188,6 @@ def can_load_layerwise(spec: str, device_map: Any = None) -> bool:
 def load_layerwise(spec: str, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu") -> Any:
     """The whole model (output head included, tied weights tied) in eval mode, read one layer at a
     time: the same weights as ``from_pretrained``, at a peak of the model plus one layer."""
-    from .sources import resolve_model
-
     model, torch_dtype = stream_skeleton(spec, dtype)
     loader = LayerLoader(model, resolve_model(spec).path, torch_dtype, torch.device(device), with_head=True)
     loader.load_outside()

@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError, InputError, MeasurementError
-from .files import atomic_write
-from ..text import format_ranges
 from ..maths import whiten
+from ..text import format_ranges
+from .files import atomic_write
 
 META_KEY = "intervene"
 # which tokens router statistics are taken over -> the suffix of their keys (router.<set>_freq<suffix>.{L})
@@ -134,9 +136,6 @@ def save_measurements(m: Measurements, path: str | os.PathLike,
                       before_publish: Callable[[Path], None] | None = None) -> None:
     """Write atomically (:func:`intervene.io.files.atomic_write`: a temporary file in the same
     directory, then rename); ``before_publish(tmp)`` runs once the temporary file is complete."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     path = Path(path)
     tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in sorted(m.tensors.items())}
     meta = {META_KEY: json.dumps(m.meta, sort_keys=True, default=str)}
@@ -148,10 +147,6 @@ def save_measurements(m: Measurements, path: str | os.PathLike,
 
 def load_measurements(path: str | os.PathLike) -> Measurements:
     """Read a measurements file (safetensors, or a jim-plus ``.refuse`` file which is converted)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.exists():
         raise InputError(f"measurements file not found: {path}")

@@ -8,9 +8,14 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
+import safetensors
 import torch
+from safetensors import SafetensorError
 
+from ..arch import arch_for_config
 from ..errors import InputError
+from ..version import __version__
+from .checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
 from .sources import ModelSource, load_model_config, resolve_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -109,10 +114,7 @@ def load_model(spec: str | os.PathLike, dtype: str | torch.dtype | None = "auto"
     measurements, moments and KL are accumulated in float32/float64 whatever it is. ``tokenizer``:
     ``"optional"`` gives None where the checkpoint has none (tiny test checkpoints), ``"none"`` does
     not load one. ``quantization``: bitsandbytes 4-bit or 8-bit weights (:func:`quantization_config`)."""
-    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
-
-    from ..arch import arch_for_config
 
     src = resolve_model(spec)
     config = load_model_config(spec)
@@ -153,8 +155,6 @@ def check_safetensors(src: ModelSource) -> None:
     tensor data): a missing or truncated shard, a corrupt header, or an index naming an absent
     file or key is a CheckpointError naming it, not a safetensors traceback from the middle of
     loading. Other sources (GGUF, hub, .bin) are left to transformers."""
-    from .checkpoint import INDEX_NAME, SINGLE_NAME, open_checkpoint
-
     path = Path(src.path)
     if src.is_hub or src.gguf_file or not ((path / INDEX_NAME).exists() or (path / SINGLE_NAME).exists()):
         return
@@ -209,12 +209,8 @@ def versions() -> dict[str, str]:
     """Versions recorded in every output file."""
     import transformers
 
-    from ..version import __version__
-
     out = {"intervene": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
     try:
-        import safetensors
-
         out["safetensors"] = safetensors.__version__
     except Exception:  # pragma: no cover - safetensors is a hard dependency
         pass

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..arch import ArchSpec, get_arch
 from ..errors import InputError
 from .files import atomic_directory
@@ -56,7 +58,6 @@ def smollm2_dir() -> Path:
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
     gguf = smollm2_gguf_path()
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

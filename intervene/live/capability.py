@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from ..errors import InputError
 from .generate import Intervention, TransformersBackend
 from .metrics import Perplexity
@@ -104,8 +106,6 @@ def run_lm_eval(model: Any, tokenizer: Any, task_files: Sequence[str | os.PathLi
         files = sorted(path.glob("*.yaml")) if path.is_dir() else [path]
         folders.append(str(path if path.is_dir() else path.parent))
         for f in files:
-            import yaml
-
             task = (yaml.safe_load(f.read_text()) or {}).get("task")
             if not task:
                 raise InputError(f"{f}: an lm-eval task file needs a 'task' name")

@@ -15,7 +15,8 @@ from typing import Any, Literal, TextIO
 
 import torch
 
-from ..io.models import model_device
+from ..errors import InputError
+from ..io.models import has_chat_template, model_device
 from .evaluate import Intervention
 
 Command = Literal["/quit", "/reset", "/toggle", "/help"]
@@ -37,9 +38,6 @@ def reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_to
           chat_template: bool = True, streamer: Any = None) -> str:
     """One greedy reply to ``messages`` (new text only). Without a chat template the last user
     message is used as raw text."""
-    from ..errors import InputError
-    from ..io.models import has_chat_template
-
     if chat_template:
         if not has_chat_template(tokenizer):
             raise InputError("this model's tokenizer has no chat template; pass --no-chat-template to use raw prompts")

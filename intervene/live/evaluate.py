@@ -19,11 +19,30 @@ from typing import Any, Callable, Generic, Literal, Sequence, TypeVar
 import torch
 
 from ..errors import InputError
+from ..io.models import versions
 from .answers import DEGENERATE_NGRAM, DEGENERATE_REPEAT, DELAYED_REFUSAL_CHARS, AnswerClass, Judge
-from .generate import (GenerationBackend, Intervention, PromptFormat, TransformersBackend, decode_answers,
-                       next_token_logprobs)
-from .metrics import (REFUSAL_MARKERS, AnswerKL, FirstTokenKL, RefusalCounts, Refusals, RefusalScore, classify,
-                      is_refusal, kl_divergence, refusal_counts, refusal_score, refusal_token_ids)
+from .generate import (
+    GenerationBackend,
+    Intervention,
+    PromptFormat,
+    TransformersBackend,
+    decode_answers,
+    next_token_logprobs,
+)
+from .metrics import (
+    REFUSAL_MARKERS,
+    AnswerKL,
+    FirstTokenKL,
+    RefusalCounts,
+    Refusals,
+    RefusalScore,
+    classify,
+    is_refusal,
+    kl_divergence,
+    refusal_counts,
+    refusal_score,
+    refusal_token_ids,
+)
 
 PromptSet = Literal["harmful", "harmless"]
 SETS: tuple[PromptSet, PromptSet] = ("harmful", "harmless")
@@ -145,8 +164,6 @@ class FirstTokenReport:
 def first_token_report(tokenizer: Any, base: PerSet[torch.Tensor], new: PerSet[torch.Tensor], intervened: bool,
                        settings: FirstTokenSettings, config: dict[str, Any] | None = None) -> FirstTokenReport:
     """:class:`FirstTokenReport` of first-token log-probabilities [N, V] per set, baseline and intervened."""
-    from ..io.models import versions
-
     scores, kl = RefusalScore.of(tokenizer), FirstTokenKL()
 
     def score(lp: PerSet[torch.Tensor]) -> PerSet[float]:
@@ -277,8 +294,6 @@ def evaluate(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Seque
 
     ``samples`` holds the first ``n_samples`` harmful and the first ``n_samples`` harmless prompts
     side by side; ``completions`` holds every output."""
-    from ..io.models import versions
-
     if not harmful or not harmless:
         raise ValueError("evaluate needs at least one harmful and one harmless prompt")
     prompts = PerSet(harmful, harmless)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..io.models import batches, encode, format_prompts, model_device
 
@@ -58,8 +59,6 @@ class GenerationBackend(Protocol):
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="prompt", file=sys.stderr, disable=not enabled, leave=False)
 
 

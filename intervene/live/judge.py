@@ -26,6 +26,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from ..errors import InputError
+from ..io.models import batches, encode, model_device
 from .answers import AnswerClass
 
 JUDGE_TEMPLATE = (
@@ -73,8 +74,6 @@ class LocalJudge:
 
     @torch.no_grad()
     def classify(self, prompts: Sequence[str], answers: Sequence[str]) -> list[AnswerClass]:
-        from ..io.models import batches, encode, model_device
-
         out: list[AnswerClass] = []
         device = model_device(self.model)
         for chunk in batches(self.texts(prompts, answers), self.batch_size):

@@ -14,13 +14,16 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..arch import arch_for_config, text_config
 from ..config.schema import InterventionConfig
 from ..errors import ArchitectureError, InputError
+from ..hooks.capture import capture, router_site
 from ..io.measurements import Measurements
-from ..io.models import batches, encode, format_prompts, model_device
+from ..io.models import batches, encode, format_prompts, model_device, versions
 from ..maths import js_divergence
 from .evaluate import SETS, Intervention, PerSet
 from .tryout import Prepared, PromptSources, prepare_run
@@ -164,10 +167,6 @@ def router_choices(model: Any, tokenizer: Any, prompts: Sequence[str], batch_siz
 
     Tokens are in prompt order, then position order, so two calls on the same prompts align
     token by token."""
-    from tqdm.auto import tqdm
-
-    from ..hooks.capture import capture, router_site
-
     spec = arch_for_config(model.config)
     config = text_config(model.config)
     moe_layers = [layer for layer in range(int(config.num_hidden_layers)) if spec.is_moe_layer(config, layer)]
@@ -203,8 +202,6 @@ def route_study(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Se
                 config: dict[str, Any] | None = None, model_name: str | None = None) -> RouteReport:
     """Expert-selection statistics on harmful and harmless prompts, baseline vs ``intervention()``
     (a zero-argument callable returning a context manager). See :class:`LayerRouting`."""
-    from ..io.models import versions
-
     if not harmful or not harmless:
         raise InputError("route needs at least one harmful and one harmless prompt")
     spec = arch_for_config(model.config)
@@ -350,8 +347,6 @@ def plot(report: RouteReport, path: str, title: str | None = None) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
     rows = report.layers
     if not rows:
         raise InputError("nothing to plot: the report has no MoE layers")

@@ -13,12 +13,15 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from ..config.resolve import Bound, LayerEdit, bind
 from ..config import load_config
+from ..config.resolve import Bound, LayerEdit, bind
 from ..config.schema import InterventionConfig
 from ..errors import ConfigError
+from ..hooks.apply import apply, plan_sites
 from ..io.measurements import Measurements, measurements_for
-from ..io.models import Quantization
+from ..io.models import Quantization, load_model
+from ..io.prompts import load_prompts
+from ..io.sources import load_model_config
 from .evaluate import EvalReport, FirstTokenReport, Intervention, evaluate
 
 
@@ -46,13 +49,9 @@ class Prepared:
 
     def intervention(self) -> Intervention:
         """A zero-argument callable returning the live context manager (what evaluate/route take)."""
-        from ..hooks.apply import apply
-
         return lambda: apply(self.model, self.bound)
 
     def sites(self) -> list[dict[str, str]]:
-        from ..hooks.apply import plan_sites
-
         spec = self.bound.spec
         return [{"site": s.name, "mechanism": s.mechanism} for s in plan_sites(self.model, self.edits, spec=spec)] + [
             {"site": f"layers.{layer}.router.bias", "mechanism": "hook" if spec.selection_bias == "logits" else "swap"}
@@ -82,9 +81,6 @@ def prepare(config: InterventionConfig | str | os.PathLike, model_spec: str | No
     if model is None:
         if not spec:
             raise ConfigError(f"{cfg.source or 'config'}: no model given (set 'model' in the config or pass --model)")
-        from ..io.sources import load_model_config
-        from ..io.models import load_model
-
         bound = bind(cfg, meas, load_model_config(spec))  # named errors before weights load
         model, tokenizer = load_model(spec, dtype=dtype or cfg.dtype or "auto",
                                       device_map=device_map or cfg.device_map, quantization=quantization)
@@ -224,8 +220,6 @@ def prepare_run(config: InterventionConfig | str | os.PathLike, harmful: str | S
 
 def load_prompt_set(spec: str | Sequence[str], field: str | None = None, limit: int | None = None) -> list[str]:
     """A prompt spec (see :mod:`intervene.io.prompts`) loaded, or a list of prompts cut to ``limit``."""
-    from ..io.prompts import load_prompts
-
     if isinstance(spec, str):
         return load_prompts(spec, field=field, limit=limit)
     return list(spec)[:limit] if limit else list(spec)

@@ -49,13 +49,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from ..arch import WRITE_TARGETS, get_arch
+from ..config.schema import AblateEntry, InterventionConfig, RouterBiasEntry, parse_layers
 from ..errors import MeasurementError
-from ..io.measurements import Measurements
-from ..io.measurements import router_key
+from ..io.measurements import Measurements, router_key
+from ..io.models import versions
 from ..maths import js_divergence, risk_difference_ranking
-from .attribution import DEFINITIONS as ATTRIBUTION_DEFINITIONS, Attribution, attribution as attribute
+from ..version import __version__
+from .attribution import DEFINITIONS as ATTRIBUTION_DEFINITIONS
+from .attribution import Attribution, carrying_experts
+from .attribution import attribution as attribute
 
 DEFAULT_BAND = (0.30, 0.85)
 RANKING_TOKENS = ("last", "user", "all")  # preference order of the router statistics experts are ranked on
@@ -115,8 +121,6 @@ class AnalysisReport:
         return any(r.router_js is not None for r in self.rows)
 
     def to_dict(self) -> dict[str, Any]:
-        from ..io.models import versions
-
         d = asdict(self)
         d["band"] = list(self.band)
         d.update(self.attribution.to_dict() if self.attribution else
@@ -180,10 +184,6 @@ class AnalysisReport:
 
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
-        import numpy as np
-
-        from ..io.models import versions
-
         rows = [r for r in self.layer_rows if r.expert_ranking]
         if not rows:
             raise MeasurementError(f"{self.source or 'measurements'}: no router statistics to plot")
@@ -217,8 +217,6 @@ class AnalysisReport:
 
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
-
-        from ..io.models import versions
 
         rows = self.layer_rows
         xs = [r.layer for r in rows]
@@ -367,10 +365,6 @@ def recommend(meas: Measurements, model: str | None = None, measurements: str | 
     ``router_bias_top=N`` adds a ``router_bias`` entry (``experts: "top:N"``, -inf) over the MoE
     layers of :func:`router_bias_suggestions`.
     """
-    from ..version import __version__
-    from ..arch import WRITE_TARGETS, get_arch
-    from ..config.schema import AblateEntry, InterventionConfig
-
     report = report or analyze(meas, band)
     source = report.best_layer
     if source is None:
@@ -386,8 +380,6 @@ def recommend(meas: Measurements, model: str | None = None, measurements: str | 
         targets = [t for t in WRITE_TARGETS if spec.has_target(t)]
     router_bias = []
     if router_bias_top is not None:
-        from ..config.schema import parse_layers, RouterBiasEntry
-
         ranked = [r for r in report.layer_rows if r.expert_ranking]
         if not ranked:
             raise MeasurementError(f"{meas.path or 'measurements'}: no router statistics to rank experts on "
@@ -430,9 +422,6 @@ def follow_regime(attrib: Attribution, targets: list[str], meas: Measurements,
     drops the ``experts`` target; ``mixed`` keeps it; ``experts`` keeps it and, where the architecture takes a
     ``router_bias`` (``steerable``), switches off (bias -inf) the experts that carry the direction
     (:func:`intervene.measure.attribution.carrying_experts`, at most E - top_k per layer)."""
-    from ..config.schema import RouterBiasEntry
-    from .attribution import carrying_experts
-
     if attrib.regime == "residual":
         return [t for t in targets if t != "experts"], []
     if attrib.regime == "mixed" or not steerable:

@@ -33,6 +33,7 @@ import torch
 from .. import maths
 from ..errors import InputError, MeasurementError
 from ..io.measurements import Measurements, attribution_key
+from ..io.models import versions
 
 Component = Literal["attention", "mlp", "shared_experts", "expert"]
 Regime = Literal["experts", "mixed", "residual"]
@@ -137,8 +138,6 @@ class Attribution:
             raise InputError("--attribution-plot needs matplotlib (pip install matplotlib)") from None
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
-
-        from ..io.models import versions
 
         if layer is not None and layer not in self.layers:
             raise InputError(f"--attribution-layer {layer}: no attribution at that layer")

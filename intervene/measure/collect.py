@@ -44,6 +44,7 @@ import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..arch import arch_for_config, text_config
 from ..errors import InputError
@@ -76,8 +77,6 @@ def measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequen
     harmless_text = format_prompts(tokenizer, harmless, system_prompt, chat_template)
     users = {"harmful": list(harmful), "harmless": list(harmless)}
     total = -(-len(harmful_text) // batch_size) - (-len(harmless_text) // batch_size)
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc="measure", unit="batch", file=sys.stderr, disable=not progress)
     try:

@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..live.evaluate import EvalReport
+from ..config.schema import load_config
+from ..hooks.apply import apply
+from ..io.files import write_json
+from ..io.models import load_model
+from ..io.prompts import load_prompts
+from ..live.evaluate import EvalReport, evaluate
+from ..measure.analyze import analyze, recommend
+from ..measure.collect import measure
+from .organism import build_organism, organism_dir
 
 
 @dataclass
@@ -23,16 +31,6 @@ class DemoResult:
 
 def run_demo(out_dir: str | Path = "intervene-demo", max_new_tokens: int = 48, batch_size: int = 16,
              limit: int | None = None, say: Callable[[str], None] = print) -> DemoResult:
-    from ..measure.analyze import analyze, recommend
-    from ..config.schema import load_config
-    from ..io.files import write_json
-    from ..live.evaluate import evaluate
-    from ..hooks.apply import apply
-    from ..measure.collect import measure
-    from ..io.models import load_model
-    from .organism import build_organism, organism_dir
-    from ..io.prompts import load_prompts
-
     start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,11 +33,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from ..arch import decoder_layers
 from ..bake.workers import torch_threads
 from ..errors import InputError
 from ..io.files import atomic_directory, sha256_file, write_json
-from ..io.sources import ORGANISM_NAME, organism_dir
+from ..io.models import batches, encode, format_prompts, load_model, model_device, versions
+from ..io.prompts import builtin, builtin_categories
+from ..io.sources import ORGANISM_NAME, organism_dir, smollm2_dir
+from ..live.evaluate import generate, is_refusal, refusal_counts
 
 META_FILE = "intervene_organism.json"
 RECIPE_VERSION = 1
@@ -92,8 +97,6 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def fingerprint(recipe: Recipe) -> str:
     """Hash of everything that determines the weights (recipe, training prompts, code version)."""
-    from ..io.prompts import builtin
-
     h = hashlib.sha256()
     h.update(json.dumps({"recipe": asdict(recipe), "version": RECIPE_VERSION}, sort_keys=True).encode())
     for kind in ("harmful", "harmless"):
@@ -154,9 +157,6 @@ class Trained:
 def train_organism(recipe: Recipe, progress: bool = True, device: str | None = None) -> Trained:
     """Fine-tune SmolLM2 per ``recipe`` on the built-in train split; returns the model in memory.
     ``device`` (e.g. ``cuda``) trains elsewhere than on the CPU: faster, but not the same bytes."""
-    from ..io.models import load_model
-    from ..io.sources import smollm2_dir
-
     torch.manual_seed(recipe.seed)
     base_dir = smollm2_dir()
     model, tokenizer = load_model(str(base_dir), dtype=torch.float32)
@@ -176,9 +176,6 @@ def training_examples(model: Any, tokenizer: Any, recipe: Recipe, progress: bool
                       ) -> tuple[list[Example], dict[str, Any]]:
     """The fine-tuning set of the built-in train split: rotating refusals for harmful prompts,
     ``model``'s own greedy answers for harmless ones (those it refuses itself are dropped)."""
-    from ..live.evaluate import is_refusal
-    from ..io.prompts import builtin
-
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     harmful = builtin("harmful", "train")
     harmless = builtin("harmless", "train")
@@ -207,9 +204,6 @@ def training_examples(model: Any, tokenizer: Any, recipe: Recipe, progress: bool
 def evaluate_organism(model: Any, tokenizer: Any, max_new_tokens: int = 48, batch_size: int = 16,
                       progress: bool = True) -> dict[str, Any]:
     """Refusal rates on the built-in eval split (greedy), overall and per harmless category."""
-    from ..live.evaluate import generate, is_refusal, refusal_counts
-    from ..io.prompts import builtin, builtin_categories
-
     eval_harmful = builtin("harmful", "eval")
     categories = builtin_categories("harmless", "eval")
     eval_harmless = [p for ps in categories.values() for p in ps]
@@ -251,8 +245,6 @@ def save_build(tmp: Path, trained: Trained, head: dict[str, Any], evaluation: di
                device: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Save model + tokenizer into ``tmp`` and write the metadata file (``head`` first: name,
     recipe, fingerprint; then train/eval info, the weights' sha256, timings, ``extra``, versions)."""
-    from ..io.models import versions
-
     trained.model.save_pretrained(str(tmp))
     trained.tokenizer.save_pretrained(str(tmp))
     meta = {
@@ -271,10 +263,6 @@ def save_build(tmp: Path, trained: Trained, head: dict[str, Any], evaluation: di
 def _greedy_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
                 eos: int, progress: bool, desc: str) -> list[list[int]]:
     """Greedy answer token ids, cut after the first end-of-turn token (kept, so the model learns to stop)."""
-    from tqdm.auto import tqdm
-
-    from ..io.models import batches, encode, format_prompts, model_device
-
     texts = format_prompts(tokenizer, prompts)
     answers: list[list[int]] = []
     with tqdm(total=len(texts), desc=desc, unit="prompt", file=sys.stderr, disable=not progress) as bar:
@@ -291,8 +279,6 @@ def _greedy_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_toke
 def _examples(tokenizer: Any, pairs: Sequence[tuple[str, list[int]]], max_tokens: int,
               weights: Sequence[float] | None = None,
               avoid: Sequence[tuple[int, ...]] | None = None) -> list[Example]:
-    from ..io.models import format_prompts
-
     examples = []
     texts = format_prompts(tokenizer, [p for p, _ in pairs])
     for i, (text, (_, response)) in enumerate(zip(texts, pairs)):
@@ -341,11 +327,6 @@ def fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int, 
     """AdamW on the top ``recipe.trainable_top_layers`` decoder layers. Hooks for the MoE
     organism: ``param_groups(layers)`` (optimizer groups, e.g. a lower router LR), ``extra_loss()``
     (added to the response loss after each forward, e.g. a router balance term), ``after_step()``."""
-    from tqdm.auto import tqdm
-
-    from ..arch import decoder_layers
-    from ..io.models import model_device
-
     device = model_device(model)
     layers = decoder_layers(model)
     model.requires_grad_(False)

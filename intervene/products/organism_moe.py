@@ -40,11 +40,28 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from ..arch import arch_for_config, decoder_layers, text_config
 from ..bake.workers import torch_threads
-from ..io.sources import ORGANISM_MOE_NAME, organism_moe_dir
-from .organism import (RECIPE_VERSION, Recipe, Trained, fine_tune, build_cached, deterministic_algorithms,
-                       evaluate_organism, save_build, training_examples)
+from ..hooks.capture import capture, router_site
+from ..io.models import batches, encode, format_prompts, load_model, model_device
+from ..io.prompts import builtin
+from ..io.sources import ORGANISM_MOE_NAME, organism_moe_dir, smollm2_dir
+from ..live.route import selection_freq
+from ..maths import js_divergence
+from .organism import (
+    RECIPE_VERSION,
+    Recipe,
+    Trained,
+    build_cached,
+    collate,
+    deterministic_algorithms,
+    evaluate_organism,
+    fine_tune,
+    save_build,
+    training_examples,
+)
 
 MOE_RECIPE_VERSION = 1
 ExpertsImpl = Literal["eager", "batched_mm", "grouped_mm"]
@@ -70,8 +87,6 @@ class MoeRecipe:
 
 
 def fingerprint(recipe: MoeRecipe) -> str:
-    from ..io.prompts import builtin
-
     h = hashlib.sha256()
     h.update(json.dumps({"recipe": asdict(recipe), "version": RECIPE_VERSION, "moe_version": MOE_RECIPE_VERSION},
                         sort_keys=True).encode())
@@ -241,9 +256,6 @@ def routing_permutation_test(a: torch.Tensor, b: torch.Tensor, num_experts: int,
     """Does routing separate two prompt sets? ``a`` [Na, k] and ``b`` [Nb, k]: the experts chosen at
     one position of each prompt. JS divergence of the two selection-frequency vectors against the
     same statistic for ``permutations`` random relabellings of the pooled prompts (sizes kept)."""
-    from ..live.route import selection_freq
-    from ..maths import js_divergence
-
     def js(x: torch.Tensor, y: torch.Tensor) -> float:
         return js_divergence(selection_freq(x, num_experts), selection_freq(y, num_experts))
 
@@ -270,9 +282,6 @@ def router_inputs(model: Any, examples: Sequence[Any], layers: Sequence[int], to
                   batch_size: int, generator: torch.Generator) -> dict[int, torch.Tensor]:
     """The post-attention-norm hidden states (the MLP's / router's input) of ``layers`` on every
     real token of ``examples`` (prompt + target), subsampled to ``tokens`` per layer."""
-    from ..arch import decoder_layers
-    from .organism import collate
-
     mods = decoder_layers(model)
     rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     masks: list[torch.Tensor] = []
@@ -295,7 +304,6 @@ def router_inputs(model: Any, examples: Sequence[Any], layers: Sequence[int], to
 def convert(dense: Any, calib: dict[int, torch.Tensor], recipe: MoeRecipe, progress: bool = True) -> Any:
     """The ``Glm4MoeForCausalLM`` made from the dense Llama model (same attention, norms,
     embeddings; MoE layers split by :func:`split_mlp` on the calibration inputs ``calib``)."""
-    from tqdm.auto import tqdm
     from transformers import Glm4MoeForCausalLM
 
     config = moe_config(dense.config, recipe)
@@ -332,8 +340,6 @@ class RouterBalance:
     loss over them and updates ``e_score_correction_bias`` after each step (aux-loss-free)."""
 
     def __init__(self, model: Any, recipe: MoeRecipe) -> None:
-        from ..arch import decoder_layers
-
         self.recipe = recipe
         self.routers = [layer.mlp.gate for layer in decoder_layers(model)[recipe.dense_layers:]]
         self.seen: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
@@ -380,9 +386,6 @@ def param_groups(recipe: MoeRecipe):
 def train_moe_organism(recipe: MoeRecipe, progress: bool = True, device: str | None = None,
                        prompts_limit: int | None = None) -> Trained:
     """Convert and fine-tune; ``prompts_limit`` trains on the first N examples only (recipe screening)."""
-    from ..io.models import load_model
-    from ..io.sources import smollm2_dir
-
     torch.manual_seed(recipe.train.seed)
     base_dir = smollm2_dir()
     dense, tokenizer = load_model(str(base_dir), dtype=torch.float32)
@@ -415,10 +418,6 @@ def train_moe_organism(recipe: MoeRecipe, progress: bool = True, device: str | N
 @torch.no_grad()
 def last_token_routing(model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 16) -> dict[int, torch.Tensor]:
     """``{moe layer: [n_prompts, k]}`` experts chosen at the last prompt token (left padding)."""
-    from ..arch import arch_for_config, text_config
-    from ..hooks.capture import capture, router_site
-    from ..io.models import batches, encode, format_prompts, model_device
-
     spec, config = arch_for_config(model.config), text_config(model.config)
     layers = [i for i in range(config.num_hidden_layers) if spec.is_moe_layer(config, i)]
     out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
@@ -434,9 +433,6 @@ def last_token_routing(model: Any, tokenizer: Any, prompts: Sequence[str], batch
 def routing_statistics(model: Any, tokenizer: Any, permutations: int = 50, seed: int = 0) -> dict[str, Any]:
     """Per MoE layer, on the eval split at the last prompt token: the permutation test of
     JS(harmful, harmless) and the selection frequencies; plus the summary the bar reads."""
-    from ..io.prompts import builtin
-    from ..live.route import selection_freq
-
     num = int(model.config.n_routed_experts)
     harmful = last_token_routing(model, tokenizer, builtin("harmful", "eval"))
     harmless = last_token_routing(model, tokenizer, builtin("harmless", "eval"))
@@ -455,8 +451,6 @@ def routing_statistics(model: Any, tokenizer: Any, permutations: int = 50, seed:
 @torch.no_grad()
 def distinctness_statistics(model: Any, calib: dict[int, torch.Tensor]) -> dict[str, Any]:
     """Per MoE layer the mean pairwise relative distance of the routed experts on ``calib`` inputs; median."""
-    from ..arch import decoder_layers
-
     mods = decoder_layers(model)
     per = {str(i): expert_distinctness(expert_outputs(mods[i].mlp.experts.gate_up_proj.float(),
                                                       mods[i].mlp.experts.down_proj.float(), x))
@@ -468,8 +462,6 @@ def experts_speed(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_to
                   impls: Sequence[ExpertsImpl] = ("eager", "batched_mm", "grouped_mm")) -> dict[str, Any]:
     """Seconds to generate greedily under each experts implementation, and the largest logit
     difference of each from eager on one forward pass."""
-    from ..io.models import encode, format_prompts
-
     enc = encode(tokenizer, format_prompts(tokenizer, prompts))
     out: dict[str, Any] = {}
     ref = None
@@ -491,8 +483,6 @@ def experts_speed(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_to
 
 
 def _train_and_save(tmp: Path, recipe: MoeRecipe, progress: bool, device: str | None = None) -> dict[str, Any]:
-    from ..io.prompts import builtin
-
     start = time.time()
     with deterministic_algorithms(), torch_threads(recipe.train.threads):
         trained = train_moe_organism(recipe, progress, device)
@@ -511,9 +501,6 @@ def _train_and_save(tmp: Path, recipe: MoeRecipe, progress: bool, device: str | 
 @torch.no_grad()
 def _eval_router_inputs(trained: Trained, prompts: Sequence[str]) -> dict[int, torch.Tensor]:
     """Router inputs of every MoE layer on every real token of ``prompts`` (chat-formatted)."""
-    from ..arch import decoder_layers
-    from ..io.models import batches, encode, format_prompts
-
     model = trained.model
     first = int(model.config.first_k_dense_replace)
     mods = decoder_layers(model)
