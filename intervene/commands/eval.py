@@ -74,17 +74,16 @@ def run(args: argparse.Namespace) -> int:
     from ..live.tryout import EvalRunReport, PromptSources
 
     check_generation_options(args)
-    if args.stream_layers and not args.first_token:
-        raise InputError("--stream-layers needs --first-token: generation needs the whole model; for a model larger "
-                         "than memory run the generation-based eval with --device-map auto (CPU/disk offload)")
+    if args.stream_layers:
+        from ..runner import check_stream_layers
+
+        check_stream_layers(generates=not args.first_token, device_map=args.device_map)
     if args.first_token:
         bad = [flag for flag, given in (("--reference", args.reference), ("--judge", args.judge),
                                         ("--capability", args.capability or args.capability_text or args.lm_eval_tasks),
                                         ("--no-answer-kl", args.no_answer_kl)) if given]
         if bad:
             raise InputError(f"--first-token scores the first token only; {bad[0]} needs the full eval (drop one)")
-    if args.stream_layers and args.device_map:
-        raise InputError("--stream-layers places each layer itself: give --device, not --device-map")
     cfg = None
     if args.config:
         from ..config.reference import load_any_config

@@ -70,11 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if args.stream_layers:
         from ..measure.stream import measure_streamed
 
-        if args.device_map:
-            raise InputError("--stream-layers places each layer itself: give --device, not --device-map")
-        if args.quantization:
-            raise InputError(f"--stream-layers loads each layer's own weights; --load-in-{args.quantization} "
-                             "quantizes a whole model (use one or the other)")
+        from ..runner import check_stream_layers
+
+        check_stream_layers(args.model, device_map=args.device_map, quantization=args.quantization)
         m = measure_streamed(args.model, load_tokenizer(args.model), harmful, harmless, dtype=args.dtype,
                              device=args.device, hidden_on=args.hidden_on, **common)
     else:

@@ -33,6 +33,7 @@ from ..io.models import Quantization, load_model, load_tokenizer, versions
 from ..io.prompts import load_prompts
 from ..io.sources import model_reference
 from ..live.stream_eval import LayerStream
+from ..runner import check_stream_layers
 from .objective import Objective, PromptObjective, StreamedObjective
 from .pareto import best_so_far, dominates, pareto_front, spread
 from .report import SearchResult, TrialRecord, write_outputs
@@ -180,11 +181,7 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
         if full_eval_top > 0 or not name.startswith("eval")}
     stream = None
     if stream_layers:
-        if device_map:
-            raise InputError("--stream-layers places each layer itself: give --device, not --device-map")
-        if quantization:
-            raise InputError(f"--stream-layers loads each layer's own weights; --load-in-{quantization} "
-                             "quantizes a whole model (use one or the other)")
+        check_stream_layers(model, device_map=device_map, quantization=quantization)
         say(f"opening {model} for streamed passes (one decoder layer at a time on {device}) ...")
         stream = LayerStream(model, dtype=dtype, device=device)
         loaded, tokenizer = stream.model, load_tokenizer(model)
