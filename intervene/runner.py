@@ -23,7 +23,7 @@ from .arch import decoder_layers, text_config
 from .errors import InputError
 from .io.layer_calls import LayerCall, record_layer_calls
 from .io.layerwise import LayerLoader, can_load_layerwise, load_layerwise, stream_skeleton
-from .io.models import Quantization, load_model
+from .io.models import Quantization, load_model, load_tokenizer
 from .io.sources import ModelSource, resolve_model
 
 HiddenOn = Literal["device", "cpu"]
@@ -55,14 +55,29 @@ def check_stream_layers(spec: str | None = None, *, device_map: Any = None, quan
 
 
 def load_whole(spec: str, *, dtype: str | torch.dtype | None = "auto", device_map: str | None = None,
-               quantization: Quantization | None = None) -> Any:
-    """The whole model: a local checkpoint without a device map or quantization is read one layer at a
-    time (peak: the model + one layer, :func:`~intervene.io.layerwise.load_layerwise`), anything else
-    through transformers (:func:`~intervene.io.models.load_model`)."""
+               quantization: Quantization | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer), the model whole: a local checkpoint without a device map or quantization is
+    read one layer at a time (peak: the model + one layer, :func:`~intervene.io.layerwise.load_layerwise`),
+    anything else through transformers (:func:`~intervene.io.models.load_model`)."""
     if can_load_layerwise(spec, device_map) and quantization is None:
-        return load_layerwise(spec, dtype=dtype)
-    model, _ = load_model(spec, dtype=dtype, device_map=device_map, quantization=quantization)
-    return model
+        return load_layerwise(spec, dtype=dtype), load_tokenizer(spec)
+    return load_model(spec, dtype=dtype, device_map=device_map, quantization=quantization)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a verb runs its model: the dtype, whole (``device_map``, ``quantization``) or one decoder
+    layer at a time (``stream_layers`` on ``device``, hidden states waiting on ``hidden_on``), the batch
+    size and the progress bars."""
+
+    dtype: str | None = "auto"
+    device_map: str | None = None
+    quantization: Quantization | None = None
+    stream_layers: bool = False
+    device: str = "cpu"
+    hidden_on: HiddenOn = "device"
+    batch_size: int = 16
+    progress: bool = True
 
 
 @dataclass
@@ -147,4 +162,4 @@ def progress_bar(total: int, desc: str, progress: bool, *, leave: bool = True) -
     return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, disable=not progress, leave=leave)
 
 
-__all__ = ["HiddenOn", "HIDDEN_ON", "check_stream_layers", "load_whole", "LayerPass", "LayerRunner", "progress_bar"]
+__all__ = ["HiddenOn", "HIDDEN_ON", "RunOptions", "check_stream_layers", "load_whole", "LayerPass", "LayerRunner", "progress_bar"]

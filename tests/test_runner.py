@@ -90,7 +90,8 @@ def test_hidden_on_cpu_parks_between_layers_with_the_same_numbers(tmp_path):
 def test_load_whole_equals_from_pretrained(tmp_path):
     d = saved(tmp_path, "llama")
     model, _ = load_model(str(d), dtype="float32")
-    layerwise = load_whole(str(d), dtype="float32")
+    layerwise, tokenizer = load_whole(str(d), dtype="float32")
+    assert tokenizer is not None and tokenizer.padding_side == "left"
     want = model.state_dict()
     assert all(torch.equal(t, want[k]) for k, t in layerwise.state_dict().items())
 

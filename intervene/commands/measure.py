@@ -51,44 +51,20 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise InputError("MODEL is required (or --from-refuse FILE to convert a .refuse file)")
 
-    from ..io.sources import check_supported, model_reference
-    from ..measure.collect import measure
-    from ..io.models import format_prompts, load_model, load_tokenizer
-    from ..io.prompts import load_prompts
+    from ..measure.run import measure_model
+    from ..runner import RunOptions
 
     check_at_least(args.whiten_rank, 0, "--whiten-rank")
-    check_supported(args.model)  # unknown model_type: named error before any weights are read
-    harmful = load_prompts(args.harmful, field=args.field, limit=args.limit)
-    harmless = load_prompts(args.harmless, field=args.field, limit=args.limit)
-    if not args.no_chat_template:  # no chat template: named error before any weights are read
-        format_prompts(load_tokenizer(args.model), harmful[:1], args.system_prompt)
-    extra_meta = {"quantization": args.quantization, "harmful_source": args.harmful, "harmless_source": args.harmless,
-                  "field": args.field, "limit": args.limit, "model_spec": args.model}
-    common = dict(batch_size=args.batch_size, system_prompt=args.system_prompt, chat_template=not args.no_chat_template,
-                  model_path=model_reference(args.model), progress=not args.no_progress, whiten_rank=args.whiten_rank,
-                  extra_meta=extra_meta, attribution=not args.no_attribution)
-    if args.stream_layers:
-        from ..measure.stream import measure_streamed
-
-        from ..runner import check_stream_layers
-
-        check_stream_layers(args.model, device_map=args.device_map, quantization=args.quantization)
-        m = measure_streamed(args.model, load_tokenizer(args.model), harmful, harmless, dtype=args.dtype,
-                             device=args.device, hidden_on=args.hidden_on, **common)
-    else:
-        from ..io.layerwise import can_load_layerwise, load_layerwise
-
-        # a local checkpoint loads one layer at a time (peak: the model + one layer, io.layerwise)
-        if can_load_layerwise(args.model, args.device_map) and args.quantization is None:
-            model, tokenizer = load_layerwise(args.model, dtype=args.dtype), load_tokenizer(args.model)
-        else:
-            model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
-                                          quantization=args.quantization)
-        m = measure(model, tokenizer, harmful, harmless, **common)
+    run_options = RunOptions(dtype=args.dtype, device_map=args.device_map, quantization=args.quantization,
+                             stream_layers=args.stream_layers, device=args.device, hidden_on=args.hidden_on,
+                             batch_size=args.batch_size, progress=not args.no_progress)
+    m = measure_model(args.model, args.harmful, args.harmless, field=args.field, limit=args.limit, run=run_options,
+                      system_prompt=args.system_prompt, chat_template=not args.no_chat_template,
+                      whiten_rank=args.whiten_rank, attribution=not args.no_attribution)
     m.save(args.output)
     moe = m.meta.get("moe_layers") or []
-    print(f"measured {len(m.layers)} layers + embedding on {len(harmful)} harmful / {len(harmless)} harmless "
-          f"prompts{f', router stats on {len(moe)} MoE layers' if moe else ''} -> {args.output}")
+    print(f"measured {len(m.layers)} layers + embedding on {m.meta['n_harmful']} harmful / "
+          f"{m.meta['n_harmless']} harmless prompts{f', router stats on {len(moe)} MoE layers' if moe else ''} -> {args.output}")
     print(f"next: intervene analyze {args.output} --plot analysis.png --config-out config.yaml")
     return 0
 

@@ -2,9 +2,9 @@
 log-probabilities of a model that does not fit in memory, one decoder layer in memory at a time, the
 unedited model and the model under a config out of ONE pass over the layers.
 
-The skeleton, the layer loader and the recorded layer arguments are those of
-:func:`intervene.measure.stream.measure_streamed` (:mod:`intervene.io.layerwise`,
-:mod:`intervene.io.layer_calls`); the output head is loaded too (tied heads are re-tied). Each batch
+The skeleton, the layer loader, the recorded layer arguments and the layer loop are those of
+:func:`intervene.measure.stream.measure_streamed`: :class:`intervene.runner.LayerRunner`; the output head
+is loaded too (tied heads are re-tied). Each batch
 carries two hidden-state streams: the baseline's and the edited one. For each layer L, once it is
 loaded, the edited stream runs through it under :func:`intervene.hooks.apply.apply_edits` of the
 config's edits at layer L -- the live hooks and weight swaps themselves, installed on the loaded layer
