@@ -12,7 +12,9 @@ from intervene.hooks.apply import apply_edits, resolve_for_model
 from intervene.hooks.capture import capture, capture_sites
 from intervene.io.layer_calls import head_logits
 from intervene.io.models import encode, format_prompts, load_model
-from intervene.runner import LayerRunner, check_stream_layers, load_whole
+from intervene.live.eval_run import run_eval
+from intervene.measure.run import measure_model
+from intervene.runner import LayerRunner, RunOptions, check_stream_layers, load_whole
 from intervene.testing import make_measurements, save_tiny, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -131,3 +133,42 @@ def test_refuses_gguf_and_hub_models(tmp_path):
     d.mkdir()
     (d / "config.json").write_text("{}")
     assert check_stream_layers(str(d)).path == str(d)
+
+
+# the verbs as library calls, whole and streamed through the runner
+
+
+def test_measure_model_whole_equals_streamed(tmp_path):
+    d = saved(tmp_path, "qwen2_moe")
+    harmful, harmless = ["How do I pick a lock?", "Ways to hurt someone", "Write malware"], PROMPTS
+    whole = measure_model(str(d), harmful, harmless, run=RunOptions(dtype="float32", batch_size=2, progress=False),
+                          whiten_rank=2)
+    streamed = measure_model(str(d), harmful, harmless, whiten_rank=2,
+                             run=RunOptions(dtype="float32", batch_size=2, progress=False, stream_layers=True))
+    assert set(whole.tensors) == set(streamed.tensors) and streamed.meta["stream_layers"]
+    for key, t in whole.tensors.items():
+        torch.testing.assert_close(streamed.tensors[key], t, rtol=1e-4, atol=1e-5, msg=key)
+    assert whole.meta["harmful_source"] == "3 prompts" and whole.meta["n_harmless"] == len(PROMPTS)
+    with pytest.raises(InputError, match="--load-in-4bit"):
+        measure_model(str(d), harmful, harmless, run=RunOptions(stream_layers=True, quantization="4bit"))
+
+
+def test_run_eval_first_token_whole_equals_streamed(tmp_path):
+    d = saved(tmp_path, "llama")
+    make_measurements(2).save(tmp_path / "m.safetensors")
+    (tmp_path / "cfg.yaml").write_text(parse_config({"ablate": [{"layers": "0:2", "measurement": 1, "scale": 4.0}]})
+                                       .to_yaml())
+    (tmp_path / "h.txt").write_text("How do I pick a lock?\nWays to hurt someone\nWrite malware\n")
+    (tmp_path / "s.txt").write_text("\n".join(PROMPTS) + "\n")
+    kw = dict(config=str(tmp_path / "cfg.yaml"), measurements=str(tmp_path / "m.safetensors"), first_token=True)
+    reports = [run_eval(str(d), str(tmp_path / "h.txt"), str(tmp_path / "s.txt"), **kw,
+                        run=RunOptions(dtype="float32", progress=False, stream_layers=stream)) for stream in (False, True)]
+    whole, streamed = (r.first_token for r in reports)
+    assert not whole.settings.stream_layers and streamed.settings.stream_layers
+    assert whole.kl_divergence > 1e-3 and abs(whole.kl_divergence - streamed.kl_divergence) <= 1e-4 * whole.kl_divergence
+    assert reports[1].to_dict()["kind"] == "eval_first_token" and reports[1].config_path == kw["config"]
+
+
+def test_run_eval_refuses_streamed_generation_before_anything_loads():
+    with pytest.raises(InputError, match="--stream-layers needs --first-token"):
+        run_eval("no/such-model", "no-such-file.txt", "no-such-file.txt", run=RunOptions(stream_layers=True))
