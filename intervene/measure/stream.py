@@ -13,7 +13,8 @@ for a model that does not fit in memory, one decoder layer in memory at a time.
    architecture table's layer-key split), converted to the in-memory layout by transformers' own
    loader (``convert_and_load_state_dict_in_model``: fused experts, renamed keys), the layer runs
    on every batch with :func:`capture` hooks on it (residual at the last token, router logits and
-   top-k), and its tensors go back to the meta device before the next layer is read.
+   top-k), and its tensors go back to the meta device before the next layer is read. Steps 1-3 are
+   :class:`intervene.runner.LayerRunner`'s, the layer loop the streamed first-token eval runs too.
 
 The hidden states of all prompts (``[B, S, H]`` per batch, in the model's dtype) are kept between
 layers: on the compute device by default (``hidden_on="device"``: they are small next to one layer of
@@ -35,20 +36,22 @@ import torch
 from ..arch import arch_for_config
 from ..errors import InputError
 from ..hooks.capture import capture, resid_site, router_site, write_parts
+from ..io.layer_calls import LayerCall
 from ..io.measurements import Measurements
 from ..io.models import format_prompts
-from ..runner import HiddenOn, LayerPass, LayerRunner, progress_bar
+from ..runner import HiddenOn, LayerRunner, progress_bar
 from .accumulate import SetStats, build_measurements, check_prompt_sets, measurement_meta, router_selections
 from .collect import sorted_batches
 
 
 @dataclass
-class _Batch(LayerPass):
-    """One batch of one prompt set between layers (its hidden states and layer arguments, a
-    :class:`~intervene.runner.LayerPass`)."""
+class _Batch:
+    """One batch of one prompt set between layers."""
 
-    set_name: str = ""
-    mask: torch.Tensor | None = None  # [B, S] bool, True on real tokens (CPU)
+    set_name: str
+    mask: torch.Tensor  # [B, S] bool, True on real tokens (CPU)
+    hidden: torch.Tensor  # [B, S, H] entering the next layer
+    calls: list[LayerCall] = field(default_factory=list)  # per layer: (args[1:], kwargs)
     selections: dict[str, torch.Tensor] = field(default_factory=dict)  # router statistics' token selections
 
 
@@ -114,7 +117,7 @@ def _first_pass(runner: LayerRunner, tokenizer: Any, texts: dict[str, list[str]]
                 recorded = runner.record(enc)
             mask = acts.token_mask()
             stats[set_name].add_batch(acts, mask, [], True, [], 0)
-            out.append(_Batch(recorded.hidden, recorded.calls, set_name, mask, router_selections(mask, True, user)))
+            out.append(_Batch(set_name, mask, recorded.hidden, recorded.calls, router_selections(mask, True, user)))
     return out
 
 
