@@ -112,7 +112,8 @@ class LayerRunner:
             head = self.model.get_output_embeddings()
             left = [n for n, p in head.named_parameters() if p.is_meta] if head is not None else ["weight"]
             if left:
-                raise InputError(f"{self.loader.checkpoint.path}: the output head's '{left[0]}' is not in the checkpoint")
+                raise InputError(f"{self.loader.checkpoint.path}: the output head's '{left[0]}' "
+                                 "is not in the checkpoint")
 
     def park(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` where hidden states wait between layers."""
@@ -162,4 +163,5 @@ def progress_bar(total: int, desc: str, progress: bool, *, leave: bool = True) -
     return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, disable=not progress, leave=leave)
 
 
-__all__ = ["HiddenOn", "HIDDEN_ON", "RunOptions", "check_stream_layers", "load_whole", "LayerPass", "LayerRunner", "progress_bar"]
+__all__ = ["HiddenOn", "HIDDEN_ON", "RunOptions", "check_stream_layers", "load_whole", "LayerPass", "LayerRunner",
+           "progress_bar"]

@@ -107,7 +107,8 @@ def test_refuses_generation():
 
 
 def test_refuses_a_device_map():
-    with pytest.raises(InputError, match=r"^--stream-layers places each layer itself: give --device, not --device-map$"):
+    with pytest.raises(InputError,
+                       match=r"^--stream-layers places each layer itself: give --device, not --device-map$"):
         check_stream_layers(device_map="auto")
 
 
@@ -162,10 +163,12 @@ def test_run_eval_first_token_whole_equals_streamed(tmp_path):
     (tmp_path / "s.txt").write_text("\n".join(PROMPTS) + "\n")
     kw = dict(config=str(tmp_path / "cfg.yaml"), measurements=str(tmp_path / "m.safetensors"), first_token=True)
     reports = [run_eval(str(d), str(tmp_path / "h.txt"), str(tmp_path / "s.txt"), **kw,
-                        run=RunOptions(dtype="float32", progress=False, stream_layers=stream)) for stream in (False, True)]
+                        run=RunOptions(dtype="float32", progress=False, stream_layers=stream))
+               for stream in (False, True)]
     whole, streamed = (r.first_token for r in reports)
     assert not whole.settings.stream_layers and streamed.settings.stream_layers
-    assert whole.kl_divergence > 1e-3 and abs(whole.kl_divergence - streamed.kl_divergence) <= 1e-4 * whole.kl_divergence
+    assert whole.kl_divergence > 1e-3
+    assert abs(whole.kl_divergence - streamed.kl_divergence) <= 1e-4 * whole.kl_divergence
     assert reports[1].to_dict()["kind"] == "eval_first_token" and reports[1].config_path == kw["config"]
 
 
