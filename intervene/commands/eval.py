@@ -4,12 +4,21 @@ complied / degenerate counts, first-token and full-answer KL and samples, baseli
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from ..errors import InputError
-
-from .common import (add_generation_options, add_model_argument, add_run_options, add_stream_options, add_verb,
-                     check_generation_options, write_report)
+from ..live.capability import format_capability
+from ..live.eval_run import run_eval
+from ..live.evaluate import format_first_token, format_report
+from ..live.tryout import FirstTokenRunReport
+from ..runner import RunOptions
+from .common import (
+    add_generation_options,
+    add_model_argument,
+    add_run_options,
+    add_stream_options,
+    add_verb,
+    check_generation_options,
+    write_report,
+)
 
 SUMMARY = "refusal / degenerate counts and KL of a model, vs a source model or a live config"
 DESCRIPTION = """Greedy generation on harmful and harmless prompts (batched, left padded). Each answer is one of
@@ -68,130 +77,28 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io.models import load_model
-    from ..io.prompts import load_prompts
-    from ..live.evaluate import evaluate, format_report
-    from ..live.tryout import EvalRunReport, PromptSources
-
     check_generation_options(args)
-    if args.stream_layers and not args.first_token:
-        raise InputError("--stream-layers needs --first-token: generation needs the whole model; for a model larger "
-                         "than memory run the generation-based eval with --device-map auto (CPU/disk offload)")
-    if args.first_token:
-        bad = [flag for flag, given in (("--reference", args.reference), ("--judge", args.judge),
-                                        ("--capability", args.capability or args.capability_text or args.lm_eval_tasks),
-                                        ("--no-answer-kl", args.no_answer_kl)) if given]
-        if bad:
-            raise InputError(f"--first-token scores the first token only; {bad[0]} needs the full eval (drop one)")
-    if args.stream_layers and args.device_map:
-        raise InputError("--stream-layers places each layer itself: give --device, not --device-map")
-    cfg = None
-    if args.config:
-        from ..config import load_config
-
-        cfg = load_config(args.config, model=args.model)  # native, or reference-schema translated
-    model_spec = args.model or (cfg.model if cfg else None)
-    if not model_spec:
-        raise InputError("MODEL is required (or a --config whose 'model' names it)")
-    if args.measurements and cfg is None:
-        raise InputError("--measurements needs --config")
-    harmful = load_prompts(args.harmful, field=args.field, limit=args.limit)
-    harmless = load_prompts(args.harmless, field=args.field, limit=args.limit)
-    system_prompt = args.system_prompt if args.system_prompt is not None else (cfg.system_prompt if cfg else None)
-    chat_template = False if args.no_chat_template else (cfg.chat_template if cfg else True)
-
-    if args.first_token:
-        return _first_token(args, model_spec, cfg, harmful, harmless, system_prompt, chat_template)
-
-    judge = None
-    if args.judge:
-        from ..live.judge import load_judge
-
-        judge = load_judge(args.judge)
-    capability_text = None
-    if args.capability_text:
-        from pathlib import Path
-
-        if not Path(args.capability_text).is_file():
-            raise InputError(f"--capability-text {args.capability_text}: no such file")
-        capability_text = Path(args.capability_text).read_text(encoding="utf-8")
-    model, tokenizer = load_model(model_spec, dtype=args.dtype, device_map=args.device_map)
-    reference = None
-    if args.reference:
-        reference = load_model(args.reference, dtype=args.dtype, device_map=args.device_map)
-    intervention = None
-    if cfg is not None:
-        from ..hooks.apply import apply, bind_model  # lazy: only --config needs the hooks
-
-        bound = bind_model(model, cfg, _config_measurements(args, cfg))
-        with apply(model, bound):  # config errors surface now, not after the baseline
-            pass
-        intervention = lambda: apply(model, bound)  # noqa: E731
-
-    report = evaluate(model, tokenizer, harmful, harmless, intervention=intervention,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, n_samples=args.samples,
-                      system_prompt=system_prompt, chat_template=chat_template,
-                      config=cfg.to_dict() if cfg else None, progress=not args.no_progress,
-                      reference=reference, judge=judge, full_answer_kl=not args.no_answer_kl)
-    capability_report = None
-    if args.capability or args.capability_text or args.lm_eval_tasks:
-        from ..live.capability import capability, format_capability
-
-        capability_report = capability(model, tokenizer, intervention=intervention, reference=reference,
-                                       text=capability_text, text_name=args.capability_text,
-                                       lm_eval_tasks=args.lm_eval_tasks, lm_eval_limit=args.lm_eval_limit)
-    against = (f" vs {args.reference} (reference)" if args.reference
-               else "" if cfg else " (no intervention: scored against itself)")
-    print(f"{model_spec}{f' with {args.config} (live)' if cfg else ''}{against}")
-    print(format_report(report, n_samples=args.samples))
-    if capability_report is not None:
-        print(format_capability(capability_report))
-    if args.json:
-        write_report(args.json, EvalRunReport(report, model_spec, args.config,
-                                              PromptSources(args.harmful, args.harmless, args.field, args.limit),
-                                              reference=args.reference, capability=capability_report))
-    return 0
-
-
-def _config_measurements(args: argparse.Namespace, cfg: Any) -> Any:
-    """The measurements of ``--config``: ``--measurements`` or the config's own file."""
-    from ..io.measurements import measurements_for
-
-    return measurements_for(args.measurements, cfg.measurements, args.config)
-
-
-def _first_token(args: argparse.Namespace, model_spec: str, cfg: Any, harmful: list[str], harmless: list[str],
-                 system_prompt: str | None, chat_template: bool) -> int:
-    """``--first-token``: the first-token scores, in memory or streamed one layer at a time."""
-    from ..io.models import load_tokenizer
-    from ..live.evaluate import format_first_token
-    from ..live.tryout import FirstTokenRunReport, PromptSources
-
-    measurements = _config_measurements(args, cfg) if cfg is not None else None
-    common = dict(batch_size=args.batch_size, system_prompt=system_prompt, chat_template=chat_template,
-                  progress=not args.no_progress)
-    if args.stream_layers:
-        from ..live.stream_eval import first_token_streamed
-
-        report = first_token_streamed(model_spec, load_tokenizer(model_spec), harmful, harmless, cfg, measurements,
-                                      dtype=args.dtype, device=args.device, hidden_on=args.hidden_on, **common)
+    run_options = RunOptions(dtype=args.dtype, device_map=args.device_map, stream_layers=args.stream_layers,
+                             device=args.device, hidden_on=args.hidden_on, batch_size=args.batch_size,
+                             progress=not args.no_progress)
+    result = run_eval(args.model, args.harmful, args.harmless, field=args.field, limit=args.limit,
+                      config=args.config, measurements=args.measurements, reference=args.reference,
+                      judge=args.judge, first_token=args.first_token, answer_kl=not args.no_answer_kl,
+                      with_capability=args.capability, capability_text=args.capability_text,
+                      lm_eval_tasks=args.lm_eval_tasks, lm_eval_limit=args.lm_eval_limit,
+                      max_new_tokens=args.max_new_tokens, samples=args.samples, system_prompt=args.system_prompt,
+                      chat_template=False if args.no_chat_template else None, run=run_options)
+    live = f" with {args.config} (live)" if args.config else ""
+    if isinstance(result, FirstTokenRunReport):
+        print(f"{result.model}{live or ' (no intervention: scored against itself)'}")
+        print(format_first_token(result.first_token))
     else:
-        from ..hooks.apply import apply, bind_model
-        from ..io.models import load_model
-        from ..live.evaluate import first_token_scores
-
-        model, tokenizer = load_model(model_spec, dtype=args.dtype, device_map=args.device_map)
-        intervention = None
-        if cfg is not None:
-            bound = bind_model(model, cfg, measurements)
-            with apply(model, bound):  # config errors surface now, not after the baseline
-                pass
-            intervention = lambda: apply(model, bound)  # noqa: E731
-        report = first_token_scores(model, tokenizer, harmful, harmless, intervention=intervention,
-                                    config=cfg.to_dict() if cfg else None, **common)
-    print(f"{model_spec}{f' with {args.config} (live)' if cfg else ' (no intervention: scored against itself)'}")
-    print(format_first_token(report))
+        against = (f" vs {args.reference} (reference)" if args.reference
+                   else "" if args.config else " (no intervention: scored against itself)")
+        print(f"{result.model}{live}{against}")
+        print(format_report(result.evaluation, n_samples=args.samples))
+        if result.capability is not None:
+            print(format_capability(result.capability))
     if args.json:
-        write_report(args.json, FirstTokenRunReport(report, model_spec, args.config,
-                                                    PromptSources(args.harmful, args.harmless, args.field, args.limit)))
+        write_report(args.json, result)
     return 0

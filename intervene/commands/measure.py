@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (add_model_argument, add_quantization_options, add_run_options, add_stream_options, add_verb,
-                     check_at_least)
+from ..errors import InputError
+from ..io.measurements import load_refuse
+from ..io.models import versions
+from ..measure.run import measure_model
+from ..runner import RunOptions
+from .common import (
+    add_model_argument,
+    add_quantization_options,
+    add_run_options,
+    add_stream_options,
+    add_verb,
+    check_at_least,
+)
 
 SUMMARY = "measure harmful vs harmless residual means (the refusal direction) per layer"
 DESCRIPTION = """One forward pass per batch over both prompt sets (chat template, left padding); stores the
@@ -42,8 +53,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InputError
-
     if args.from_refuse:
         if args.model:
             raise InputError("give either MODEL (to measure) or --from-refuse FILE (to convert), not both")
@@ -51,54 +60,22 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise InputError("MODEL is required (or --from-refuse FILE to convert a .refuse file)")
 
-    from ..io.sources import check_supported, model_reference
-    from ..measure.collect import measure
-    from ..io.models import format_prompts, load_model, load_tokenizer
-    from ..io.prompts import load_prompts
-
     check_at_least(args.whiten_rank, 0, "--whiten-rank")
-    check_supported(args.model)  # unknown model_type: named error before any weights are read
-    harmful = load_prompts(args.harmful, field=args.field, limit=args.limit)
-    harmless = load_prompts(args.harmless, field=args.field, limit=args.limit)
-    if not args.no_chat_template:  # no chat template: named error before any weights are read
-        format_prompts(load_tokenizer(args.model), harmful[:1], args.system_prompt)
-    extra_meta = {"quantization": args.quantization, "harmful_source": args.harmful, "harmless_source": args.harmless,
-                  "field": args.field, "limit": args.limit, "model_spec": args.model}
-    common = dict(batch_size=args.batch_size, system_prompt=args.system_prompt, chat_template=not args.no_chat_template,
-                  model_path=model_reference(args.model), progress=not args.no_progress, whiten_rank=args.whiten_rank,
-                  extra_meta=extra_meta, attribution=not args.no_attribution)
-    if args.stream_layers:
-        from ..measure.stream import measure_streamed
-
-        if args.device_map:
-            raise InputError("--stream-layers places each layer itself: give --device, not --device-map")
-        if args.quantization:
-            raise InputError(f"--stream-layers loads each layer's own weights; --load-in-{args.quantization} "
-                             "quantizes a whole model (use one or the other)")
-        m = measure_streamed(args.model, load_tokenizer(args.model), harmful, harmless, dtype=args.dtype,
-                             device=args.device, hidden_on=args.hidden_on, **common)
-    else:
-        from ..io.layerwise import can_load_layerwise, load_layerwise
-
-        # a local checkpoint loads one layer at a time (peak: the model + one layer, io.layerwise)
-        if can_load_layerwise(args.model, args.device_map) and args.quantization is None:
-            model, tokenizer = load_layerwise(args.model, dtype=args.dtype), load_tokenizer(args.model)
-        else:
-            model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
-                                          quantization=args.quantization)
-        m = measure(model, tokenizer, harmful, harmless, **common)
+    run_options = RunOptions(dtype=args.dtype, device_map=args.device_map, quantization=args.quantization,
+                             stream_layers=args.stream_layers, device=args.device, hidden_on=args.hidden_on,
+                             batch_size=args.batch_size, progress=not args.no_progress)
+    m = measure_model(args.model, args.harmful, args.harmless, field=args.field, limit=args.limit, run=run_options,
+                      system_prompt=args.system_prompt, chat_template=not args.no_chat_template,
+                      whiten_rank=args.whiten_rank, attribution=not args.no_attribution)
     m.save(args.output)
     moe = m.meta.get("moe_layers") or []
-    print(f"measured {len(m.layers)} layers + embedding on {len(harmful)} harmful / {len(harmless)} harmless "
-          f"prompts{f', router stats on {len(moe)} MoE layers' if moe else ''} -> {args.output}")
+    print(f"measured {len(m.layers)} layers + embedding on {m.meta['n_harmful']} harmful / "
+          f"{m.meta['n_harmless']} harmless prompts{f', router stats on {len(moe)} MoE layers' if moe else ''} -> {args.output}")
     print(f"next: intervene analyze {args.output} --plot analysis.png --config-out config.yaml")
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from ..io.measurements import load_refuse
-    from ..io.models import versions
-
     m = load_refuse(args.from_refuse)
     vers = versions()
     m.meta.update({"kind": "measurements", "intervene_version": vers["intervene"], "versions": vers,

@@ -2,9 +2,9 @@
 log-probabilities of a model that does not fit in memory, one decoder layer in memory at a time, the
 unedited model and the model under a config out of ONE pass over the layers.
 
-The skeleton, the layer loader and the recorded layer arguments are those of
-:func:`intervene.measure.stream.measure_streamed` (:mod:`intervene.io.layerwise`,
-:mod:`intervene.io.layer_calls`); the output head is loaded too (tied heads are re-tied). Each batch
+The skeleton, the layer loader, the recorded layer arguments and the layer loop are those of
+:func:`intervene.measure.stream.measure_streamed`: :class:`intervene.runner.LayerRunner`; the output head
+is loaded too (tied heads are re-tied). Each batch
 carries two hidden-state streams: the baseline's and the edited one. For each layer L, once it is
 loaded, the edited stream runs through it under :func:`intervene.hooks.apply.apply` of the
 bound config's edits at layer L -- the live hooks and weight swaps themselves, installed on the loaded layer
@@ -20,25 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from ..arch import decoder_layers, text_config
 from ..config.resolve import Bound
 from ..config.schema import InterventionConfig
 from ..errors import InputError
 from ..hooks.apply import apply, bind_model, sited
-from ..io.layer_calls import LayerCall, head_logits, record_layer_calls
-from ..io.layerwise import LayerLoader, stream_skeleton
+from ..io.layer_calls import LayerCall, head_logits
 from ..io.measurements import Measurements
 from ..io.models import batches, encode, format_prompts
-from ..io.sources import resolve_model
+from ..runner import LayerRunner
 from .evaluate import FirstTokenReport, FirstTokenSettings, PerSet, first_token_report
-
-HIDDEN_ON = ("device", "cpu")
 
 
 @dataclass
@@ -51,28 +46,15 @@ class _Streams:
     edited: torch.Tensor | None = None  # None: the same as ``base`` (no edited layer yet)
 
 
-class LayerStream:
-    """A local safetensors checkpoint opened for first-token passes one decoder layer at a time:
-    the skeleton with its embeddings, final norm and output head loaded. ``device`` is where each
-    layer runs; ``hidden_on`` where the hidden states wait between layers (as ``measure``'s)."""
+class LayerStream(LayerRunner):
+    """A local safetensors checkpoint opened for first-token passes one decoder layer at a time
+    (:class:`~intervene.runner.LayerRunner`): the skeleton with its embeddings, final norm and output head
+    loaded. ``device`` is where each layer runs; ``hidden_on`` where the hidden states wait between
+    layers (as ``measure``'s)."""
 
     def __init__(self, spec: str, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
                  hidden_on: str = "device") -> None:
-        if hidden_on not in HIDDEN_ON:
-            raise InputError(f"hidden_on must be 'device' or 'cpu', got {hidden_on!r}")
-        src = resolve_model(spec)
-        if src.is_hub or src.gguf_file:
-            raise InputError(f"--stream-layers reads a local safetensors checkpoint; {src.display} is not one")
-        self.spec, self.hidden_on, self.device = spec, hidden_on, torch.device(device)
-        self.model, self.dtype = stream_skeleton(spec, dtype)
-        self.num_layers = int(text_config(self.model.config).num_hidden_layers)
-        self.loader = LayerLoader(self.model, src.path, self.dtype, self.device, with_head=True)
-        self.loader.load_outside()
-        self.model.tie_weights()
-        head = self.model.get_output_embeddings()
-        left = [n for n, p in head.named_parameters() if p.is_meta] if head is not None else ["weight"]
-        if left:
-            raise InputError(f"{self.loader.checkpoint.path}: the output head's '{left[0]}' is not in the checkpoint")
+        super().__init__(spec, dtype=dtype, device=device, hidden_on=hidden_on, with_head=True)
 
     def resolve(self, config: InterventionConfig | str | os.PathLike,
                 measurements: Measurements | str | os.PathLike | None = None) -> Bound:
@@ -92,54 +74,34 @@ class LayerStream:
         ``edits`` (a bound config; None when ``edits`` is None; one without edits gives the baseline's numbers)."""
         if not baseline and edits is None:
             raise ValueError("LayerStream.logprobs: nothing to compute (no baseline and no edits)")
-        layers = decoder_layers(self.model)
         bound = sited(self.model, edits) if edits is not None else None
         edited_layers = bound.layers if bound is not None else []
         first_edited = min(edited_layers, default=self.num_layers)
         streams = []
         for enc in encoded:
-            hidden, calls = record_layer_calls(self.model, enc)
-            streams.append(_Streams(enc, list(calls), self._park(hidden)))
+            recorded = self.record(enc)
+            streams.append(_Streams(enc, recorded.calls, recorded.hidden))
 
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=self.num_layers, desc=desc, unit="layer", file=sys.stderr, disable=not progress, leave=False)
-        try:
-            for layer in range(self.num_layers):
-                self.loader.load_layer(layer)
-                if edits is not None and (layer >= first_edited or not baseline):
-                    here = bound.at_layer(layer) if layer in edited_layers else None
-                    with apply(self.model, here) if here is not None else contextlib.nullcontext():
-                        for s in streams:
-                            start = s.edited if s.edited is not None else s.base
-                            s.edited = self._run(layers[layer], start, s.calls[layer])
-                            if not baseline:
-                                s.base = None
-                if baseline:
+        def visit(layer: int) -> None:
+            if edits is not None and (layer >= first_edited or not baseline):
+                here = bound.at_layer(layer) if layer in edited_layers else None
+                with apply(self.model, here) if here is not None else contextlib.nullcontext():
                     for s in streams:
-                        s.base = self._run(layers[layer], s.base, s.calls[layer])
+                        start = s.edited if s.edited is not None else s.base
+                        s.edited = self.step(layer, start, s.calls[layer])
+                        if not baseline:
+                            s.base = None
+            if baseline:
                 for s in streams:
-                    s.calls[layer] = ((), {})  # this layer's masks are not needed again
-                self.loader.unload_layer(layer)
-                bar.update(1)
-        finally:
-            bar.close()
-            self.loader.close()
+                    s.base = self.step(layer, s.base, s.calls[layer])
+
+        self.run_layers(visit, [s.calls for s in streams], progress=progress, desc=desc)
         base_out = [self._logprobs(s.enc, s.base) for s in streams] if baseline else None
         if edits is None:
             return base_out, None
         edited_out = [self._logprobs(s.enc, s.edited) if s.edited is not None else base_out[i]
                       for i, s in enumerate(streams)]
         return base_out, edited_out
-
-    def _park(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden if self.hidden_on == "device" else hidden.to("cpu")
-
-    def _run(self, layer: Any, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
-        args, kwargs = call
-        with torch.no_grad():
-            out = layer(hidden.to(self.device), *args, **kwargs)
-        return self._park(out[0] if isinstance(out, (tuple, list)) else out)
 
     def _logprobs(self, enc: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(head_logits(self.model, enc, hidden).float(), dim=-1).cpu()

@@ -13,7 +13,8 @@ for a model that does not fit in memory, one decoder layer in memory at a time.
    architecture table's layer-key split), converted to the in-memory layout by transformers' own
    loader (``convert_and_load_state_dict_in_model``: fused experts, renamed keys), the layer runs
    on every batch with :func:`capture` hooks on it (residual at the last token, router logits and
-   top-k), and its tensors go back to the meta device before the next layer is read.
+   top-k), and its tensors go back to the meta device before the next layer is read. Steps 1-3 are
+   :class:`intervene.runner.LayerRunner`'s, the layer loop the streamed first-token eval runs too.
 
 The hidden states of all prompts (``[B, S, H]`` per batch, in the model's dtype) are kept between
 layers: on the compute device by default (``hidden_on="device"``: they are small next to one layer of
@@ -27,24 +28,20 @@ in-memory path uses, so both paths define a mean, a routing frequency and a mome
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ..arch import arch_for_config, decoder_layers, text_config
+from ..arch import arch_for_config
 from ..errors import InputError
 from ..hooks.capture import capture, resid_site, router_site, write_parts
-from ..io.layer_calls import record_layer_calls
-from ..io.layerwise import LayerLoader, stream_skeleton
+from ..io.layer_calls import LayerCall
 from ..io.measurements import Measurements
 from ..io.models import format_prompts
-from ..io.sources import resolve_model
+from ..runner import HiddenOn, LayerRunner, progress_bar
 from .accumulate import SetStats, build_measurements, check_prompt_sets, measurement_meta, router_selections
 from .collect import sorted_batches
-
-HiddenOn = Literal["device", "cpu"]
 
 
 @dataclass
@@ -54,7 +51,7 @@ class _Batch:
     set_name: str
     mask: torch.Tensor  # [B, S] bool, True on real tokens (CPU)
     hidden: torch.Tensor  # [B, S, H] entering the next layer
-    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)  # per layer: (args[1:], kwargs)
+    calls: list[LayerCall] = field(default_factory=list)  # per layer: (args[1:], kwargs)
     selections: dict[str, torch.Tensor] = field(default_factory=dict)  # router statistics' token selections
 
 
@@ -69,57 +66,38 @@ def measure_streamed(spec: str, tokenizer: Any, harmful: Sequence[str], harmless
     ``on_layer(L)`` runs after layer L (the memory benchmark samples there)."""
     if isinstance(whiten_rank, bool) or not isinstance(whiten_rank, int) or whiten_rank < 0:
         raise InputError(f"whiten_rank must be an integer >= 0, got {whiten_rank!r}")
-    if hidden_on not in ("device", "cpu"):
-        raise InputError(f"hidden_on must be 'device' or 'cpu', got {hidden_on!r}")
     check_prompt_sets(harmful, harmless)
-    src = resolve_model(spec)
-    if src.is_hub or src.gguf_file:
-        raise InputError(f"--stream-layers reads a local safetensors checkpoint; {src.display} is not one")
-    device = torch.device(device)
-    model, torch_dtype = stream_skeleton(spec, dtype)
-    config = text_config(model.config)
+    runner = LayerRunner(spec, dtype=dtype, device=device, hidden_on=hidden_on)
+    model, device, config = runner.model, runner.device, runner.config
     arch = arch_for_config(model.config)
-    num_layers = int(config.num_hidden_layers)
+    num_layers = runner.num_layers
     moe_layers = [i for i in range(num_layers) if arch.is_moe_layer(config, i)]
     num_experts = arch.num_experts(config)
     texts = {"harmful": format_prompts(tokenizer, harmful, system_prompt, chat_template),
              "harmless": format_prompts(tokenizer, harmless, system_prompt, chat_template)}
     stats = {name: SetStats(keep_rows=name == "harmless" and whiten_rank > 0) for name in texts}
-    loader = LayerLoader(model, src.path, torch_dtype, device)
-    layers = decoder_layers(model)
 
-    from tqdm.auto import tqdm
+    def visit(layer: int) -> None:
+        moe = layer in moe_layers
+        for b in batches:
+            with torch.inference_mode(), capture(model, layers=[layer], router=moe, writes=attribution) as acts:
+                b.hidden = runner.step(layer, b.hidden, b.calls[layer])
+            st = stats[b.set_name]
+            st.add_residual(str(layer), acts[resid_site(layer)])
+            if attribution:
+                st.add_writes(acts, layer, write_parts(arch, config, layer))
+            if moe:
+                st.add_router_all(layer, acts[router_site(layer, "logits")], acts[router_site(layer, "topk")],
+                                  b.mask, num_experts, b.selections)
 
-    bar = tqdm(total=num_layers + 1, desc="measure (streamed)", unit="layer", file=sys.stderr, disable=not progress)
+    bar = progress_bar(num_layers + 1, "measure (streamed)", progress)
     try:
-        loader.load_outside()
         users = {"harmful": list(harmful), "harmless": list(harmless)} if moe_layers else {"harmful": None, "harmless": None}
-        batches = _first_pass(model, tokenizer, texts, users, batch_size, device, stats, hidden_on)
+        batches = _first_pass(runner, tokenizer, texts, users, batch_size, stats)
         bar.update(1)
-        for layer in range(num_layers):
-            loader.load_layer(layer)
-            moe = layer in moe_layers
-            for b in batches:
-                args, kwargs = b.calls[layer]
-                with torch.inference_mode(), capture(model, layers=[layer], router=moe, writes=attribution) as acts:
-                    out = layers[layer](b.hidden.to(device), *args, **kwargs)
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                b.hidden = out if hidden_on == "device" else out.to("cpu")
-                st = stats[b.set_name]
-                st.add_residual(str(layer), acts[resid_site(layer)])
-                if attribution:
-                    st.add_writes(acts, layer, write_parts(arch, config, layer))
-                if moe:
-                    st.add_router_all(layer, acts[router_site(layer, "logits")], acts[router_site(layer, "topk")],
-                                      b.mask, num_experts, b.selections)
-                b.calls[layer] = ((), {})  # this layer's masks are not needed again
-            loader.unload_layer(layer)
-            bar.update(1)
-            if on_layer is not None:
-                on_layer(layer)
+        runner.run_layers(visit, [b.calls for b in batches], bar=bar, after=on_layer)
     finally:
         bar.close()
-        loader.close()
     meta = measurement_meta(model, tokenizer, harmful, harmless, moe_layers=moe_layers, batch_size=batch_size,
                             system_prompt=system_prompt, chat_template=chat_template, whiten_rank=whiten_rank,
                             stats=stats, model_path=model_path, attribution=attribution)
@@ -128,20 +106,18 @@ def measure_streamed(spec: str, tokenizer: Any, harmful: Sequence[str], harmless
     return build_measurements(stats, meta, whiten_rank)
 
 
-def _first_pass(model: Any, tokenizer: Any, texts: dict[str, list[str]], prompts: dict[str, list[str] | None],
-                batch_size: int, device: torch.device,
-                stats: dict[str, SetStats], hidden_on: HiddenOn) -> list[_Batch]:
+def _first_pass(runner: LayerRunner, tokenizer: Any, texts: dict[str, list[str]],
+                prompts: dict[str, list[str] | None], batch_size: int, stats: dict[str, SetStats]) -> list[_Batch]:
     """Run every batch up to the first decoder layer: the embedding (accumulated here) and, per layer,
-    the arguments the model passes it (:func:`intervene.io.layer_calls.record_layer_calls`)."""
+    the arguments the model passes it (:meth:`intervene.runner.LayerRunner.record`)."""
     out: list[_Batch] = []
     for set_name, set_texts in texts.items():
-        for enc, user in sorted_batches(tokenizer, set_texts, batch_size, device, prompts[set_name]):
-            with torch.inference_mode(), capture(model, layers=[], embed=True, router=False) as acts:
-                hidden, calls = record_layer_calls(model, enc)
+        for enc, user in sorted_batches(tokenizer, set_texts, batch_size, runner.device, prompts[set_name]):
+            with torch.inference_mode(), capture(runner.model, layers=[], embed=True, router=False) as acts:
+                recorded = runner.record(enc)
             mask = acts.token_mask()
             stats[set_name].add_batch(acts, mask, [], True, [], 0)
-            hidden = hidden if hidden_on == "device" else hidden.to("cpu")
-            out.append(_Batch(set_name, mask, hidden, calls, router_selections(mask, True, user)))
+            out.append(_Batch(set_name, mask, recorded.hidden, recorded.calls, router_selections(mask, True, user)))
     return out
 
 

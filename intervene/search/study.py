@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from ..arch import arch_for_config, text_config
 from ..config.resolve import bind
@@ -33,10 +34,11 @@ from ..io.models import Quantization, load_model, load_tokenizer, versions
 from ..io.prompts import load_prompts
 from ..io.sources import model_reference
 from ..live.stream_eval import LayerStream
+from ..measure.analyze import analyze, recommend
+from ..runner import check_stream_layers
 from .objective import Objective, PromptObjective, ScoresAnswers, ScoresEdits, StartsAtLayer, StreamedObjective
 from .pareto import best_so_far, dominates, pareto_front, spread
 from .report import SearchResult, TrialRecord, write_outputs
-from ..measure.analyze import analyze, recommend
 from .space import SearchSpace, seed_params
 
 STUDY_NAME = "intervene-search"
@@ -90,8 +92,6 @@ def run_search(model: Any, measurements: Measurements, space: SearchSpace, objec
     test can score a tiny model with a logit proxy, no tokenizer or generation. ``seeds``: parameter
     sets (:func:`~intervene.search.space.seed_params`) a new study tries first, before its sampler."""
     import optuna
-    from tqdm.auto import tqdm
-
     settings = settings or SearchSettings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,11 +180,7 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
         if full_eval_top > 0 or not name.startswith("eval")}
     stream = None
     if stream_layers:
-        if device_map:
-            raise InputError("--stream-layers places each layer itself: give --device, not --device-map")
-        if quantization:
-            raise InputError(f"--stream-layers loads each layer's own weights; --load-in-{quantization} "
-                             "quantizes a whole model (use one or the other)")
+        check_stream_layers(model, device_map=device_map, quantization=quantization)
         say(f"opening {model} for streamed passes (one decoder layer at a time on {device}) ...")
         stream = LayerStream(model, dtype=dtype, device=device)
         loaded, tokenizer = stream.model, load_tokenizer(model)
