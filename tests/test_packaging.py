@@ -90,6 +90,7 @@ def test_pip_install_over_another_torch_keeps_it(tmp_path):
         'readme = "README.md"\n', ""))
     (pinned / "intervene").mkdir()
     (pinned / "intervene" / "__init__.py").write_text("")
+    (pinned / "intervene" / "version.py").write_text('__version__ = "0.1.0"\n')  # pyproject's dynamic version
     assert "torch" in _dry_run_installs(venv, pinned)
 
 

@@ -3,12 +3,14 @@ and under live edits, and every refusal of ``--stream-layers`` by its named mess
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from intervene.config.schema import parse_config
 from intervene.errors import InputError
-from intervene.hooks.apply import apply_edits, resolve_for_model
+from intervene.hooks.apply import apply, bind_model
 from intervene.hooks.capture import capture, capture_sites
 from intervene.io.layer_calls import head_logits
 from intervene.io.models import encode, format_prompts, load_model
@@ -37,15 +39,14 @@ def streamed_run(runner: LayerRunner, enc, edits=None):
     """Every layer's captures and the last-position logits, one layer at a time (``edits`` installed
     on each loaded layer)."""
     recorded = runner.record(enc)
-    by_layer: dict[int, list] = {}
-    for edit in edits or []:
-        by_layer.setdefault(edit.layer, []).append(edit)
     captured: dict[str, torch.Tensor] = {}
     loads: list[int] = []
 
     def visit(layer: int) -> None:
         loads.append(layer)
-        with apply_edits(runner.model, by_layer.get(layer, [])), capture(runner.model, layers=[layer]) as acts:
+        here = edits.at_layer(layer) if edits is not None and layer in edits.layers else None
+        with apply(runner.model, here) if here is not None else contextlib.nullcontext(), \
+                capture(runner.model, layers=[layer]) as acts:
             recorded.hidden = runner.step(layer, recorded.hidden, recorded.calls[layer])
         captured.update({site: acts[site] for site in capture_sites(runner.model, layers=[layer])})
 
@@ -61,15 +62,16 @@ def test_layer_at_a_time_equals_the_whole_model(arch, tmp_path):
     model, tok = load_model(str(d), dtype="float32")
     enc = encode(tok, format_prompts(tok, PROMPTS), "cpu")
     cfg = parse_config({"ablate": [{"layers": "0:2", "measurement": 1, "scale": 4.0}]})
-    edits = resolve_for_model(model, cfg, make_measurements(2))
+    edits = bind_model(model, cfg, make_measurements(2))
     whole: dict[bool, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
     for edited in (False, True):
-        with torch.inference_mode(), apply_edits(model, edits if edited else []), capture(model) as acts:
+        with torch.inference_mode(), apply(model, edits) if edited else contextlib.nullcontext(), \
+                capture(model) as acts:
             logits = model(**enc, use_cache=False).logits[:, -1, :]
         whole[edited] = ({site: acts[site] for site in capture_sites(model)}, logits)
     for edited in (False, True):
         runner = LayerRunner(str(d), dtype="float32", with_head=True)
-        got, logits = streamed_run(runner, enc, resolve_for_model(runner.model, cfg, make_measurements(2))
+        got, logits = streamed_run(runner, enc, bind_model(runner.model, cfg, make_measurements(2))
                                    if edited else None)
         want, want_logits = whole[edited]
         assert set(got) == set(want) and any(".router." in s for s in want) == (arch == "qwen2_moe")

@@ -168,7 +168,8 @@ def test_streamed_objective_equals_prompt_objective(arch, tmp_path):
 
 
 def test_search_stream_layers_runs_trials_without_generation(tmp_path):
-    from intervene.search.study import search
+    from intervene.runner import RunOptions
+    from intervene.search.study import SearchPrompts, SearchSettings, SpaceOptions, search
 
     d = saved(tmp_path, "llama")
     meas_path = tmp_path / "m.safetensors"
@@ -176,14 +177,17 @@ def test_search_stream_layers_runs_trials_without_generation(tmp_path):
     h, s = tmp_path / "h.txt", tmp_path / "s.txt"
     h.write_text("\n".join(HARMFUL) + "\n")
     s.write_text("\n".join(HARMLESS) + "\n")
-    result = search(str(d), str(meas_path), tmp_path / "out", trials=3, startup_trials=3, harmful=str(h),
-                    harmless=str(s), eval_harmful=str(h), eval_harmless=str(s), full_eval_top=1, methods=("project",),
-                    whiten=None, dtype="float32", batch_size=4, progress=False, say=lambda _: None, stream_layers=True)
+    result = search(str(d), str(meas_path), tmp_path / "out", settings=SearchSettings(trials=3, startup_trials=3,
+                    full_eval_top=1), prompts=SearchPrompts(harmful=str(h), harmless=str(s), eval_harmful=str(h),
+                    eval_harmless=str(s)), space=SpaceOptions(methods=("project",), whiten=None),
+                    run=RunOptions(dtype="float32", batch_size=4, progress=False, stream_layers=True),
+                    say=lambda _: None)
     assert len(result.records) == 3 and all(r.refusals is None for r in result.records)
     assert result.front and all("refusals" not in r.eval and r.eval["kl"] >= 0 for r in result.front)
     with pytest.raises(InputError, match="--device"):
-        search(str(d), str(meas_path), tmp_path / "out2", trials=1, harmful=str(h), harmless=str(s),
-               full_eval_top=0, stream_layers=True, device_map="auto", say=lambda _: None, progress=False)
+        search(str(d), str(meas_path), tmp_path / "out2", settings=SearchSettings(trials=1, full_eval_top=0),
+               prompts=SearchPrompts(harmful=str(h), harmless=str(s)),
+               run=RunOptions(stream_layers=True, device_map="auto", progress=False), say=lambda _: None)
 
 
 def test_cli_first_token_in_memory_and_streamed(tmp_path, capsys):

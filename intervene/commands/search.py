@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InputError
-from ..search.study import search
+from ..live.generate import PromptFormat
+from ..runner import RunOptions
+from ..search.study import SearchPrompts, SearchSettings, SpaceOptions, search
 from .common import add_model_options, add_prompt_options, add_quantization_options, add_stream_options
 
 
@@ -121,20 +123,23 @@ def run(args: argparse.Namespace) -> int:
     if args.router_bias_alone and not args.router_bias:
         raise InputError("--router-bias-alone needs --router-bias")
 
-    result = search(args.model, args.measurements, args.out, trials=args.trials, seed=args.seed,
-                    harmful=args.harmful, harmless=args.harmless, eval_harmful=args.eval_harmful,
-                    eval_harmless=args.eval_harmless, field=args.field, limit=args.limit or None,
-                    eval_limit=args.eval_limit,
-                    max_new_tokens=args.max_new_tokens, search_new_tokens=args.search_new_tokens,
-                    full_eval_top=args.full_eval_top, sampler=args.sampler,
-                    startup_trials=args.startup_trials, targets=args.targets,
-                    router=False if args.no_router else None, methods=tuple(args.methods),
-                    generation_kl_cap=args.kl_cap, whiten=_whiten(args.whiten),
-                    router_bias=args.router_bias, router_bias_top=_top_range(args.router_bias_top),
-                    projection_optional=args.router_bias_alone, dtype=args.dtype, device_map=args.device_map,
-                    batch_size=args.batch_size, system_prompt=args.system_prompt,
-                    chat_template=not args.no_chat_template, progress=not args.no_progress,
-                    quantization=args.quantization, stream_layers=args.stream_layers, device=args.device)
+    result = search(
+        args.model, args.measurements, args.out,
+        space=SpaceOptions(targets=args.targets, router=False if args.no_router else None,
+                           methods=tuple(args.methods), whiten=_whiten(args.whiten), router_bias=args.router_bias,
+                           router_bias_top=_top_range(args.router_bias_top),
+                           projection_optional=args.router_bias_alone),
+        settings=SearchSettings(trials=args.trials, seed=args.seed, sampler=args.sampler,
+                                startup_trials=args.startup_trials, full_eval_top=args.full_eval_top,
+                                generation_kl_cap=args.kl_cap),
+        prompts=SearchPrompts(harmful=args.harmful, harmless=args.harmless, eval_harmful=args.eval_harmful,
+                              eval_harmless=args.eval_harmless, field=args.field, limit=args.limit or None,
+                              eval_limit=args.eval_limit, max_new_tokens=args.max_new_tokens,
+                              search_new_tokens=args.search_new_tokens),
+        prompt_format=PromptFormat(system_prompt=args.system_prompt, chat_template=not args.no_chat_template),
+        run=RunOptions(dtype=args.dtype, device_map=args.device_map, quantization=args.quantization,
+                       stream_layers=args.stream_layers, device=args.device, batch_size=args.batch_size,
+                       progress=not args.no_progress))
     print(result.table())
     rate = f", {result.seconds:.0f} s, {result.trials_per_hour:.0f} trials/hour" if result.new_trials else ""
     print(f"\n{len(result.records)} trials in the study ({result.new_trials} new{rate})")

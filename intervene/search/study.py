@@ -33,9 +33,10 @@ from ..io.measurements import Measurements, load_measurements
 from ..io.models import Quantization, load_model, load_tokenizer, versions
 from ..io.prompts import load_prompts
 from ..io.sources import model_reference
+from ..live.generate import PromptFormat
 from ..live.stream_eval import LayerStream
 from ..measure.analyze import analyze, recommend
-from ..runner import check_stream_layers
+from ..runner import RunOptions, check_stream_layers
 from .objective import Objective, PromptObjective, ScoresAnswers, ScoresEdits, StartsAtLayer, StreamedObjective
 from .pareto import best_so_far, dominates, pareto_front, spread
 from .report import SearchResult, TrialRecord, write_outputs
@@ -144,56 +145,77 @@ def run_search(model: Any, measurements: Measurements, space: SearchSpace, objec
     return result
 
 
-def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, seed: int = 0,
-           harmful: str = "builtin:harmful:train", harmless: str = "builtin:harmless:train",
-           eval_harmful: str = "builtin:harmful:eval", eval_harmless: str = "builtin:harmless:eval",
-           field: str | None = None, limit: int | None = 64, eval_limit: int | None = None,
-           max_new_tokens: int = 48, search_new_tokens: int = 24, full_eval_top: int = 8,
-           sampler: str = "tpe", startup_trials: int = 10,
-           targets: list[str] | None = None, router: bool | None = None,
-           methods: tuple[str, ...] = ("project", "norm_preserving"), generation_kl_cap: float | None = 1.0,
-           whiten: tuple[float, float] | str | None = "auto",
-           router_bias: bool = False, router_bias_top: tuple[int, int] = (1, 4), projection_optional: bool = False,
-           dtype: str = "auto", device_map: str | None = None, batch_size: int = 16,
-           system_prompt: str | None = None, chat_template: bool = True, progress: bool = True,
-           say: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-           quantization: Quantization | None = None, stream_layers: bool = False,
-           device: str = "cpu") -> SearchResult:
-    """``intervene search`` as a function: load the model once, build the default search space
-    and prompt objectives, run :func:`run_search`. ``limit`` (default 64) caps each SEARCH prompt
-    set, evenly spaced: every trial runs one forward pass over them, so it sets the trial rate;
-    ``eval_limit`` caps the final evaluation sets (default: all). ``whiten``: a (low, high) range
-    for the whitening lambda, ``None`` for the raw direction only, ``"auto"`` (default): the
-    default range when the measurements hold the harmless second moment, else the raw direction.
-    ``router_bias``: also search expert steering (:class:`~intervene.search.space.SearchSpace`),
-    ``projection_optional``: and projection on/off, so the front mixes both. ``stream_layers``: the
-    model is never loaded whole; every trial's first-token proxy runs one decoder layer at a time on
-    ``device`` (:class:`~intervene.search.objective.StreamedObjective`), no generation: the front is the
-    (proxy, KL) one, its configs then counted by generation with a whole, offloaded model
+@dataclass(frozen=True)
+class SearchPrompts:
+    """The prompt sets a search scores on (prompt specs, ``field`` of a dataset), how many of each
+    (``limit``: the search sets, evenly spaced, default 64, every trial runs one forward pass over them, so it
+    sets the trial rate; ``eval_limit``: the final evaluation sets, default all) and the answer lengths (the
+    final evaluation's ``max_new_tokens``, the search's generation refusal count's ``search_new_tokens``)."""
+
+    harmful: str = "builtin:harmful:train"
+    harmless: str = "builtin:harmless:train"
+    eval_harmful: str = "builtin:harmful:eval"
+    eval_harmless: str = "builtin:harmless:eval"
+    field: str | None = None
+    limit: int | None = 64
+    eval_limit: int | None = None
+    max_new_tokens: int = 48
+    search_new_tokens: int = 24
+
+
+@dataclass(frozen=True)
+class SpaceOptions:
+    """What the default search space spans (:meth:`~intervene.search.space.SearchSpace.default`): ``targets``
+    and ``router`` (None: the architecture's and the attribution's choice), the edit ``methods``, ``whiten`` (a
+    (low, high) range for the whitening lambda, None for the raw direction only, "auto": the default range when
+    the measurements hold the harmless second moment), expert steering (``router_bias``, its ``router_bias_top``
+    range) and ``projection_optional`` (projection on/off too, so the front mixes both)."""
+
+    targets: list[str] | None = None
+    router: bool | None = None
+    methods: tuple[str, ...] = ("project", "norm_preserving")
+    whiten: tuple[float, float] | str | None = "auto"
+    router_bias: bool = False
+    router_bias_top: tuple[int, int] = (1, 4)
+    projection_optional: bool = False
+
+
+def search(model: str, measurements: str, out: str | Path, *, space: SpaceOptions | None = None,
+           settings: SearchSettings | None = None, prompts: SearchPrompts | None = None,
+           prompt_format: PromptFormat | None = None, run: RunOptions | None = None,
+           say: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> SearchResult:
+    """``intervene search`` as a function: load the model once (``run``: dtype, device map, quantization,
+    batch size, progress), build the default search space (``space``) and the prompt objectives
+    (``prompts``, rendered with ``prompt_format``), run :func:`run_search` with ``settings``.
+    ``run.stream_layers``: the model is never loaded whole; every trial's first-token proxy runs one decoder
+    layer at a time on ``run.device`` (:class:`~intervene.search.objective.StreamedObjective`), no generation:
+    the front is the (proxy, KL) one, its configs then counted by generation with a whole, offloaded model
     (``intervene eval MODEL --config CFG --device-map auto``)."""
-    settings = SearchSettings(trials=trials, seed=seed, sampler=sampler, startup_trials=startup_trials,
-                              full_eval_top=full_eval_top, generation_kl_cap=generation_kl_cap)
+    space_options, settings = space or SpaceOptions(), settings or SearchSettings()
+    prompts, prompt_format, run = prompts or SearchPrompts(), prompt_format or PromptFormat(), run or RunOptions()
+    p, full_eval_top = prompts, settings.full_eval_top
     meas = load_measurements(measurements)
-    prompt_sets = {name: evenly(load_prompts(spec, field=field), lim) for name, spec, lim in (
-        ("harmful", harmful, limit), ("harmless", harmless, limit),
-        ("eval_harmful", eval_harmful, eval_limit), ("eval_harmless", eval_harmless, eval_limit))
+    prompt_sets = {name: evenly(load_prompts(spec, field=p.field), lim) for name, spec, lim in (
+        ("harmful", p.harmful, p.limit), ("harmless", p.harmless, p.limit),
+        ("eval_harmful", p.eval_harmful, p.eval_limit), ("eval_harmless", p.eval_harmless, p.eval_limit))
         if full_eval_top > 0 or not name.startswith("eval")}
     stream = None
-    if stream_layers:
-        check_stream_layers(model, device_map=device_map, quantization=quantization)
-        say(f"opening {model} for streamed passes (one decoder layer at a time on {device}) ...")
-        stream = LayerStream(model, dtype=dtype, device=device)
+    if run.stream_layers:
+        check_stream_layers(model, device_map=run.device_map, quantization=run.quantization)
+        say(f"opening {model} for streamed passes (one decoder layer at a time on {run.device}) ...")
+        stream = LayerStream(model, dtype=run.dtype, device=run.device)
         loaded, tokenizer = stream.model, load_tokenizer(model)
     else:
         say(f"loading {model} ...")
-        loaded, tokenizer = load_model(model, dtype=dtype, device_map=device_map, quantization=quantization)
+        loaded, tokenizer = load_model(model, dtype=run.dtype, device_map=run.device_map, quantization=run.quantization)
     config = text_config(loaded.config)
     meas.check_model(int(config.hidden_size), int(config.num_hidden_layers))
     report = analyze(meas)
     regime = report.attribution.regime if report.attribution is not None else None
-    space = SearchSpace.default(arch_for_config(loaded.config), config, meas, targets=targets, router=router,
-                                methods=methods, whiten_range=whiten, router_bias=router_bias,
-                                router_bias_top=router_bias_top, projection_optional=projection_optional,
+    o = space_options
+    space = SearchSpace.default(arch_for_config(loaded.config), config, meas, targets=o.targets, router=o.router,
+                                methods=o.methods, whiten_range=o.whiten, router_bias=o.router_bias,
+                                router_bias_top=o.router_bias_top, projection_optional=o.projection_optional,
                                 regime=regime)
     seeds = [seed_params(space, recommend(meas, report=report))] if report.best_layer is not None else []
     if regime is not None and space.moe_layers:
@@ -202,25 +224,26 @@ def search(model: str, measurements: str, out: str | Path, *, trials: int = 40, 
     say("direction: " + (f"harmless-whitened, lambda searched in [{space.whiten.low}, {space.whiten.high}]"
                          if space.whiten else
                          "raw difference of means (no harmless second moment in the measurements, or --whiten off)"))
-    common = dict(batch_size=batch_size, system_prompt=system_prompt, chat_template=chat_template)
+    common = dict(batch_size=run.batch_size, system_prompt=prompt_format.system_prompt,
+                  chat_template=prompt_format.chat_template)
     say(f"baseline first-token scores on {len(prompt_sets['harmful'])} harmful / "
         f"{len(prompt_sets['harmless'])} harmless search prompts ...")
 
     def make(harmful_set: list[str], harmless_set: list[str], **kw: Any) -> Objective:
         if stream is not None:
-            return StreamedObjective(stream, tokenizer, harmful_set, harmless_set, progress=progress, **kw)
+            return StreamedObjective(stream, tokenizer, harmful_set, harmless_set, progress=run.progress, **kw)
         return PromptObjective(loaded, tokenizer, harmful_set, harmless_set, **kw)
 
     objective = make(prompt_sets["harmful"], prompt_sets["harmless"], label="search",
-                     sources={"harmful": harmful, "harmless": harmless, "limit": str(limit)},
-                     max_new_tokens=search_new_tokens, **common)
+                     sources={"harmful": p.harmful, "harmless": p.harmless, "limit": str(p.limit)},
+                     max_new_tokens=p.search_new_tokens, **common)
     final = None
     if full_eval_top > 0:
         final = make(prompt_sets["eval_harmful"], prompt_sets["eval_harmless"], label="eval",
-                     sources={"harmful": eval_harmful, "harmless": eval_harmless, "limit": str(eval_limit)},
-                     max_new_tokens=max_new_tokens, **common)
+                     sources={"harmful": p.eval_harmful, "harmless": p.eval_harmless, "limit": str(p.eval_limit)},
+                     max_new_tokens=p.max_new_tokens, **common)
     return run_search(loaded, meas, space, objective, out, settings, final=final, model_spec=model_reference(model),
-                      measurements_path=str(Path(measurements).resolve()), progress=progress, say=say, seeds=seeds)
+                      measurements_path=str(Path(measurements).resolve()), progress=run.progress, say=say, seeds=seeds)
 
 
 def evenly(prompts: Sequence[str], limit: int | None) -> list[str]:
