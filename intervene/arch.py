@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Literal
 
 import torch
+from einops import reduce, repeat
 
 from .errors import ArchitectureError
 
@@ -228,10 +229,10 @@ class ArchSpec:
             scores = biased.softmax(dim=-1, dtype=torch.float32)
             if router.topk_method == "group_limited_greedy":
                 groups, n = router.num_group, router.num_experts
-                group_scores = scores.view(-1, groups, n // groups).max(dim=-1).values
+                group_scores = reduce(scores, "t (g n) -> t g", "max", g=groups)  # experts grouped in order
                 group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
                 mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-                mask = mask.unsqueeze(-1).expand(-1, groups, n // groups).reshape(-1, n)
+                mask = repeat(mask, "t g -> t (g n)", n=n // groups)
                 scores = scores.masked_fill(~mask.bool(), 0.0)
             value, index = torch.topk(scores, k=k, dim=-1, sorted=False)
             return biased, value * router.routed_scaling_factor, index

@@ -181,3 +181,31 @@ def test_config_variant_the_table_cannot_express_is_refused_by_name(tmp_path):
     cfg = parse_config({"ablate": [{"layers": "0:2", "measurement": 1, "scale": 1.0}]})
     with pytest.raises(ArchitectureError, match="use_bias"):
         plan_bake(cfg, tmp_path / "src", make_measurements(3))
+
+
+def test_deepseek_v2_group_limited_rechoose_keeps_only_the_best_groups():
+    """DeepSeek-V2's group-limited greedy routing, re-chosen under a bias: experts outside the ``topk_group``
+    groups with the highest best-expert score are never chosen (the mask written here with plain indexing)."""
+    from types import SimpleNamespace
+
+    from intervene.arch import ARCHITECTURES
+
+    spec = next(a for a in ARCHITECTURES if a.name == "deepseek_v2")
+    g = torch.Generator().manual_seed(3)
+    tokens, groups, n, k = 5, 4, 16, 3
+    router = SimpleNamespace(top_k=k, topk_method="group_limited_greedy", num_group=groups, num_experts=n,
+                             topk_group=2, routed_scaling_factor=1.5)
+    logits = torch.randn(tokens, n, generator=g)
+    bias = torch.randn(n, generator=g)
+    _, weights, index = spec.rechoose(router, (logits, None, logits.topk(k)[1]), bias)
+    probs = (logits + bias).softmax(dim=-1)
+    for t in range(tokens):
+        best_per_group = [float(probs[t, i * 4:(i + 1) * 4].max()) for i in range(groups)]
+        kept = sorted(range(groups), key=lambda i: -best_per_group[i])[:2]
+        allowed = torch.zeros(n, dtype=torch.bool)
+        for i in kept:
+            allowed[i * 4:(i + 1) * 4] = True
+        want = torch.where(allowed, probs[t], torch.zeros(())).topk(k)
+        assert sorted(index[t].tolist()) == sorted(want.indices.tolist())
+        assert all(allowed[e] for e in index[t].tolist())
+        torch.testing.assert_close(weights[t].sort().values, (want.values * 1.5).sort().values)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange
 from safetensors.torch import save_file
 
 from ..config import load_config
@@ -115,8 +116,8 @@ def fused_lora_factors(weight: torch.Tensor, ops: list[TensorEdit]) -> tuple[tor
         a, b = lora_factors(weight[e], [replace(op, hidden_axis=op.hidden_axis - 1) for op in ops_e])
         per_a.append(a)
         per_b.append(b)
-    a = torch.stack(per_a).reshape(-1, weight.shape[2])  # [E, k, in] -> rows e·k + j
-    b = torch.stack(per_b, dim=-1).reshape(weight.shape[1], -1)  # [out, k, E] -> columns j·E + e
+    a = rearrange(torch.stack(per_a), "e k i -> (e k) i")  # row e·k + j
+    b = rearrange(torch.stack(per_b, dim=-1), "o k e -> o (k e)")  # column j·E + e
     return a.contiguous(), b.contiguous()
 
 

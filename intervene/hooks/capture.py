@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal
 
 import torch
+from einops import rearrange
 
 from ..arch import ArchSpec, arch_for_config, decoder_layers, get_module, text_config
 from ..errors import ArchitectureError, InputError
@@ -286,8 +287,9 @@ def _write_hooks(module: Any, spec: ArchSpec, config: Any, layer: int, record, s
 
         def all_experts_hook(_m, _a, out):
             b, s = shapes[layer]
-            per_expert = out.reshape(num_experts, b, s, out.shape[-1])[:, :, -1]  # [E, B, H]
-            store(per_expert.transpose(0, 1), scores.pop("last"), per_expert.sum(dim=0))
+            # Llama4 stacks every expert's output along the token rows: expert-major
+            per_expert = rearrange(out, "(e b s) h -> e b s h", e=num_experts, b=b, s=s)[:, :, -1]
+            store(rearrange(per_expert, "e b h -> b e h"), scores.pop("last"), per_expert.sum(dim=0))
 
         handles.append(get_module(module, spec.router).register_forward_hook(router_hook))
         handles.append(experts.register_forward_hook(all_experts_hook))
