@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import safetensors
+import safetensors.torch
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 
 from ..errors import ConfigError, InputError, MeasurementError
 from ..maths import whiten
@@ -140,7 +141,7 @@ def save_measurements(m: Measurements, path: str | os.PathLike,
     tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in sorted(m.tensors.items())}
     meta = {META_KEY: json.dumps(m.meta, sort_keys=True, default=str)}
     try:
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), before_publish)
+        atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=meta), before_publish)
     except (OSError, SafetensorError) as e:  # disk full, permissions: one line naming the file
         raise MeasurementError(f"writing measurements {path} failed: {_first_line(e)}") from None
 
@@ -155,9 +156,9 @@ def load_measurements(path: str | os.PathLike) -> Measurements:
     if path.suffix == ".refuse":
         return load_refuse(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safetensors.safe_open(str(path), framework="pt") as f:
             raw_meta = f.metadata() or {}
-        tensors = load_file(str(path))
+        tensors = safetensors.torch.load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise MeasurementError(f"{path} is not a readable safetensors measurements file ({_first_line(e)})") from None
     meta: dict[str, Any] = {}
