@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""The reference guide's MoE hypotheses, measured (issue 21 item 3, issue 16 item 5).
+"""The reference guide's MoE hypotheses, measured (issue 21 item 3, issue 16 item 5, issue 30 item 3).
 
     python benchmarks/moe_study.py                                 # organism-moe, measured on the train split
-    python benchmarks/moe_study.py --measurements m.safetensors --json study.json --markdown study.md
+    python benchmarks/moe_study.py --model organism-moe-experts --json experts.json --markdown experts.md
     python benchmarks/moe_study.py --rows attention write+router_bias   # a subset of the rows
+    python benchmarks/moe_study.py --combine moe.json experts.json --markdown side_by_side.md
 
 Every row is one live intervention (hooks, nothing written) at the same direction and layers unless
 the row says otherwise: the direction ``analyze`` recommends (its best layer) projected out of the
@@ -12,6 +13,16 @@ down; + the routed experts' down; + the shared experts' down; + the routed exper
 shared experts' gate/up; + the router input at ½ and at full scale), then expert deactivation
 (``router_bias`` top:N at -inf over the MoE layers, alone and with the projection), then the layer
 range (the band vs the MoE layers only vs every layer) and the scale (1.0 / 1.5 / 2.0).
+
+The reference tool's rows (llm-abliteration's GLM-4.5-Air ``sharded_ablate.py``) are built as a reference-schema
+config — one ``{layer, measurement, scale: 1, sparsity: 0}`` order per layer of the band, the same direction —
+and translated by :func:`intervene.config.reference.translate` (norm-preserving, biprojected against the residual
+entering each layer): ``reference-documented`` (o_proj + shared experts' down + router input at ½ on MoE layers,
+o_proj + mlp down on dense ones, as its guide documents), ``reference-as-run`` (what its code did on GLM-4.5-Air:
+the router's shape check skipped it, the dense layers matched no MoE key pattern so only their o_proj),
+``ablate-individual-experts`` (+ every routed expert's down and gate/up) and ``expert-subset-attribution`` (the
+same restricted per MoE layer to the ``--subset-top`` experts with the largest attribution value, ``analyze``'s
+per-(layer, expert) rows).
 
 Columns, all on the built-in eval split (greedy, ``--max-new-tokens``):
 
@@ -22,7 +33,9 @@ Columns, all on the built-in eval split (greedy, ``--max-new-tokens``):
 * JS: Jensen-Shannon divergence of the expert-selection frequencies, harmful vs harmless, at the last
   prompt token, mean over the MoE layers (baseline in the header; intervened per row).
 
-The JSON holds every row's config, per-layer numbers, the versions, the date and the load average.
+The JSON (one per model) holds every row's config, per-layer numbers, the attribution's regime and top experts, the
+versions, the date and the load average; ``--combine`` renders several into one side-by-side table (a column group
+per model, "—" where a model lacks a row).
 """
 
 from __future__ import annotations
@@ -33,11 +46,32 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Literal, Sequence
 
 import torch
+import yaml
+
+from intervene.arch import ArchSpec, arch_for_config, text_config
+from intervene.config.reference import Order, ReferenceConfig, translate
+from intervene.config.schema import InterventionConfig, parse_config
+from intervene.hooks.apply import apply
+from intervene.io.files import atomic_write_text
+from intervene.io.measurements import Measurements, load_measurements, save_measurements
+from intervene.io.models import load_model, versions
+from intervene.io.prompts import load_prompts
+from intervene.live.evaluate import (classify, decode_answers, first_token_logprobs, generate_ids, kl_divergence,
+                                     refusal_counts)
+from intervene.live.route import changed_fraction, router_choices, selection_freq
+from intervene.live.tryout import prepare
+from intervene.maths import js_divergence
+from intervene.measure.analyze import analyze, recommend
+from intervene.measure.attribution import Attribution
+from intervene.measure.collect import measure
+from intervene.products.organism_moe import last_token_routing
+
+Reference = Literal["documented", "as-run", "individual", "subset"]
 
 
 @dataclass
@@ -49,9 +83,37 @@ class Row:
     layers: str = "band"  # band | moe | all
     scale: float = 1.0
     router_bias_top: int | None = None
+    reference: Reference | None = None  # a reference-schema config translated (module docstring)
 
 
-def rows_for(has_dense_in_band: bool, bias_top: int) -> list[Row]:
+@dataclass
+class Study:
+    """What every row's config is built from: one direction, one band, the model's MoE layers."""
+
+    model: str
+    measurements: str
+    source: int  # the direction: output of decoder layer `source`
+    band: list[int]
+    moe_layers: list[int]
+    num_layers: int
+    spec: ArchSpec
+    text_config: Any
+    attribution: Attribution | None = None
+    subset_top: int = 2
+
+    @property
+    def layer_sets(self) -> dict[str, list[int]]:
+        return {"band": self.band, "moe": self.moe_layers, "all": list(range(self.num_layers))}
+
+    def top_experts(self) -> dict[int, list[int]]:
+        """Per MoE layer of the band, the ``subset_top`` experts with the largest attribution value."""
+        if self.attribution is None:
+            return {}
+        return {layer: sorted(int(r.expert) for r in self.attribution.ranked_experts([layer])[:self.subset_top])
+                for layer in self.band if layer in self.moe_layers and self.attribution.ranked_experts([layer])}
+
+
+def rows_for(has_dense_in_band: bool, bias_top: int, subset_top: int = 2) -> list[Row]:
     write = ["attention", "mlp", "experts", "shared_experts"]
     rows = [Row("attention", "attention only", ["attention"])]
     if has_dense_in_band:
@@ -72,39 +134,73 @@ def rows_for(has_dense_in_band: bool, bias_top: int) -> list[Row]:
         Row("write_all", "every write site, every layer", write, layers="all"),
         Row("write_x1.5", "every write site, scale 1.5", write, scale=1.5),
         Row("write_x2", "every write site, scale 2.0", write, scale=2.0),
+        Row("reference-documented", "reference defaults as documented (norm-preserving; MoE: o_proj + shared "
+            "experts' down + router ½; dense: o_proj + mlp down)", reference="documented"),
+        Row("reference-as-run", "reference defaults as its code ran (router skipped by its shape check; dense "
+            "layers o_proj only)", reference="as-run"),
+        Row("ablate-individual-experts", "reference + ablate_individual_experts (every routed expert's down + "
+            "gate/up)", reference="individual"),
+        Row("expert-subset-attribution", f"reference + ablate_individual_experts, expert_subset = the attribution's "
+            f"top {subset_top} per MoE layer", reference="subset"),
     ]
     return rows
 
 
-def main() -> None:
-    from intervene.arch import arch_for_config, text_config
-    from intervene.config.schema import parse_config
-    from intervene.hooks.apply import apply
-    from intervene.io.measurements import load_measurements, save_measurements
-    from intervene.io.models import load_model, versions
-    from intervene.io.prompts import load_prompts
-    from intervene.live.evaluate import (classify, decode_answers, first_token_logprobs, generate_ids,
-                                         kl_divergence, refusal_counts)
-    from intervene.live.route import changed_fraction, router_choices, selection_freq
-    from intervene.live.tryout import prepare
-    from intervene.maths import js_divergence
-    from intervene.measure.analyze import analyze, recommend
-    from intervene.measure.collect import measure
-    from intervene.products.organism_moe import last_token_routing
+def row_config(row: Row, study: Study) -> InterventionConfig:
+    """The native config a row runs (reference rows: translated from the reference schema)."""
+    if row.reference is not None:
+        return reference_config(row.reference, study, where=f"row {row.name}")
+    data: dict[str, Any] = {"method": "project", "biprojection": True, "model": study.model,
+                            "measurements": study.measurements, "ablate": []}
+    layers = study.layer_sets[row.layers]
+    if row.targets is not None:
+        scale: Any = row.scale
+        if row.router_scale is not None:
+            scale = {t: (row.router_scale if t == "router" else row.scale) for t in row.targets}
+        data["ablate"] = [{"layers": layers, "measurement": study.source, "scale": scale, "targets": row.targets}]
+    if row.router_bias_top is not None:
+        data["router_bias"] = [{"layers": [i for i in layers if i in study.moe_layers] or study.moe_layers,
+                                "experts": f"top:{row.router_bias_top}", "bias": "-inf"}]
+    return parse_config(data, where=f"row {row.name}")
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="organism-moe")
-    ap.add_argument("--measurements", default=None,
-                    help="measurements file (default: measure the model on the train split and save it beside --json)")
-    ap.add_argument("--rows", nargs="*", default=None, help="run only these rows (names in the table)")
-    ap.add_argument("--bias-top", type=int, default=2, help="N of router_bias top:N (default 2)")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--limit", type=int, default=None, help="first N eval prompts of each set (quick runs)")
-    ap.add_argument("--every", type=int, default=1, help="every Nth eval prompt of each set (spread over the categories)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads")
-    ap.add_argument("--json", default="moe_study.json")
-    ap.add_argument("--markdown", default=None, help="also write the table here")
-    args = ap.parse_args()
+
+def reference_config(kind: Reference, study: Study, where: str) -> InterventionConfig:
+    """The reference tool's config over the band (one order per layer, the study's direction, scale 1,
+    sparsity 0), translated; ``as-run`` drops what its code skipped on GLM-4.5-Air (the router; a dense
+    layer's mlp), ``subset`` restricts the experts to the attribution's top ones per MoE layer."""
+    ref = ReferenceConfig(
+        orders=[Order(layer=layer, measurement=study.source + 1, scale=1.0, sparsity=0.0) for layer in study.band],
+        model=study.model, measurements=study.measurements,
+        ablate_individual_experts=kind in ("individual", "subset"), source=where, why="built by moe_study")
+    cfg = translate(ref, study.spec, study.text_config).config
+    if kind == "as-run":
+        for entry in cfg.ablate:
+            dense = not study.spec.is_moe_layer(study.text_config, entry.layers[0])
+            entry.targets = [t for t in entry.targets if t != "router" and not (dense and t == "mlp")]
+            entry.scale = {t: s for t, s in entry.scale.items() if t in entry.targets}
+    if kind == "subset":
+        top = study.top_experts()
+        missing = [layer for layer in study.band if layer in study.moe_layers and layer not in top]
+        if missing:
+            raise SystemExit(f"{where}: no attribution rows for MoE layer(s) {missing} (measure with attribution, "
+                             "the default) to pick the experts from")
+        cfg.experts = top
+    return parse_config(cfg.to_dict(), where=where)  # the dict round trip checks it as a YAML would be
+
+
+def counts_dict(c: Any) -> dict[str, int]:
+    return {"refused": c.refusals, "degenerate": c.degenerate, "complied": c.complied, "total": c.total}
+
+
+def attribution_summary(study: Study) -> dict[str, Any] | None:
+    a = study.attribution
+    if a is None:
+        return None
+    return {"regime": a.regime, "experts_share": a.experts_share, "regime_line": a.regime_line(),
+            "top_experts": {str(k): v for k, v in study.top_experts().items()}}
+
+
+def run_study(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
@@ -118,7 +214,7 @@ def main() -> None:
     num_experts = spec.num_experts(hf)
 
     if args.measurements:
-        meas = load_measurements(args.measurements)
+        meas: Measurements = load_measurements(args.measurements)
         meas_path = args.measurements
     else:
         meas = measure(model, tokenizer, load_prompts("builtin:harmful:train"), load_prompts("builtin:harmless:train"),
@@ -127,22 +223,25 @@ def main() -> None:
         save_measurements(meas, meas_path)
     report = analyze(meas)
     base_cfg = recommend(meas, model=args.model, measurements=meas_path, report=report)
-    source = int(base_cfg.ablate[0].measurement)
-    band = list(base_cfg.ablate[0].layers)
-    layer_sets = {"band": band, "moe": moe_layers, "all": list(range(n_layers))}
-    has_dense = any(i not in moe_layers for i in band)
-    rows = rows_for(has_dense, args.bias_top)
+    study = Study(model=args.model, measurements=meas_path, source=int(base_cfg.ablate[0].measurement),
+                  band=list(base_cfg.ablate[0].layers), moe_layers=moe_layers, num_layers=n_layers, spec=spec,
+                  text_config=hf, attribution=report.attribution, subset_top=args.subset_top)
+    has_dense = any(i not in moe_layers for i in study.band)
+    rows = rows_for(has_dense, args.bias_top, args.subset_top)
     if args.rows:
         unknown = sorted(set(args.rows) - {r.name for r in rows})
         if unknown:
             sys.exit(f"unknown row(s) {unknown}; rows: {[r.name for r in rows]}")
         rows = [r for r in rows if r.name in args.rows]
+    configs = {r.name: row_config(r, study) for r in rows}  # every row's config checked before any eval
 
     harmful = load_prompts("builtin:harmful:eval")[::args.every][:args.limit]
     harmless = load_prompts("builtin:harmless:eval")[::args.every][:args.limit]
     prompts = {"harmful": harmful, "harmless": harmless}
-    print(f"{args.model}: direction {source}, band {band[0]}..{band[-1]}, MoE layers {moe_layers[0]}..{moe_layers[-1]}, "
-          f"{len(harmful)} + {len(harmless)} eval prompts, {args.max_new_tokens} tokens", file=sys.stderr)
+    attrib = attribution_summary(study)
+    print(f"{args.model}: direction {study.source}, band {study.band[0]}..{study.band[-1]}, MoE layers "
+          f"{moe_layers[0]}..{moe_layers[-1]}, {len(harmful)} + {len(harmless)} eval prompts, {args.max_new_tokens} "
+          f"tokens; {attrib['regime_line'] if attrib else 'no attribution in the measurements'}", file=sys.stderr)
 
     def observe() -> dict[str, Any]:
         """Answers, first-token logprobs and routing of the model as it is now."""
@@ -159,18 +258,17 @@ def main() -> None:
         return {i: js_divergence(selection_freq(obs["last"]["harmful"][i], num_experts),
                                  selection_freq(obs["last"]["harmless"][i], num_experts)) for i in moe_layers}
 
-    def counts_dict(c: Any) -> dict[str, int]:
-        return {"refused": c.refusals, "degenerate": c.degenerate, "complied": c.complied, "total": c.total}
-
     with torch.no_grad():
         t = time.time()
         base = observe()
     base_js = last_js(base)
     results: dict[str, Any] = {
-        "kind": "moe_study", "model": args.model, "measurements": meas_path, "direction_layer": source,
-        "band": band, "moe_layers": moe_layers, "max_new_tokens": args.max_new_tokens,
-        "prompts": {k: len(v) for k, v in prompts.items()}, "versions": versions(),
+        "kind": "moe_study", "model": args.model, "model_type": getattr(hf, "model_type", None),
+        "measurements": meas_path, "direction_layer": study.source, "band": study.band, "moe_layers": moe_layers,
+        "max_new_tokens": args.max_new_tokens, "prompts": {k: len(v) for k, v in prompts.items()},
+        "attribution": attrib, "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_threads": torch.get_num_threads(), "command": sys.argv,
         "baseline": {"harmful": counts_dict(base["counts"]["harmful"]), "harmless": counts_dict(base["counts"]["harmless"]),
                      "js_last_token": {str(i): v for i, v in base_js.items()},
                      "js_last_token_mean": sum(base_js.values()) / len(base_js), "seconds": round(time.time() - t, 1)},
@@ -182,18 +280,7 @@ def main() -> None:
 
     for row in rows:
         t = time.time()
-        data: dict[str, Any] = {"method": "project", "biprojection": True, "model": args.model,
-                                "measurements": meas_path, "ablate": []}
-        layers = layer_sets[row.layers]
-        if row.targets is not None:
-            scale: Any = row.scale
-            if row.router_scale is not None:
-                scale = {t_: (row.router_scale if t_ == "router" else row.scale) for t_ in row.targets}
-            data["ablate"] = [{"layers": layers, "measurement": source, "scale": scale, "targets": row.targets}]
-        if row.router_bias_top is not None:
-            data["router_bias"] = [{"layers": [i for i in layers if i in moe_layers] or moe_layers,
-                                    "experts": f"top:{row.router_bias_top}", "bias": "-inf"}]
-        cfg = parse_config(data, where=f"row {row.name}")
+        cfg = configs[row.name]
         prepared = prepare(cfg, model=model, tokenizer=tokenizer, measurements=meas)
         with torch.no_grad(), apply(model, prepared.bound):
             obs = observe()
@@ -210,35 +297,127 @@ def main() -> None:
                "seconds": round(time.time() - t, 1)}
         results["rows"].append(out)
         loads.append(os.getloadavg()[0])
+        results["load_average"] = {"min": min(loads), "max": max(loads)}
         print(f"{row.name:<14} harmful {out['harmful']['refused']}/{len(harmful)} (+{out['harmful']['degenerate']} deg) "
               f"harmless {out['harmless']['refused']}/{len(harmless)} KL {out['kl']:.3f} changed {both:.3f} "
               f"JS {out['js_last_token_mean']:.4f} ({out['seconds']:.0f} s)", file=sys.stderr)
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")  # a partial study survives a stop
+        atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")  # a partial study survives a stop
 
     results["seconds"] = round(time.time() - started, 1)
     results["load_average"] = {"min": min(loads), "max": max(loads)}
-    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-    table = markdown(results)
+    atomic_write_text(args.json, json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="organism-moe", help="any MODEL spec (default organism-moe)")
+    ap.add_argument("--measurements", default=None,
+                    help="measurements file (default: measure the model on the train split and save it beside --json)")
+    ap.add_argument("--rows", nargs="*", default=None, help="run only these rows (names in the table)")
+    ap.add_argument("--bias-top", type=int, default=2, help="N of router_bias top:N (default 2)")
+    ap.add_argument("--subset-top", type=int, default=2,
+                    help="expert-subset-attribution: the N experts per MoE layer with the largest attribution (default 2)")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--limit", type=int, default=None, help="first N eval prompts of each set (quick runs)")
+    ap.add_argument("--every", type=int, default=1, help="every Nth eval prompt of each set (spread over the categories)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--json", default="moe_study.json")
+    ap.add_argument("--markdown", default=None, help="also write the table here")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                    help="render these study JSONs (one per model) side by side into --markdown; runs nothing")
+    args = ap.parse_args(argv)
+    if args.combine:
+        studies = [json.loads(Path(p).read_text()) for p in args.combine]
+        table = combined_markdown(studies)
+    else:
+        table = markdown(run_study(args))
     print(table)
     if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
+        atomic_write_text(args.markdown, table + "\n")
+    return 0
+
+
+def _cell(c: dict[str, int] | None, n: int) -> str:
+    if c is None:
+        return "—"
+    return f"{c['refused']}/{n}" + (f" (+{c['degenerate']} deg.)" if c["degenerate"] else "")
+
+
+def header_lines(results: dict[str, Any]) -> list[str]:
+    """Where a study's numbers come from: model, regime, prompts, date, machine load, versions."""
+    a = results.get("attribution")
+    load = results.get("load_average") or {}
+    vers = ", ".join(f"{k} {v}" for k, v in sorted((results.get("versions") or {}).items()))
+    return [f"**{results['model']}** ({results.get('model_type') or '?'}): "
+            + (a["regime_line"] if a else "no attribution in the measurements")
+            + (f"; top experts {a['top_experts']}" if a and a.get("top_experts") else ""),
+            f"  direction {results['direction_layer']}, band {results['band'][0]}..{results['band'][-1]}; "
+            f"{results['prompts']['harmful']} + {results['prompts']['harmless']} eval prompts, "
+            f"{results['max_new_tokens']} tokens; {results['date']}, load average "
+            f"{load.get('min', float('nan')):.1f}–{load.get('max', float('nan')):.1f}, "
+            f"{results.get('torch_threads', '?')} torch threads, {results.get('seconds', '?')} s; {vers}"]
+
+
+def configs_block(studies: Sequence[dict[str, Any]]) -> list[str]:
+    lines = ["", "<details><summary>every row's config</summary>", ""]
+    for results in studies:
+        for r in results["rows"]:
+            lines += [f"`{results['model']}` · `{r['name']}`:", "", "```yaml",
+                      yaml.safe_dump(r["config"], sort_keys=False).rstrip(), "```", ""]
+    return lines + ["</details>"]
 
 
 def markdown(results: dict[str, Any]) -> str:
     b = results["baseline"]
     nh, nl = results["prompts"]["harmful"], results["prompts"]["harmless"]
-
-    def cell(c: dict[str, int], n: int) -> str:
-        return f"{c['refused']}/{n}" + (f" (+{c['degenerate']} deg.)" if c["degenerate"] else "")
-
-    lines = ["| row | harmful refused | harmless refused | first-token KL | top-k set changed | JS harmful vs harmless (last token) |",
+    lines = header_lines(results) + ["",
+             "| row | harmful refused | harmless refused | first-token KL | top-k set changed | JS harmful vs harmless (last token) |",
              "| --- | --- | --- | --- | --- | --- |",
-             f"| no edit | {cell(b['harmful'], nh)} | {cell(b['harmless'], nl)} | 0 | 0 | {b['js_last_token_mean']:.4f} |"]
+             f"| no edit | {_cell(b['harmful'], nh)} | {_cell(b['harmless'], nl)} | 0 | 0 | {b['js_last_token_mean']:.4f} |"]
     for r in results["rows"]:
-        lines.append(f"| {r['what']} | {cell(r['harmful'], nh)} | {cell(r['harmless'], nl)} | {r['kl']:.3f} | "
+        lines.append(f"| {r['what']} | {_cell(r['harmful'], nh)} | {_cell(r['harmless'], nl)} | {r['kl']:.3f} | "
                      f"{r['changed_fraction']:.1%} | {r['js_last_token_mean']:.4f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + configs_block([results]))
+
+
+def combined_markdown(studies: Sequence[dict[str, Any]]) -> str:
+    """One table, a column group (harmful refused, harmless refused, KL, top-k changed) per study, rows matched
+    by name in order of first appearance; "—" where a study lacks the row."""
+    if not studies:
+        raise SystemExit("--combine: no study JSON given")
+    order: dict[str, str] = {}
+    for results in studies:
+        for r in results["rows"]:
+            order.setdefault(r["name"], r["what"])
+    head = ["| row |"]
+    rule = ["| --- |"]
+    for results in studies:
+        m = results["model"]
+        head.append(f" {m}: harmful | {m}: harmless | {m}: KL | {m}: changed |")
+        rule.append(" --- | --- | --- | --- |")
+    lines = []
+    for results in studies:
+        lines += header_lines(results)
+    lines += ["", "".join(head), "".join(rule)]
+    base = ["| no edit |"]
+    for results in studies:
+        b, p = results["baseline"], results["prompts"]
+        base.append(f" {_cell(b['harmful'], p['harmful'])} | {_cell(b['harmless'], p['harmless'])} | 0 | 0 |")
+    lines.append("".join(base))
+    for name, what in order.items():
+        cells = [f"| {what} |"]
+        for results in studies:
+            r = next((x for x in results["rows"] if x["name"] == name), None)
+            p = results["prompts"]
+            if r is None:
+                cells.append(" — | — | — | — |")
+            else:
+                cells.append(f" {_cell(r['harmful'], p['harmful'])} | {_cell(r['harmless'], p['harmless'])} | "
+                             f"{r['kl']:.3f} | {r['changed_fraction']:.1%} |")
+        lines.append("".join(cells))
+    return "\n".join(lines + configs_block(studies))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
