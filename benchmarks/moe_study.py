@@ -344,15 +344,19 @@ def _cell(c: dict[str, int] | None, n: int) -> str:
     return f"{c['refused']}/{n}" + (f" (+{c['degenerate']} deg.)" if c["degenerate"] else "")
 
 
+def label(results: dict[str, Any]) -> str:
+    return Path(results["model"]).name  # a MODEL spec (organism-moe) or a directory's name
+
+
 def header_lines(results: dict[str, Any]) -> list[str]:
-    """Where a study's numbers come from: model, regime, prompts, date, machine load, versions."""
+    """Where a study's numbers come from: model, regime, prompts, date, machine load, versions (one bullet)."""
     a = results.get("attribution")
     load = results.get("load_average") or {}
     vers = ", ".join(f"{k} {v}" for k, v in sorted((results.get("versions") or {}).items()))
-    return [f"**{results['model']}** ({results.get('model_type') or '?'}): "
+    return [f"- **{label(results)}** ({results.get('model_type') or '?'}): "
             + (a["regime_line"] if a else "no attribution in the measurements")
-            + (f"; top experts {a['top_experts']}" if a and a.get("top_experts") else ""),
-            f"  direction {results['direction_layer']}, band {results['band'][0]}..{results['band'][-1]}; "
+            + (f"; top experts per layer {a['top_experts']}" if a and a.get("top_experts") else "")
+            + f"; direction {results['direction_layer']}, band {results['band'][0]}..{results['band'][-1]}; "
             f"{results['prompts']['harmful']} + {results['prompts']['harmless']} eval prompts, "
             f"{results['max_new_tokens']} tokens; {results['date']}, load average "
             f"{load.get('min', float('nan')):.1f}–{load.get('max', float('nan')):.1f}, "
@@ -363,8 +367,8 @@ def configs_block(studies: Sequence[dict[str, Any]]) -> list[str]:
     lines = ["", "<details><summary>every row's config</summary>", ""]
     for results in studies:
         for r in results["rows"]:
-            lines += [f"`{results['model']}` · `{r['name']}`:", "", "```yaml",
-                      yaml.safe_dump(r["config"], sort_keys=False).rstrip(), "```", ""]
+            lines += [f"`{label(results)}` · `{r['name']}`:", "", "```yaml",
+                      yaml.safe_dump(r["config"], sort_keys=False, default_flow_style=None, width=120).rstrip(), "```", ""]
     return lines + ["</details>"]
 
 
@@ -393,7 +397,7 @@ def combined_markdown(studies: Sequence[dict[str, Any]]) -> str:
     head = ["| row |"]
     rule = ["| --- |"]
     for results in studies:
-        m = results["model"]
+        m = label(results)
         head.append(f" {m}: harmful | {m}: harmless | {m}: KL | {m}: changed |")
         rule.append(" --- | --- | --- | --- |")
     lines = []

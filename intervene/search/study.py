@@ -59,6 +59,7 @@ class SearchSettings:
     generation_kl_cap: float | None = 1.0  # ... unless their KL is above this (model broken anyway)
     generation_proxy_fraction: float = 0.5  # ... or their refusal proxy is above this x the baseline's
     target_refusal_rate: float = 0.05  # "best so far": lowest KL with at most this refusal rate
+    seed_from_diagnosis: bool = True  # search(): a new study's first trial is analyze's recommended config
 
     def __post_init__(self) -> None:
         if self.trials < 0:
@@ -217,10 +218,12 @@ def search(model: str, measurements: str, out: str | Path, *, space: SpaceOption
                                 methods=o.methods, whiten_range=o.whiten, router_bias=o.router_bias,
                                 router_bias_top=o.router_bias_top, projection_optional=o.projection_optional,
                                 regime=regime)
-    seeds = [seed_params(space, recommend(meas, report=report))] if report.best_layer is not None else []
+    seeded = settings.seed_from_diagnosis and report.best_layer is not None
+    seeds = [seed_params(space, recommend(meas, report=report))] if seeded else []
     if regime is not None and space.moe_layers:
         say(f"attribution: {report.attribution.regime_line()}; routed experts "
-            f"{'searched' if 'experts' in space.targets else 'left out'}; the first trial is analyze's recommendation")
+            f"{'searched' if 'experts' in space.targets else 'left out'}"
+            + ("; the first trial is analyze's recommendation" if seeded else "; no seeded first trial"))
     say("direction: " + (f"harmless-whitened, lambda searched in [{space.whiten.low}, {space.whiten.high}]"
                          if space.whiten else
                          "raw difference of means (no harmless second moment in the measurements, or --whiten off)"))
