@@ -20,7 +20,8 @@ and translated by :func:`intervene.config.reference.translate` (norm-preserving,
 entering each layer): ``reference-documented`` (o_proj + shared experts' down + router input at ½ on MoE layers,
 o_proj + mlp down on dense ones, as its guide documents), ``reference-as-run`` (what its code did on GLM-4.5-Air:
 the router's shape check skipped it, the dense layers matched no MoE key pattern so only their o_proj),
-``ablate-individual-experts`` (+ every routed expert's down and gate/up) and ``expert-subset-attribution`` (the
+``ablate-individual-experts`` (+ every routed expert's down and gate/up; ``-as-run``: their down only, the code
+skipped their gate/up) and ``expert-subset-attribution`` (the
 same restricted per MoE layer to the ``--subset-top`` experts with the largest attribution value, ``analyze``'s
 per-(layer, expert) rows).
 
@@ -71,7 +72,7 @@ from intervene.measure.attribution import Attribution
 from intervene.measure.collect import measure
 from intervene.products.organism_moe import last_token_routing
 
-Reference = Literal["documented", "as-run", "individual", "subset"]
+Reference = Literal["documented", "as-run", "individual", "individual-as-run", "subset"]
 
 
 @dataclass
@@ -140,6 +141,8 @@ def rows_for(has_dense_in_band: bool, bias_top: int, subset_top: int = 2) -> lis
             "layers o_proj only)", reference="as-run"),
         Row("ablate-individual-experts", "reference + ablate_individual_experts (every routed expert's down + "
             "gate/up)", reference="individual"),
+        Row("ablate-individual-experts-as-run", "reference + ablate_individual_experts as its code ran (experts' "
+            "down only: their gate/up and the router skipped)", reference="individual-as-run"),
         Row("expert-subset-attribution", f"reference + ablate_individual_experts, expert_subset = the attribution's "
             f"top {subset_top} per MoE layer", reference="subset"),
     ]
@@ -166,17 +169,19 @@ def row_config(row: Row, study: Study) -> InterventionConfig:
 
 def reference_config(kind: Reference, study: Study, where: str) -> InterventionConfig:
     """The reference tool's config over the band (one order per layer, the study's direction, scale 1,
-    sparsity 0), translated; ``as-run`` drops what its code skipped on GLM-4.5-Air (the router; a dense
-    layer's mlp), ``subset`` restricts the experts to the attribution's top ones per MoE layer."""
+    sparsity 0), translated; ``as-run`` drops what its code skipped on GLM-4.5-Air (the router, the experts'
+    gate/up, a dense layer's mlp), ``subset`` restricts the experts to the attribution's top ones per MoE layer."""
     ref = ReferenceConfig(
         orders=[Order(layer=layer, measurement=study.source + 1, scale=1.0, sparsity=0.0) for layer in study.band],
         model=study.model, measurements=study.measurements,
-        ablate_individual_experts=kind in ("individual", "subset"), source=where, why="built by moe_study")
+        ablate_individual_experts=kind in ("individual", "individual-as-run", "subset"), source=where,
+        why="built by moe_study")
     cfg = translate(ref, study.spec, study.text_config).config
-    if kind == "as-run":
+    if kind.endswith("as-run"):  # skipped by its code: the router, every expert's gate/up, a dense layer's mlp
         for entry in cfg.ablate:
             dense = not study.spec.is_moe_layer(study.text_config, entry.layers[0])
-            entry.targets = [t for t in entry.targets if t != "router" and not (dense and t == "mlp")]
+            entry.targets = [t for t in entry.targets
+                             if t not in ("router", "routed_expert_inputs") and not (dense and t == "mlp")]
             entry.scale = {t: s for t, s in entry.scale.items() if t in entry.targets}
     if kind == "subset":
         top = study.top_experts()

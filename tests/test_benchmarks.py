@@ -78,7 +78,8 @@ def tiny_moe_dir(tmp_path, arch: str):
     return model, meas, path, tmp_path / f"{arch}.safetensors"
 
 
-NEW_ROWS = ["reference-documented", "reference-as-run", "ablate-individual-experts", "expert-subset-attribution"]
+NEW_ROWS = ["reference-documented", "reference-as-run", "ablate-individual-experts", "ablate-individual-experts-as-run",
+            "expert-subset-attribution"]
 
 
 @pytest.mark.parametrize("arch", ["glm4_moe", "qwen2_moe"])
@@ -114,6 +115,8 @@ def test_moe_study_reference_rows_bind_and_mean_what_the_reference_documents(tmp
     individual, subset = cfgs["ablate-individual-experts"], cfgs["expert-subset-attribution"]
     assert individual.experts == "all"
     assert all({"experts", "routed_expert_inputs"} <= set(e.targets) for e in individual.ablate if e.layers[0] in moe)
+    for e in cfgs["ablate-individual-experts-as-run"].ablate:  # the experts' down only: gate/up raised and were skipped
+        assert e.targets == (["attention", "shared_experts", "experts"] if e.layers[0] in moe else ["attention"])
     expected = {layer: sorted(r.expert for r in sorted(
         (r for r in report.attribution.rows if r.layer == layer and r.component == "expert"),
         key=lambda r: -r.value)[:2]) for layer in moe}  # the two largest attribution values per MoE layer
