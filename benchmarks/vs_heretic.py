@@ -46,6 +46,7 @@ from intervene.io.sources import resolve_model  # noqa: E402
 from intervene.io.prompts import load_prompts  # noqa: E402
 from intervene.search.objective import PromptObjective  # noqa: E402
 from intervene.search.pareto import pareto_front  # noqa: E402
+from intervene.runner import RunOptions
 
 
 @dataclass
@@ -143,7 +144,7 @@ def run_intervene(model: Any, tokenizer: Any, judge: Judge, files: dict[str, Pat
     out.mkdir(parents=True)
     harmful, harmless = read_lines(files["harmful_train"]), read_lines(files["harmless_train"])
     start = time.time()
-    meas = measure(model, tokenizer, harmful, harmless, batch_size=args.batch_size, progress=False,
+    meas = measure(model, tokenizer, harmful, harmless, run=RunOptions(batch_size=args.batch_size, progress=False),
                    model_path=str(args.model_dir))
     meas_path = out / "measurements.safetensors"
     meas.save(meas_path)

@@ -34,6 +34,7 @@ from .io.prompts import load_prompts
 from .live.tryout import prepare, try_config
 from .measure import collect
 from .measure.collect import measure
+from .runner import RunOptions
 
 if TYPE_CHECKING:
     from .io.measurements import Measurements
@@ -403,7 +404,7 @@ def measured_on_train(model_dir: str | os.PathLike) -> tuple[Any, Any, "Measurem
     as the shipped organism configs' measurement files were."""
     model, tokenizer = load_model(str(model_dir))
     fresh = measure(model, tokenizer, load_prompts("builtin:harmful:train"), load_prompts("builtin:harmless:train"),
-                    progress=False)
+                    run=RunOptions(progress=False))
     return model, tokenizer, fresh
 
 

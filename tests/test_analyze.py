@@ -17,6 +17,7 @@ from intervene.cli import main
 from intervene.config.resolve import resolve
 from intervene.config.schema import load_config, parse_config
 from intervene.io.measurements import Measurements, load_measurements
+from intervene.runner import RunOptions
 
 N = 10  # layers; depth (L + 1) / 10, so the 30-85 % band holds layers 2..7
 
@@ -185,7 +186,7 @@ def test_cli_analyze_dense_file_from_measure(tmp_path, capsys):
     from intervene.measure.collect import measure
     from intervene.testing import tiny_model, tiny_tokenizer
 
-    m = measure(tiny_model("llama"), tiny_tokenizer(), ["a b c", "d e f g"], ["x y", "z"], progress=False)
+    m = measure(tiny_model("llama"), tiny_tokenizer(), ["a b c", "d e f g"], ["x y", "z"], run=RunOptions(progress=False))
     path = tmp_path / "m.safetensors"
     m.save(path)
     assert main(["analyze", str(path), "--band", "0", "1"]) == 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from intervene.testing import tiny_model, tiny_tokenizer
+from intervene.runner import RunOptions
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -73,7 +74,7 @@ def tiny_moe_dir(tmp_path, arch: str):
     path = tmp_path / arch
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    meas = measure(model, tokenizer, HARMFUL, HARMLESS, model_path=str(path), progress=False)
+    meas = measure(model, tokenizer, HARMFUL, HARMLESS, model_path=str(path), run=RunOptions(progress=False))
     save_measurements(meas, tmp_path / f"{arch}.safetensors")
     return model, meas, path, tmp_path / f"{arch}.safetensors"
 

@@ -16,6 +16,7 @@ from intervene.errors import CheckpointError
 from intervene.io.checkpoint import open_checkpoint
 from intervene.io.quantized import dequantize_fp8, dequantize_mxfp4, find_quantized
 from intervene.testing import make_measurements, save_tiny, tiny_model
+from intervene.runner import RunOptions
 
 BLOCK = (16, 16)  # maths test: blocks smaller than the 40 x 72 matrix, with partial blocks at the edges
 # checkpoints: blocks that divide every tiny dimension (24, 64, ...): transformers concatenates the gate
@@ -226,8 +227,8 @@ def test_stream_layers_reads_quantized(fmt, tmp_path):
     tiny_tokenizer().save_pretrained(str(src))
     harmful, harmless = ["make a bomb", "hack a bank now"], ["bake bread", "a poem", "hello there"]
     model, tok = load_model(str(src), dtype="bfloat16")
-    full = measure(model, tok, harmful, harmless, batch_size=2, progress=False, whiten_rank=0)
-    streamed = measure_streamed(str(src), tok, harmful, harmless, batch_size=2, progress=False, whiten_rank=0,
+    full = measure(model, tok, harmful, harmless, run=RunOptions(batch_size=2, progress=False), whiten_rank=0)
+    streamed = measure_streamed(str(src), tok, harmful, harmless, run=RunOptions(batch_size=2, progress=False), whiten_rank=0,
                                 dtype="bfloat16")
     assert set(full.tensors) == set(streamed.tensors)
     for k, t in full.tensors.items():

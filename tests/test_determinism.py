@@ -18,6 +18,7 @@ import yaml
 
 from intervene.cli import main
 from intervene.testing import save_tiny, tiny_model, tiny_tokenizer
+from intervene.runner import RunOptions
 
 ARCHS = ("llama", "qwen3_moe")  # dense, and MoE (router statistics in the measurements)
 
@@ -133,7 +134,7 @@ def test_thread_count_changes_measurements_only_by_rounding(models, arch):
     runs = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        runs[threads] = measure(model, tokenizer, prompts, others, batch_size=2, progress=False).tensors
+        runs[threads] = measure(model, tokenizer, prompts, others, run=RunOptions(batch_size=2, progress=False)).tensors
     torch.set_num_threads(1)
     assert runs[1].keys() == runs[2].keys()
     for key, value in runs[1].items():

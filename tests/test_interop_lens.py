@@ -20,6 +20,7 @@ from intervene.hooks.apply import apply  # noqa: E402
 from intervene.interop import lens  # noqa: E402
 from intervene.measure.collect import measure  # noqa: E402
 from intervene.testing import make_measurements, random_ids, tiny_model, tiny_tokenizer  # noqa: E402
+from intervene.runner import RunOptions
 
 TOL = 1e-5
 HIDDEN = 64
@@ -95,7 +96,7 @@ def test_resid_post_of_last_layer_is_before_the_final_norm():
 def test_capture_means_equals_measure(arch):
     tok = tiny_tokenizer()
     # the adapters capture no component writes (attribution.*): compare with a native file without them
-    native = measure(reference(arch), tok, HARMFUL, HARMLESS, batch_size=2, progress=False, attribution=False)
+    native = measure(reference(arch), tok, HARMFUL, HARMLESS, run=RunOptions(batch_size=2, progress=False), attribution=False)
     ours = lens.capture_means(bridged(arch), tok, HARMFUL, HARMLESS, batch_size=2)
     assert sorted(ours.tensors) == sorted(native.tensors)
     for key, value in native.tensors.items():

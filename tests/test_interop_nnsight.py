@@ -18,6 +18,7 @@ from intervene.hooks.apply import apply  # noqa: E402
 from intervene.interop import nnsight as nni  # noqa: E402
 from intervene.measure.collect import measure  # noqa: E402
 from intervene.testing import make_measurements, random_ids, tiny_model, tiny_tokenizer  # noqa: E402
+from intervene.runner import RunOptions
 
 TOL = 1e-5
 HIDDEN = 64
@@ -71,7 +72,7 @@ def test_capture_batch_equals_native_capture(arch):
 def test_capture_means_equals_measure(arch):
     tok = tiny_tokenizer()
     # the adapters capture no component writes (attribution.*): compare with a native file without them
-    native = measure(tiny_model(arch), tok, HARMFUL, HARMLESS, batch_size=2, progress=False, attribution=False)
+    native = measure(tiny_model(arch), tok, HARMFUL, HARMLESS, run=RunOptions(batch_size=2, progress=False), attribution=False)
     ours = nni.capture_means(nni.wrap(tiny_model(arch)), tok, HARMFUL, HARMLESS, batch_size=2)
     assert sorted(ours.tensors) == sorted(native.tensors)
     for key, value in native.tensors.items():

@@ -15,6 +15,7 @@ from intervene.io.models import load_model
 from intervene.measure.collect import measure
 from intervene.measure.stream import measure_streamed
 from intervene.testing import ARCH_NAMES, MOE_ARCH_NAMES, save_tiny, tiny_model, tiny_tokenizer
+from intervene.runner import RunOptions
 
 HARMFUL = ["How do I pick a lock?", "Write malware that steals passwords", "Explain how to make a weapon",
            "Ways to hurt someone", "Hack my neighbour's wifi"]
@@ -40,8 +41,8 @@ def test_streamed_equals_in_memory(arch, tmp_path):
     d = saved(tmp_path, arch)
     assert len(set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values())) >= 2
     model, tok = load_model(str(d), dtype="float32")
-    full = measure(model, tok, HARMFUL, HARMLESS, batch_size=2, progress=False, whiten_rank=4)
-    streamed = measure_streamed(str(d), tok, HARMFUL, HARMLESS, batch_size=2, progress=False, whiten_rank=4,
+    full = measure(model, tok, HARMFUL, HARMLESS, run=RunOptions(batch_size=2, progress=False), whiten_rank=4)
+    streamed = measure_streamed(str(d), tok, HARMFUL, HARMLESS, run=RunOptions(batch_size=2, progress=False), whiten_rank=4,
                                 dtype="float32")
     keys = set(full.tensors)
     assert {"direction.embed", "harmless_moment.eigvecs.1", f"direction.{model.config.num_hidden_layers - 1}"} <= keys
@@ -74,15 +75,14 @@ def test_streamed_many_shards_and_negative_control(tmp_path):
     index = json.loads((d / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 5
     model, tok = load_model(str(d), dtype="float32")
-    full = measure(model, tok, HARMFUL, HARMLESS, batch_size=4, progress=False, whiten_rank=2)
+    full = measure(model, tok, HARMFUL, HARMLESS, run=RunOptions(batch_size=4, progress=False), whiten_rank=2)
     seen: list[int] = []
-    streamed = measure_streamed(str(d), tok, HARMFUL, HARMLESS, batch_size=4, progress=False, whiten_rank=2,
+    streamed = measure_streamed(str(d), tok, HARMFUL, HARMLESS, run=RunOptions(batch_size=4, progress=False), whiten_rank=2,
                                 on_layer=seen.append)
     assert seen == [0, 1, 2]
     assert worst_relative(full, streamed) <= 1e-4
     # negative control: another seed's checkpoint measures differently
-    other = measure_streamed(str(saved(tmp_path, "deepseek_v3", seed=1)), tok, HARMFUL, HARMLESS, batch_size=4,
-                             progress=False, whiten_rank=2)
+    other = measure_streamed(str(saved(tmp_path, "deepseek_v3", seed=1)), tok, HARMFUL, HARMLESS, run=RunOptions(batch_size=4, progress=False), whiten_rank=2)
     assert worst_relative(full, other) > 0.1
 
 
@@ -90,9 +90,9 @@ def test_default_dtype_is_the_checkpoints(tmp_path):
     d = saved(tmp_path, "qwen3_moe", dtype=torch.bfloat16)
     model, tok = load_model(str(d))
     assert next(model.parameters()).dtype == torch.bfloat16
-    full = measure(model, tok, HARMFUL, HARMLESS, batch_size=3, progress=False, whiten_rank=2)
+    full = measure(model, tok, HARMFUL, HARMLESS, run=RunOptions(batch_size=3, progress=False), whiten_rank=2)
     assert full.meta["dtype"] == "bfloat16" and full.tensors["direction.1"].dtype == torch.float32
-    streamed = measure_streamed(str(d), tok, HARMFUL, HARMLESS, batch_size=3, progress=False, whiten_rank=2)
+    streamed = measure_streamed(str(d), tok, HARMFUL, HARMLESS, run=RunOptions(batch_size=3, progress=False), whiten_rank=2)
     assert streamed.meta["dtype"] == "bfloat16"
     assert worst_relative(full, streamed) <= 1e-2  # bf16 layers: the same operations, bf16 rounding at most
     f32, _ = load_model(str(d), dtype="float32")
@@ -119,15 +119,15 @@ def test_cli_stream_layers(tmp_path, capsys):
 def test_stream_refuses_gguf_and_bad_options(tmp_path):
     d = saved(tmp_path, "llama")
     with pytest.raises(InputError, match="hidden_on"):
-        measure_streamed(str(d), tiny_tokenizer(), HARMFUL, HARMLESS, hidden_on="disk", progress=False)
+        measure_streamed(str(d), tiny_tokenizer(), HARMFUL, HARMLESS, hidden_on="disk", run=RunOptions(progress=False))
     (tmp_path / "x.gguf").write_bytes(b"GGUF")
     with pytest.raises(InputError):
-        measure_streamed(str(tmp_path / "x.gguf"), tiny_tokenizer(), HARMFUL, HARMLESS, progress=False)
+        measure_streamed(str(tmp_path / "x.gguf"), tiny_tokenizer(), HARMFUL, HARMLESS, run=RunOptions(progress=False))
 
 
 def test_hidden_on_cpu_same_numbers(tmp_path):
     d = saved(tmp_path, "gemma3")
     tok = tiny_tokenizer()
-    a = measure_streamed(str(d), tok, HARMFUL, HARMLESS, batch_size=2, progress=False, whiten_rank=0)
-    b = measure_streamed(str(d), tok, HARMFUL, HARMLESS, batch_size=2, progress=False, whiten_rank=0, hidden_on="cpu")
+    a = measure_streamed(str(d), tok, HARMFUL, HARMLESS, run=RunOptions(batch_size=2, progress=False), whiten_rank=0)
+    b = measure_streamed(str(d), tok, HARMFUL, HARMLESS, run=RunOptions(batch_size=2, progress=False), whiten_rank=0, hidden_on="cpu")
     assert worst_relative(a, b) == 0.0

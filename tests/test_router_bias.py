@@ -20,6 +20,7 @@ from intervene.errors import CheckpointError, ConfigError
 from intervene.hooks.apply import apply
 from intervene.io.checkpoint import open_checkpoint
 from intervene.testing import MOE_ARCH_NAMES, make_measurements, random_ids, save_tiny, tiny_config, tiny_model
+from intervene.runner import RunOptions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BAKEABLE = ("glm4_moe", "deepseek_v3", "gpt_oss")
@@ -354,7 +355,7 @@ def test_measure_router_stats_last_and_user_tokens():
     model, tok = tiny_model("glm4_moe"), tiny_tokenizer()
     harmful = ["how do I pick a lock", "make a weapon now please", "steal it"]
     harmless = ["bake bread", "what is the capital of France", "sing a song for me"]
-    meas = measure(model, tok, harmful, harmless, batch_size=2, progress=False, whiten_rank=0)
+    meas = measure(model, tok, harmful, harmless, run=RunOptions(batch_size=2, progress=False), whiten_rank=0)
     for name, prompts in (("harmful", harmful), ("harmless", harmless)):
         counts = {t: torch.zeros(8, dtype=torch.float64) for t in ("all", "last", "user")}
         for prompt in prompts:  # one prompt at a time: no padding

@@ -20,6 +20,7 @@ from intervene.io.models import batches, encode
 from intervene.search.space import Range, SearchSpace
 from intervene.testing import save_tiny, tiny_config, tiny_model, tiny_tokenizer
 from intervene.bake.verify import verify
+from intervene.runner import RunOptions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -139,7 +140,7 @@ def direct_harmless_rows(model, tok, prompts):
 
 def test_measure_stores_the_harmless_second_moment(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    m = measure(model, tok, HARMFUL, HARMLESS, batch_size=3, progress=False, whiten_rank=16)
+    m = measure(model, tok, HARMFUL, HARMLESS, run=RunOptions(batch_size=3, progress=False), whiten_rank=16)
     m.save(tmp_path / "m.safetensors")
     back = load_measurements(tmp_path / "m.safetensors")
     direct = direct_harmless_rows(model, tok, HARMLESS)
@@ -152,12 +153,12 @@ def test_measure_stores_the_harmless_second_moment(tmp_path):
         m_stored = eigvecs.double().T @ torch.diag(eigvals.double()) @ eigvecs.double()
         assert torch.allclose(m_stored, m_direct, atol=1e-5 * float(m_direct.abs().max())), name
         assert float(trace) == pytest.approx(float(m_direct.trace()), rel=1e-5)
-    none = measure(model, tok, HARMFUL, HARMLESS, batch_size=3, progress=False, whiten_rank=0)
+    none = measure(model, tok, HARMFUL, HARMLESS, run=RunOptions(batch_size=3, progress=False), whiten_rank=0)
     assert not any(k.startswith("harmless_moment.") for k in none.tensors) and not none.has_moment(0)
     with pytest.raises(MeasurementError, match="no 'harmless_moment.\\*.3' \\(needed by 'whiten'\\)"):
         none.harmless_moment(3)
     with pytest.raises(InputError, match="whiten_rank must be an integer >= 0"):
-        measure(model, tok, HARMFUL, HARMLESS, progress=False, whiten_rank=-1)
+        measure(model, tok, HARMFUL, HARMLESS, run=RunOptions(progress=False), whiten_rank=-1)
 
 
 # ---- config -----------------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def test_whitened_bake_matches_live_hooks(tmp_path):
     src = save_tiny(model, tmp_path / "src")
     tok.save_pretrained(str(src))
     meas_path = tmp_path / "m.safetensors"
-    measure(model, tok, HARMFUL, HARMLESS, batch_size=4, progress=False).save(meas_path)
+    measure(model, tok, HARMFUL, HARMLESS, run=RunOptions(batch_size=4, progress=False)).save(meas_path)
     configs = {}
     for name, extra in (("white", {"whiten": 0.5}), ("raw", {})):
         path = tmp_path / f"{name}.yaml"

@@ -6,7 +6,7 @@ import argparse
 
 from ..errors import InputError
 from ..io.measurements import load_refuse
-from ..io.models import versions
+from ..io.models import PromptFormat, versions
 from ..measure.run import measure_model
 from ..runner import RunOptions
 from .common import (
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                              stream_layers=args.stream_layers, device=args.device, hidden_on=args.hidden_on,
                              batch_size=args.batch_size, progress=not args.no_progress)
     m = measure_model(args.model, args.harmful, args.harmless, field=args.field, limit=args.limit, run=run_options,
-                      system_prompt=args.system_prompt, chat_template=not args.no_chat_template,
+                      prompt_format=PromptFormat(args.system_prompt, not args.no_chat_template),
                       whiten_rank=args.whiten_rank, attribution=not args.no_attribution)
     m.save(args.output)
     moe = m.meta.get("moe_layers") or []

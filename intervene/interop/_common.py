@@ -18,7 +18,7 @@ from ..config.schema import InterventionConfig
 from ..errors import ConfigError, InputError
 from ..hooks.apply import apply, apply_edits, bind_model, plan_sites
 from ..io.measurements import Measurements
-from ..io.models import encode, format_prompts, model_device
+from ..io.models import PromptFormat, encode, model_device
 from ..measure.accumulate import SetStats, build_measurements, check_prompt_sets, measurement_meta
 from ..measure.collect import user_token_mask
 
@@ -49,13 +49,13 @@ def forward_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
     return {"input_ids": input_ids, "attention_mask": attention_mask.to(input_ids.device), "position_ids": positions}
 
 
-def prompt_batches(tokenizer: Any, prompts: Sequence[str], batch_size: int, system_prompt: str | None,
-                   chat_template: bool, device: torch.device | str
+def prompt_batches(tokenizer: Any, prompts: Sequence[str], batch_size: int, prompt_format: PromptFormat,
+                   device: torch.device | str
                    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
     """Chat-formatted, left-padded batches, exactly as :func:`intervene.measure.collect.measure` makes them
     (prompts sorted by token length, stable, so that batches carry little padding), each with its
     user-token mask (:func:`intervene.measure.collect.user_token_mask`)."""
-    texts = format_prompts(tokenizer, prompts, system_prompt, chat_template)
+    texts = prompt_format.render(tokenizer, prompts)
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     texts, users = [texts[i] for i in order], [prompts[i] for i in order]
@@ -71,7 +71,7 @@ CaptureBatch = Callable[[torch.Tensor, torch.Tensor, Sequence[int], bool, bool],
 
 
 def capture_means(model: Any, capture_batch: CaptureBatch, library: str, tokenizer: Any, harmful: Sequence[str],
-                  harmless: Sequence[str], batch_size: int, system_prompt: str | None, chat_template: bool,
+                  harmless: Sequence[str], batch_size: int, prompt_format: PromptFormat,
                   layers: Sequence[int] | None, embed: bool, router: bool, whiten_rank: int) -> Measurements:
     """:func:`intervene.measure.collect.measure` with an adapter's forward: ``capture_batch(input_ids,
     attention_mask, layers, embed, router)`` captures one batch, :mod:`intervene.measure.accumulate`
@@ -83,13 +83,13 @@ def capture_means(model: Any, capture_batch: CaptureBatch, library: str, tokeniz
     stats: dict[str, SetStats] = {}
     for set_name, prompts in (("harmful", harmful), ("harmless", harmless)):
         st = stats[set_name] = SetStats(keep_rows=set_name == "harmless" and whiten_rank > 0)
-        for enc, user in prompt_batches(tokenizer, prompts, batch_size, system_prompt, chat_template,
+        for enc, user in prompt_batches(tokenizer, prompts, batch_size, prompt_format,
                                         model_device(model)):
             mask = enc.get("attention_mask", torch.ones_like(enc["input_ids"]))
             acts = capture_batch(enc["input_ids"], mask, wanted, embed, bool(moe_layers))
             st.add_batch(acts, mask, wanted, embed, moe_layers, num_experts, last_token=True, user_mask=user)
     meta = measurement_meta(model, tokenizer, harmful, harmless, moe_layers=moe_layers, batch_size=batch_size,
-                            system_prompt=system_prompt, chat_template=chat_template, whiten_rank=whiten_rank,
+                            prompt_format=prompt_format, whiten_rank=whiten_rank,
                             stats=stats, library=library, layers=wanted)
     return build_measurements(stats, meta, whiten_rank)
 

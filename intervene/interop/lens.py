@@ -70,7 +70,7 @@ from ..config.schema import InterventionConfig
 from ..errors import ArchitectureError, ConfigError, InputError
 from ..hooks.capture import EMBED, resid_site, router_site
 from ..io.measurements import Measurements
-from ..io.models import model_device
+from ..io.models import PromptFormat, model_device
 from . import _common, require
 from ._common import forward_inputs
 
@@ -238,14 +238,14 @@ def _router_tuple_hook(acts: dict[str, torch.Tensor], layer: int, spec: ArchSpec
 
 
 def capture_means(bridge: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
-                  batch_size: int = 16, system_prompt: str | None = None, chat_template: bool = True,
+                  batch_size: int = 16, prompt_format: PromptFormat | None = None,
                   layers: Sequence[int] | None = None, embed: bool = True, router: bool = True,
                   whiten_rank: int = 64) -> Measurements:
     """:func:`intervene.measure.collect.measure` through the bridge: same prompts formatting, batches,
     positions and float64 means, same keys and metadata (plus ``captured_with``), except the component
     writes (``attribution.*``), which only ``measure`` captures."""
     return _common.capture_means(hf_model(bridge), functools.partial(capture_batch, bridge), LIBRARY, tokenizer,
-                                 harmful, harmless, batch_size, system_prompt, chat_template, layers, embed,
+                                 harmful, harmless, batch_size, prompt_format or PromptFormat(), layers, embed,
                                  router, whiten_rank)
 
 

@@ -51,6 +51,7 @@ from ..config.schema import InterventionConfig
 from ..errors import ArchitectureError, InputError
 from ..hooks.capture import EMBED, resid_site, router_site
 from ..io.measurements import Measurements
+from ..io.models import PromptFormat
 from . import _common, require
 from ._common import forward_inputs
 
@@ -136,14 +137,14 @@ def _last(output: Any) -> torch.Tensor:
 
 
 def capture_means(nn_model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
-                  batch_size: int = 16, system_prompt: str | None = None, chat_template: bool = True,
+                  batch_size: int = 16, prompt_format: PromptFormat | None = None,
                   layers: Sequence[int] | None = None, embed: bool = True, router: bool = True,
                   whiten_rank: int = 64) -> Measurements:
     """:func:`intervene.measure.collect.measure` through nnsight traces: same prompt formatting, batches,
     positions and float64 means; same keys and metadata (plus ``captured_with``), except the component
     writes (``attribution.*``), which only ``measure`` captures."""
     return _common.capture_means(hf_model(nn_model), functools.partial(capture_batch, nn_model), LIBRARY, tokenizer,
-                                 harmful, harmless, batch_size, system_prompt, chat_template, layers, embed,
+                                 harmful, harmless, batch_size, prompt_format or PromptFormat(), layers, embed,
                                  router, whiten_rank)
 
 

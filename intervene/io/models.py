@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
@@ -191,6 +192,18 @@ def format_prompts(tokenizer: Any, prompts: Sequence[str], system_prompt: str | 
     return out
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a prompt becomes model text: the chat template (with the generation prompt) and an
+    optional system prompt, or the raw prompt text (``chat_template=False``)."""
+
+    system_prompt: str | None = None
+    chat_template: bool = True
+
+    def render(self, tokenizer: Any, prompts: Sequence[str]) -> list[str]:
+        return format_prompts(tokenizer, prompts, self.system_prompt, self.chat_template)
+
+
 def batches(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
@@ -227,5 +240,5 @@ def read_json(path: Path) -> Any:
 
 
 __all__ = [
-    "load_model", "load_tokenizer", "parse_dtype", "format_prompts", "encode", "batches", "versions", "model_device",
+    "load_model", "load_tokenizer", "parse_dtype", "format_prompts", "PromptFormat", "encode", "batches", "versions", "model_device",
 ]

@@ -19,21 +19,9 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..io.models import batches, encode, format_prompts, model_device
+from ..io.models import PromptFormat, batches, encode, model_device
 
 Intervention = Callable[[], AbstractContextManager]
-
-
-@dataclass(frozen=True)
-class PromptFormat:
-    """How a prompt becomes model text: the chat template (with the generation prompt) and an
-    optional system prompt, or the raw prompt text (``chat_template=False``)."""
-
-    system_prompt: str | None = None
-    chat_template: bool = True
-
-    def render(self, tokenizer: Any, prompts: Sequence[str]) -> list[str]:
-        return format_prompts(tokenizer, prompts, self.system_prompt, self.chat_template)
 
 
 class GenerationBackend(Protocol):

@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..hooks.capture import EMBED, WritePart, resid_site, router_site, write_site
 from ..io.files import sha256_lines, sha256_text
 from ..io.measurements import MOMENT_PARTS, Measurements, attribution_key, router_key
-from ..io.models import versions
+from ..io.models import PromptFormat, versions
 
 RESIDUAL_POSITION = "last prompt token (position -1, left padding)"
 ATTRIBUTION_DEFINITION = (
@@ -187,7 +187,7 @@ def chat_template_sha256(tokenizer: Any, chat_template: bool) -> str | None:
 
 
 def measurement_meta(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
-                     moe_layers: Sequence[int], batch_size: int, system_prompt: str | None, chat_template: bool,
+                     moe_layers: Sequence[int], batch_size: int, prompt_format: PromptFormat,
                      whiten_rank: int, stats: Mapping[str, SetStats], model_path: str | None = None,
                      library: str | None = None, layers: Sequence[int] | None = None,
                      attribution: bool = False) -> dict[str, Any]:
@@ -220,9 +220,9 @@ def measurement_meta(model: Any, tokenizer: Any, harmful: Sequence[str], harmles
         "n_harmless": len(harmless),
         "harmful_sha256": sha256_lines(harmful),
         "harmless_sha256": sha256_lines(harmless),
-        "chat_template": bool(chat_template),
-        "chat_template_sha256": chat_template_sha256(tokenizer, chat_template),
-        "system_prompt": system_prompt,
+        "chat_template": bool(prompt_format.chat_template),
+        "chat_template_sha256": chat_template_sha256(tokenizer, prompt_format.chat_template),
+        "system_prompt": prompt_format.system_prompt,
         "batch_size": batch_size,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "position": RESIDUAL_POSITION,

@@ -51,13 +51,14 @@ from ..errors import InputError
 from ..hooks.capture import capture, write_parts
 from ..io.layerwise import release_free_memory
 from ..io.measurements import Measurements
-from ..io.models import batches, encode, format_prompts, model_device
+from ..io.models import PromptFormat, batches, encode, model_device
+from ..runner import RunOptions
 from .accumulate import SetStats, build_measurements, check_prompt_sets, measurement_meta
 
 
-def measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], batch_size: int = 16,
-            system_prompt: str | None = None, chat_template: bool = True, model_path: str | None = None,
-            progress: bool = True, extra_meta: dict[str, Any] | None = None,
+def measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
+            prompt_format: PromptFormat | None = None, run: RunOptions | None = None, model_path: str | None = None,
+            extra_meta: dict[str, Any] | None = None,
             whiten_rank: int = 64, on_batch: Callable[[], None] | None = None,
             attribution: bool = True) -> Measurements:
     """Means of the last-prompt-token residual after every decoder layer (and the embedding),
@@ -67,18 +68,20 @@ def measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequen
     ``on_batch()`` runs after each batch (the interrupt tests pause there)."""
     if isinstance(whiten_rank, bool) or not isinstance(whiten_rank, int) or whiten_rank < 0:
         raise InputError(f"whiten_rank must be an integer >= 0, got {whiten_rank!r}")
+    prompt_format, run = prompt_format or PromptFormat(), run or RunOptions()
+    batch_size = run.batch_size
     check_prompt_sets(harmful, harmless)
     config = text_config(model.config)
     spec = arch_for_config(model.config)
     num_layers = int(config.num_hidden_layers)
     moe_layers = [i for i in range(num_layers) if spec.is_moe_layer(config, i)]
     num_experts = spec.num_experts(config)
-    harmful_text = format_prompts(tokenizer, harmful, system_prompt, chat_template)
-    harmless_text = format_prompts(tokenizer, harmless, system_prompt, chat_template)
+    harmful_text = prompt_format.render(tokenizer, harmful)
+    harmless_text = prompt_format.render(tokenizer, harmless)
     users = {"harmful": list(harmful), "harmless": list(harmless)}
     total = -(-len(harmful_text) // batch_size) - (-len(harmless_text) // batch_size)
 
-    bar = tqdm(total=total, desc="measure", unit="batch", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=total, desc="measure", unit="batch", file=sys.stderr, disable=not run.progress)
     try:
         stats = {
             name: _measure_set(model, tokenizer, texts, batch_size, moe_layers, num_experts, bar,
@@ -90,7 +93,7 @@ def measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequen
         bar.close()
 
     meta = measurement_meta(model, tokenizer, harmful, harmless, moe_layers=moe_layers, batch_size=batch_size,
-                            system_prompt=system_prompt, chat_template=chat_template, whiten_rank=whiten_rank,
+                            prompt_format=prompt_format, whiten_rank=whiten_rank,
                             stats=stats, model_path=model_path, attribution=attribution)
     meta.update(extra_meta or {})
     return build_measurements(stats, meta, whiten_rank)

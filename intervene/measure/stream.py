@@ -38,8 +38,8 @@ from ..errors import InputError
 from ..hooks.capture import capture, resid_site, router_site, write_parts
 from ..io.layer_calls import LayerCall
 from ..io.measurements import Measurements
-from ..io.models import format_prompts
-from ..runner import HiddenOn, LayerRunner, progress_bar
+from ..io.models import PromptFormat
+from ..runner import HiddenOn, LayerRunner, RunOptions, progress_bar
 from .accumulate import SetStats, build_measurements, check_prompt_sets, measurement_meta, router_selections
 from .collect import sorted_batches
 
@@ -56,9 +56,9 @@ class _Batch:
 
 
 def measure_streamed(spec: str, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
-                     batch_size: int = 16, system_prompt: str | None = None, chat_template: bool = True,
+                     prompt_format: PromptFormat | None = None, run: RunOptions | None = None,
                      dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
-                     hidden_on: HiddenOn = "device", model_path: str | None = None, progress: bool = True,
+                     hidden_on: HiddenOn = "device", model_path: str | None = None,
                      extra_meta: dict[str, Any] | None = None, whiten_rank: int = 64,
                      on_layer: Callable[[int], None] | None = None, attribution: bool = True) -> Measurements:
     """:func:`intervene.measure.collect.measure` with one decoder layer in memory at a time (module
@@ -66,6 +66,8 @@ def measure_streamed(spec: str, tokenizer: Any, harmful: Sequence[str], harmless
     ``on_layer(L)`` runs after layer L (the memory benchmark samples there)."""
     if isinstance(whiten_rank, bool) or not isinstance(whiten_rank, int) or whiten_rank < 0:
         raise InputError(f"whiten_rank must be an integer >= 0, got {whiten_rank!r}")
+    prompt_format, run = prompt_format or PromptFormat(), run or RunOptions()
+    batch_size = run.batch_size
     check_prompt_sets(harmful, harmless)
     runner = LayerRunner(spec, dtype=dtype, device=device, hidden_on=hidden_on)
     model, device, config = runner.model, runner.device, runner.config
@@ -73,8 +75,8 @@ def measure_streamed(spec: str, tokenizer: Any, harmful: Sequence[str], harmless
     num_layers = runner.num_layers
     moe_layers = [i for i in range(num_layers) if arch.is_moe_layer(config, i)]
     num_experts = arch.num_experts(config)
-    texts = {"harmful": format_prompts(tokenizer, harmful, system_prompt, chat_template),
-             "harmless": format_prompts(tokenizer, harmless, system_prompt, chat_template)}
+    texts = {"harmful": prompt_format.render(tokenizer, harmful),
+             "harmless": prompt_format.render(tokenizer, harmless)}
     stats = {name: SetStats(keep_rows=name == "harmless" and whiten_rank > 0) for name in texts}
 
     def visit(layer: int) -> None:
@@ -90,7 +92,7 @@ def measure_streamed(spec: str, tokenizer: Any, harmful: Sequence[str], harmless
                 st.add_router_all(layer, acts[router_site(layer, "logits")], acts[router_site(layer, "topk")],
                                   b.mask, num_experts, b.selections)
 
-    bar = progress_bar(num_layers + 1, "measure (streamed)", progress)
+    bar = progress_bar(num_layers + 1, "measure (streamed)", run.progress)
     try:
         users = {"harmful": list(harmful), "harmless": list(harmless)} if moe_layers else {"harmful": None, "harmless": None}
         batches = _first_pass(runner, tokenizer, texts, users, batch_size, stats)
@@ -99,7 +101,7 @@ def measure_streamed(spec: str, tokenizer: Any, harmful: Sequence[str], harmless
     finally:
         bar.close()
     meta = measurement_meta(model, tokenizer, harmful, harmless, moe_layers=moe_layers, batch_size=batch_size,
-                            system_prompt=system_prompt, chat_template=chat_template, whiten_rank=whiten_rank,
+                            prompt_format=prompt_format, whiten_rank=whiten_rank,
                             stats=stats, model_path=model_path, attribution=attribution)
     meta.update({"stream_layers": True, "device": str(device)})
     meta.update(extra_meta or {})

@@ -19,6 +19,7 @@ from ..live.evaluate import EvalReport, evaluate
 from ..measure.analyze import analyze, recommend
 from ..measure.collect import measure
 from .organism import build_organism, organism_dir
+from ..runner import RunOptions
 
 
 @dataclass
@@ -45,7 +46,7 @@ def run_demo(out_dir: str | Path = "intervene-demo", max_new_tokens: int = 48, b
     say("[2/4] measuring harmful vs harmless residuals on the train split ...")
     harmful_train = load_prompts("builtin:harmful:train", limit=limit)
     harmless_train = load_prompts("builtin:harmless:train", limit=limit)
-    meas = measure(model, tokenizer, harmful_train, harmless_train, batch_size=batch_size, model_path="organism")
+    meas = measure(model, tokenizer, harmful_train, harmless_train, run=RunOptions(batch_size=batch_size), model_path="organism")
     meas_path = out / "measurements.safetensors"
     meas.save(meas_path)
 
