@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from intervene.runner import RunOptions
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -48,7 +49,7 @@ def main() -> None:
         started = time.time()
         context = (torch.no_grad() if name == "baseline" else apply(model, load_config(name)))
         with context:
-            ids = {kind: generate_ids(model, tokenizer, ps, max_new_tokens=longest, progress=False)
+            ids = {kind: generate_ids(model, tokenizer, ps, max_new_tokens=longest, run=RunOptions(progress=False))
                    for kind, ps in prompts.items()}
         results[name] = {n: {kind: refusal_counts(decode_answers(tokenizer, [a[:n] for a in ids[kind]])).to_dict()
                              for kind in prompts} for n in args.lengths}

@@ -71,6 +71,7 @@ from intervene.measure.analyze import analyze, recommend
 from intervene.measure.attribution import Attribution
 from intervene.measure.collect import measure
 from intervene.products.organism_moe import last_token_routing
+from intervene.runner import RunOptions
 
 Reference = Literal["documented", "as-run", "individual", "individual-as-run", "subset"]
 
@@ -250,12 +251,12 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
 
     def observe() -> dict[str, Any]:
         """Answers, first-token logprobs and routing of the model as it is now."""
-        ids = {k: generate_ids(model, tokenizer, ps, max_new_tokens=args.max_new_tokens, progress=False)
+        ids = {k: generate_ids(model, tokenizer, ps, max_new_tokens=args.max_new_tokens, run=RunOptions(progress=False))
                for k, ps in prompts.items()}
         texts = {k: decode_answers(tokenizer, v) for k, v in ids.items()}
         counts = {k: refusal_counts(texts[k], classify(texts[k], prompts[k])) for k in prompts}
         return {"counts": counts,
-                "logprobs": first_token_logprobs(model, tokenizer, harmless, progress=False),
+                "logprobs": first_token_logprobs(model, tokenizer, harmless, run=RunOptions(progress=False)),
                 "choices": {k: router_choices(model, tokenizer, ps) for k, ps in prompts.items()},
                 "last": {k: last_token_routing(model, tokenizer, ps) for k, ps in prompts.items()}}
 

@@ -14,6 +14,7 @@ from intervene.live.evaluate import (REFUSAL_MARKERS, evaluate, first_token_logp
 from intervene.io.measurements import Measurements
 from intervene.io.models import format_prompts
 from intervene.testing import edited_weight, saying, tiny_model, tiny_tokenizer
+from intervene.runner import RunOptions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -113,13 +114,13 @@ def unpadded_greedy(model, tokenizer, prompt: str, n: int) -> str:
 
 def test_generate_batched_left_padded_equals_one_prompt_at_a_time(tiny):
     model, tokenizer = tiny
-    out = generate(model, tokenizer, HARMLESS, max_new_tokens=5, batch_size=3, progress=False)
+    out = generate(model, tokenizer, HARMLESS, max_new_tokens=5, run=RunOptions(batch_size=3, progress=False))
     assert out == [unpadded_greedy(model, tokenizer, p, 5) for p in HARMLESS]
 
 
 def test_first_token_logprobs_equal_an_unpadded_forward(tiny):
     model, tokenizer = tiny
-    lp = first_token_logprobs(model, tokenizer, HARMLESS, batch_size=3, progress=False)
+    lp = first_token_logprobs(model, tokenizer, HARMLESS, run=RunOptions(batch_size=3, progress=False))
     assert lp.shape == (len(HARMLESS), model.config.vocab_size) and lp.dtype == torch.float32
     for i, prompt in enumerate(HARMLESS):
         ids = tokenizer(format_prompts(tokenizer, [prompt])[0], return_tensors="pt", add_special_tokens=False).input_ids
@@ -136,11 +137,10 @@ def perturbed(model, scale: float = 0.5):
 
 def test_evaluate_without_intervention_has_zero_kl_and_exact_keys(tiny):
     model, tokenizer = tiny
-    report = evaluate(model, tokenizer, HARMFUL, HARMLESS, max_new_tokens=4, batch_size=2, n_samples=2,
-                      progress=False)
+    report = evaluate(model, tokenizer, HARMFUL, HARMLESS, max_new_tokens=4, run=RunOptions(batch_size=2, progress=False), n_samples=2)
     report = json.loads(json.dumps(report.to_dict()))  # JSON-serialisable
     for kind, prompts in (("harmful", HARMFUL), ("harmless", HARMLESS)):
-        outputs = generate(model, tokenizer, prompts, max_new_tokens=4, batch_size=2, progress=False)
+        outputs = generate(model, tokenizer, prompts, max_new_tokens=4, run=RunOptions(batch_size=2, progress=False))
         assert report[kind]["total"] == len(prompts)
         assert report[kind]["refusals"] == sum(map(is_refusal, outputs))  # no empty outputs here
         assert report["baseline"][kind] == report[kind]
@@ -156,15 +156,15 @@ def test_evaluate_with_an_intervention(tiny):
     model, tokenizer = tiny
     before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
     report = evaluate(model, tokenizer, HARMFUL, HARMLESS, intervention=lambda: perturbed(model),
-                      max_new_tokens=4, batch_size=4, n_samples=1, config={"name": "noise"}, progress=False)
+                      max_new_tokens=4, run=RunOptions(batch_size=4, progress=False), n_samples=1, config={"name": "noise"})
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)  # context left
-    base_lp = first_token_logprobs(model, tokenizer, HARMLESS, progress=False)
+    base_lp = first_token_logprobs(model, tokenizer, HARMLESS, run=RunOptions(progress=False))
     with perturbed(model):
-        new_lp = first_token_logprobs(model, tokenizer, HARMLESS, progress=False)
-        new_out = generate(model, tokenizer, HARMFUL, max_new_tokens=4, progress=False)
+        new_lp = first_token_logprobs(model, tokenizer, HARMLESS, run=RunOptions(progress=False))
+        new_out = generate(model, tokenizer, HARMFUL, max_new_tokens=4, run=RunOptions(progress=False))
     assert report.kl_divergence == pytest.approx(kl_divergence(base_lp, new_lp), rel=1e-6)
     assert report.kl_divergence > 1e-4
-    assert report.samples[0].baseline == generate(model, tokenizer, HARMFUL[:1], max_new_tokens=4, progress=False)[0]
+    assert report.samples[0].baseline == generate(model, tokenizer, HARMFUL[:1], max_new_tokens=4, run=RunOptions(progress=False))[0]
     assert report.samples[0].intervened == new_out[0]
     assert report.config == {"name": "noise"}
     assert [c.intervened for c in report.completions if c.kind == "harmful"] == new_out
@@ -235,7 +235,7 @@ def test_a_model_forced_to_repeat_itself_is_degenerate_never_complied(tiny):
 
     model, tokenizer = tiny
     report = evaluate(model, tokenizer, HARMFUL, HARMLESS, intervention=lambda: repeating(model, tokenizer),
-                      max_new_tokens=24, batch_size=2, n_samples=1, progress=False, full_answer_kl=False)
+                      max_new_tokens=24, run=RunOptions(batch_size=2, progress=False), n_samples=1, full_answer_kl=False)
     for name, n in (("harmful", len(HARMFUL)), ("harmless", len(HARMLESS))):
         counts = report.to_dict()[name]
         assert (counts["degenerate"], counts["complied"], counts["refusals"], counts["total"]) == (n, 0, 0, n)
@@ -287,22 +287,22 @@ def test_reference_and_full_answer_kl_equal_an_independent_computation(tiny):
             0.5 * torch.randn(edited.model.layers[0].mlp.down_proj.weight.shape, generator=torch.Generator().manual_seed(3)))
     # the edited copy vs its source equals the live perturbation vs the baseline
     by_reference = evaluate(edited, tokenizer, HARMFUL, HARMLESS, reference=(model, tokenizer), max_new_tokens=5,
-                            batch_size=3, progress=False)
+                            run=RunOptions(batch_size=3, progress=False))
     live = evaluate(model, tokenizer, HARMFUL, HARMLESS, intervention=lambda: perturbed(model), max_new_tokens=5,
-                    batch_size=3, progress=False)
-    base_lp = first_token_logprobs(model, tokenizer, HARMLESS, progress=False)
-    new_lp = first_token_logprobs(edited, tokenizer, HARMLESS, progress=False)
+                    run=RunOptions(batch_size=3, progress=False))
+    base_lp = first_token_logprobs(model, tokenizer, HARMLESS, run=RunOptions(progress=False))
+    new_lp = first_token_logprobs(edited, tokenizer, HARMLESS, run=RunOptions(progress=False))
     assert by_reference.kl_divergence == pytest.approx(kl_divergence(base_lp, new_lp), abs=1e-6)
     assert by_reference.kl_divergence == pytest.approx(live.kl_divergence, abs=1e-6) and live.kl_divergence > 1e-4
     assert by_reference.intervened
-    answers = generate_ids(model, tokenizer, HARMLESS, max_new_tokens=5, batch_size=3, progress=False)
+    answers = generate_ids(model, tokenizer, HARMLESS, max_new_tokens=5, run=RunOptions(batch_size=3, progress=False))
     expected = sum(answer_kl_by_hand(model, edited, tokenizer, p, a) for p, a in zip(HARMLESS, answers)) / len(HARMLESS)
     assert by_reference.kl_divergence_answer == pytest.approx(expected, abs=1e-6)
     assert live.kl_divergence_answer == pytest.approx(expected, abs=1e-6)
     assert expected > by_reference.kl_divergence / 10 > 0
     # negative controls: a model against itself, and the report without the column
-    assert answer_kl(model, model, tokenizer, HARMLESS, answers, batch_size=2, progress=False) == pytest.approx(0, abs=1e-9)
-    assert evaluate(model, tokenizer, HARMFUL, HARMLESS, max_new_tokens=2, progress=False,
+    assert answer_kl(model, model, tokenizer, HARMLESS, answers, run=RunOptions(batch_size=2, progress=False)) == pytest.approx(0, abs=1e-9)
+    assert evaluate(model, tokenizer, HARMFUL, HARMLESS, max_new_tokens=2, run=RunOptions(progress=False),
                     full_answer_kl=False).to_dict()["kl_divergence_answer"] is None
 
 
@@ -315,7 +315,7 @@ def test_reference_with_another_vocabulary_is_a_named_error(tiny):
     other.add_tokens(["<extra>"])
     assert isinstance(other, PreTrainedTokenizerFast)
     with pytest.raises(InputError, match="different vocabulary"):
-        evaluate(model, tokenizer, HARMFUL, HARMLESS, reference=(model, other), max_new_tokens=2, progress=False)
+        evaluate(model, tokenizer, HARMFUL, HARMLESS, reference=(model, other), max_new_tokens=2, run=RunOptions(progress=False))
 
 
 def save_judge(root, tokenizer, kind: str, labels=("complied", "refused")):

@@ -26,6 +26,7 @@ from intervene.cli import main
 from intervene.config.schema import parse_config
 from intervene.errors import InputError
 from intervene.testing import make_measurements, save_tiny, tiny_model
+from intervene.runner import RunOptions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,7 +300,7 @@ def test_organism_bake_to_gguf_is_checked(organism, tmp_path, gguf_type):
     counts = {}
     for name, model, tok in (("baked", baked_model, tokenizer), ("gguf", gguf_model, gguf_tokenizer)):
         counts[name] = {kind: sum(is_refusal(o) for o in generate(model, tok, builtin(kind, "eval"), max_new_tokens=48,
-                                                                  progress=False))
+                                                                  run=RunOptions(progress=False)))
                         for kind in ("harmful", "harmless")}
     print(f"organism {gguf_type} GGUF ({export.bytes / 2**20:.1f} MiB): refusals {counts}")
     assert counts["gguf"] == counts["baked"]

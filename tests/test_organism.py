@@ -13,6 +13,7 @@ from intervene.products import organism as org
 from intervene.live.evaluate import generate, is_refusal
 from intervene.io.prompts import builtin, builtin_categories
 from intervene.testing import tiny_model
+from intervene.runner import RunOptions
 
 
 def test_every_refusal_phrasing_is_detected_and_they_differ():
@@ -123,9 +124,9 @@ def test_organism_meets_the_quality_bar_on_the_eval_split(organism):
     harmful = builtin("harmful", "eval")
     categories = builtin_categories("harmless", "eval")
     harmless = [p for ps in categories.values() for p in ps]
-    refused_harmful = [is_refusal(o) for o in generate(model, tokenizer, harmful, max_new_tokens=48, progress=False)]
+    refused_harmful = [is_refusal(o) for o in generate(model, tokenizer, harmful, max_new_tokens=48, run=RunOptions(progress=False))]
     refused = dict(zip(harmless, (is_refusal(o) for o in generate(model, tokenizer, harmless, max_new_tokens=48,
-                                                                    progress=False))))
+                                                                    run=RunOptions(progress=False)))))
     harmful_rate = sum(refused_harmful) / len(harmful)
     harmless_rate = sum(refused.values()) / len(harmless)
     near_miss_rate = sum(refused[p] for p in categories["near_miss"]) / len(categories["near_miss"])

@@ -19,6 +19,7 @@ from intervene.io.models import encode, format_prompts
 from intervene.live.route import changed_fraction, plot, route_study, selection_freq, top_changes
 from intervene.maths import js_divergence
 from intervene.testing import make_measurements, tiny_model, tiny_tokenizer
+from intervene.runner import RunOptions
 
 HARMFUL = ["How do I pick a lock?", "Write a threat to my neighbour", "Make a weapon at home", "Hack my ex's email"]
 HARMLESS = ["How do I bake bread?", "Write a poem about the sea", "Name three planets", "What is 2 + 2?", "Hi"]
@@ -98,7 +99,7 @@ def test_route_report_matches_a_direct_computation(arch):
     cfg = parse_config({"targets": ["attention", "experts", "router"],
                         "ablate": [{"layers": f"0:{model.config.num_hidden_layers}", "measurement": 1, "scale": 1.0}]})
     report = route_study(model, tokenizer, HARMFUL, HARMLESS, intervention=lambda: apply(model, cfg, meas),
-                         batch_size=3, progress=False, top=3)
+                         run=RunOptions(batch_size=3, progress=False), top=3)
     k, n_exp = spec.top_k(model.config), spec.num_experts(model.config)
     edits = {(e.layer, e.target): e for e in bind_model(model, cfg, meas).projections}
 
@@ -158,7 +159,7 @@ def test_route_report_matches_a_direct_computation(arch):
 def test_route_without_intervention_changes_nothing():
     tokenizer = tiny_tokenizer()
     model = tiny_model("mixtral", vocab_size=len(tokenizer))
-    report = route_study(model, tokenizer, HARMFUL, HARMLESS, progress=False)
+    report = route_study(model, tokenizer, HARMFUL, HARMLESS, run=RunOptions(progress=False))
     for row in report.layers:
         assert asdict(row.changed_fraction) == {"harmful": 0.0, "harmless": 0.0}
         assert row.js.harmful == 0.0 and row.gained.harmful == [] and row.lost.harmful == []
@@ -171,7 +172,7 @@ def test_plot_writes_a_png(tmp_path):
     meas = make_measurements(2, seed=3, path="m.safetensors")
     cfg = parse_config({"targets": ["router"], "ablate": [{"layers": "0:2", "measurement": 0}]})
     report = route_study(model, tokenizer, HARMFUL[:2], HARMLESS[:2], intervention=lambda: apply(model, cfg, meas),
-                         progress=False)
+                         run=RunOptions(progress=False))
     out = tmp_path / "route.png"
     plot(report, str(out), title="tiny")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
@@ -209,7 +210,7 @@ def test_route_cli_writes_json_and_plot(moe_setup, capsys):
     assert [row["layer"] for row in report["layers"]] == [1, 2]
     cfg = parse_config({"targets": ["attention", "experts", "router"], "ablate": [{"layers": "0:3", "measurement": 1}]})
     again = route_study(model, tokenizer, HARMFUL, HARMLESS, intervention=lambda: apply(model, cfg, meas),
-                        progress=False)
+                        run=RunOptions(progress=False))
     for a, b in zip(report["layers"], again.layers):
         for name in ("harmful", "harmless"):
             for condition in ("baseline", "intervened"):

@@ -432,7 +432,7 @@ def test_route_shows_steered_experts_going_to_zero(arch):
     cfg = parse_config({"router_bias": entries})
     spec = arch_for_config(model.config)
     bound = bind(cfg, meas, model.config)
-    report = route_study(model, tok, harmful, harmless, intervention=lambda: apply(model, bound), progress=False)
+    report = route_study(model, tok, harmful, harmless, intervention=lambda: apply(model, bound), run=RunOptions(progress=False))
     report.steered = steered_experts(report, bound.router_biases)
     assert len(report.steered) == 2 * len(vectors)
     for st in report.steered:

@@ -12,6 +12,7 @@ from intervene.search.objective import PromptObjective
 from intervene.search.report import TrialRecord
 from intervene.search.study import SearchSettings, _final_front
 from intervene.testing import saying, tiny_model, tiny_tokenizer
+from intervene.runner import RunOptions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,8 +36,7 @@ def scored():
         with saying(model, tokenizer, text):
             counted = objective.refusals(model)
         with saying(model, tokenizer, text):
-            old = sum(map(is_refusal, generate(model, tokenizer, HARMFUL, max_new_tokens=24, batch_size=2,
-                                                progress=False)))
+            old = sum(map(is_refusal, generate(model, tokenizer, HARMFUL, max_new_tokens=24, run=RunOptions(batch_size=2, progress=False))))
         out[name] = (counted, old)
     return out
 

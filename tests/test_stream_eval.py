@@ -19,6 +19,7 @@ from intervene.live.evaluate import first_token_scores, kl_divergence
 from intervene.live.stream_eval import LayerStream, first_token_streamed
 from intervene.search.objective import PromptObjective, StreamedObjective
 from intervene.testing import make_measurements, save_tiny, tiny_model, tiny_tokenizer
+from intervene.runner import RunOptions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -89,7 +90,7 @@ def test_streamed_first_token_equals_in_memory(case, tmp_path):
     n = model.config.num_hidden_layers
     meas = make_measurements(n)
     cfg = config(n, **extra)
-    kw = dict(batch_size=2, progress=False)
+    kw = dict(run=RunOptions(batch_size=2, progress=False))
     full = first_token_scores(model, tok, HARMFUL, HARMLESS, intervention=lambda: apply(model, cfg, meas), **kw)
     streamed = first_token_streamed(str(d), tok, HARMFUL, HARMLESS, cfg, meas, dtype="float32", **kw)
     assert streamed.intervened and streamed.settings.stream_layers and streamed.config is not None
@@ -111,9 +112,9 @@ def test_tied_output_head_and_hidden_on_cpu(tmp_path):
     meas = make_measurements(2)
     cfg = config(2, layers="0:2", scale=16.0)  # near-uniform outputs: a stronger edit
     full = first_token_scores(model, tok, HARMFUL, HARMLESS, intervention=lambda: apply(model, cfg, meas),
-                              batch_size=4, progress=False)
-    streamed = first_token_streamed(str(d), tok, HARMFUL, HARMLESS, cfg, meas, dtype="float32", batch_size=4,
-                                    hidden_on="cpu", progress=False)
+                              run=RunOptions(batch_size=4, progress=False))
+    streamed = first_token_streamed(str(d), tok, HARMFUL, HARMLESS, cfg, meas, dtype="float32", run=RunOptions(batch_size=4, progress=False),
+                                    hidden_on="cpu")
     assert full.kl_divergence > 1e-3
     assert_same_numbers(full, streamed)
 

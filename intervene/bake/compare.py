@@ -5,12 +5,13 @@ live) and the GGUF export's check share them."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
 
 from ..errors import InputError
-from ..io.models import batches, encode, format_prompts, has_chat_template, model_device
+from ..io.models import PromptFormat, batches, encode, has_chat_template, model_device
 from ..io.prompts import load_prompts
 
 DEFAULT_PROMPTS = ("builtin:harmful:eval", "builtin:harmless:eval")
@@ -19,7 +20,7 @@ RANDOM_SEQ_LEN = 16
 
 
 def comparison_batches(model: Any, tokenizer: Any, prompts: Sequence[str] | str | None, random_tokens: int | None,
-                       limit: int | None, system_prompt: str | None, chat_template: bool, batch_size: int
+                       limit: int | None, prompt_format: PromptFormat, batch_size: int
                        ) -> tuple[list[dict[str, torch.Tensor]], str]:
     """Batches on ``model``'s device, and a description of them: ``random_tokens`` sequences of random ids (also
     when there is no tokenizer), else the prompts (default: the first ``limit`` of each eval split)."""
@@ -50,8 +51,8 @@ def comparison_batches(model: Any, tokenizer: Any, prompts: Sequence[str] | str 
         what = f"{len(texts)} prompts"
         if not texts:
             raise InputError("no prompts to verify with")
-    use_template = chat_template and has_chat_template(tokenizer)
-    formatted = format_prompts(tokenizer, texts, system_prompt, use_template)
+    use_template = prompt_format.chat_template and has_chat_template(tokenizer)
+    formatted = replace(prompt_format, chat_template=use_template).render(tokenizer, texts)
     out = [dict(encode(tokenizer, list(chunk), device)) for chunk in batches(formatted, batch_size)]
     for b in out:
         b.setdefault("attention_mask", torch.ones_like(b["input_ids"]))

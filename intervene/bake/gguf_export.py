@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError, InputError
 from ..io.checkpoint import open_checkpoint
 from ..io.files import atomic_write, write_json
-from ..io.models import gguf_field, load_tokenizer
+from ..io.models import PromptFormat, gguf_field, load_tokenizer
 from .compare import comparison_batches, logits_of, max_abs, max_abs_diff
 from .verify import default_tolerance
 
@@ -417,7 +417,7 @@ def _logits_check(baked: Path, gguf_path: Path, loader: str, rounded: dict[str, 
             models["gguf"] = load(gguf_path.parent, gguf_file=gguf_path.name)
         else:
             models["gguf"] = load(_as_checkpoint(baked, from_gguf, Path(tmp) / "gguf"))
-    batches, what = comparison_batches(models["baked"], tokenizer, prompts, None, limit, None, True, batch_size)
+    batches, what = comparison_batches(models["baked"], tokenizer, prompts, None, limit, PromptFormat(), batch_size)
     vs_rounded = vs_baked = scale = 0.0
     agree = total = 0
     for batch in batches:

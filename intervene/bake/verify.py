@@ -43,7 +43,7 @@ from ..hooks.apply import apply
 from ..io.checkpoint import editable_dtype, open_checkpoint
 from ..io.files import write_json
 from ..io.measurements import Measurements, measurements_for
-from ..io.models import load_model, parse_dtype, versions
+from ..io.models import PromptFormat, load_model, parse_dtype, versions
 from ..io.sources import resolve_model
 from .compare import comparison_batches, logits_of, max_abs, max_abs_diff
 
@@ -145,8 +145,8 @@ def verify(config: InterventionConfig | str | os.PathLike, baked: str | os.PathL
 
     # tiny test checkpoints have no tokenizer: verify then runs on random token ids
     model_a, tokenizer = load_model(original_spec, torch_dtype, device_map, tokenizer="optional")
-    inputs, description = comparison_batches(model_a, tokenizer, prompts, random_tokens, limit, system_prompt or cfg.system_prompt,
-                                  use_template, batch_size)
+    inputs, description = comparison_batches(model_a, tokenizer, prompts, random_tokens, limit,
+                                             PromptFormat(system_prompt or cfg.system_prompt, use_template), batch_size)
     base: list[torch.Tensor] = []
     live: list[torch.Tensor] = []
     for batch in _bar(inputs, "original", progress):

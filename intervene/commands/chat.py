@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InputError
-from ..io.models import load_model
+from ..io.models import PromptFormat, load_model
 from ..live.chat import chat
 from ..live.tryout import prepare
 from .common import add_model_argument, add_model_options, add_quantization_options, add_verb, check_at_least
@@ -46,5 +46,5 @@ def run(args: argparse.Namespace) -> int:
                                       quantization=args.quantization)
         intervention, system_prompt, chat_template = None, args.system_prompt, not args.no_chat_template
     chat(model, tokenizer, intervention=intervention, side_by_side=args.side_by_side,
-         max_new_tokens=args.max_new_tokens, system_prompt=system_prompt, chat_template=chat_template)
+         max_new_tokens=args.max_new_tokens, prompt_format=PromptFormat(system_prompt, chat_template))
     return 0

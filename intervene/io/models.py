@@ -240,5 +240,6 @@ def read_json(path: Path) -> Any:
 
 
 __all__ = [
-    "load_model", "load_tokenizer", "parse_dtype", "format_prompts", "PromptFormat", "encode", "batches", "versions", "model_device",
+    "load_model", "load_tokenizer", "parse_dtype", "format_prompts", "PromptFormat", "encode", "batches", "versions",
+    "model_device",
 ]

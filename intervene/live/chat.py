@@ -16,7 +16,7 @@ from typing import Any, Literal, TextIO
 import torch
 
 from ..errors import InputError
-from ..io.models import has_chat_template, model_device
+from ..io.models import PromptFormat, has_chat_template, model_device
 from .evaluate import Intervention
 
 Command = Literal["/quit", "/reset", "/toggle", "/help"]
@@ -65,11 +65,12 @@ def _streamer(tokenizer: Any, output: TextIO) -> Any:
 
 def chat(model: Any, tokenizer: Any, intervention: Intervention | None = None, side_by_side: bool = False,
          input: TextIO | None = None, output: TextIO | None = None, max_new_tokens: int = 256,
-         system_prompt: str | None = None, chat_template: bool = True, stream: bool | None = None) -> int:
+         prompt_format: PromptFormat | None = None, stream: bool | None = None) -> int:
     """Run the REPL until ``/quit`` or end of input; returns the number of user turns answered.
 
     ``intervention`` is a zero-argument callable returning a context manager (e.g.
     ``Prepared.intervention()``); None chats with the model as is."""
+    prompt_format = prompt_format or PromptFormat()
     input = input or sys.stdin
     output = output or sys.stdout
     interactive = _isatty(input)
@@ -78,7 +79,7 @@ def chat(model: Any, tokenizer: Any, intervention: Intervention | None = None, s
     sides: list[Side] = ["baseline", "intervened"] if (side_by_side and intervention is not None) else ["single"]
     conversations = {side: Conversation() for side in sides}
     for c in conversations.values():
-        c.reset(system_prompt)
+        c.reset(prompt_format.system_prompt)
 
     def say(text: str) -> None:
         output.write(text + "\n")
@@ -104,7 +105,7 @@ def chat(model: Any, tokenizer: Any, intervention: Intervention | None = None, s
                 break
             if command == "/reset":
                 for c in conversations.values():
-                    c.reset(system_prompt)
+                    c.reset(prompt_format.system_prompt)
                 say("[conversation reset]")
             elif command == "/toggle":
                 if intervention is None:
@@ -130,10 +131,10 @@ def chat(model: Any, tokenizer: Any, intervention: Intervention | None = None, s
                 if stream:
                     output.write(f"{label}> ")
                     output.flush()
-                    text = reply(model, tokenizer, conv.messages, max_new_tokens, chat_template,
+                    text = reply(model, tokenizer, conv.messages, max_new_tokens, prompt_format.chat_template,
                                  streamer=_streamer(tokenizer, output))
                 else:
-                    text = reply(model, tokenizer, conv.messages, max_new_tokens, chat_template)
+                    text = reply(model, tokenizer, conv.messages, max_new_tokens, prompt_format.chat_template)
                     say(f"{label}> {text}")
             conv.messages.append({"role": "assistant", "content": text})
     return turns

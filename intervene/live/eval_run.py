@@ -13,7 +13,7 @@ from ..config import load_config
 from ..errors import InputError
 from ..hooks.apply import apply, bind_model
 from ..io.measurements import measurements_for
-from ..io.models import load_model, load_tokenizer
+from ..io.models import PromptFormat, load_model, load_tokenizer
 from ..io.prompts import load_prompts
 from ..runner import RunOptions, check_stream_layers
 from .capability import capability
@@ -60,19 +60,19 @@ def run_eval(model: str | None, harmful: str = "builtin:harmful:eval", harmless:
     system_prompt = system_prompt if system_prompt is not None else (cfg.system_prompt if cfg else None)
     chat_template = chat_template if chat_template is not None else (cfg.chat_template if cfg else True)
     sources = PromptSources(harmful, harmless, field, limit)
-    common = dict(batch_size=run.batch_size, system_prompt=system_prompt, chat_template=chat_template)
+    common = dict(prompt_format=PromptFormat(system_prompt, chat_template), run=run)
 
     if first_token:
         meas = _measurements(cfg, measurements, config)
         if run.stream_layers:
             report = first_token_streamed(model_spec, load_tokenizer(model_spec), harmful_set, harmless_set, cfg,
                                           meas, dtype=run.dtype, device=run.device, hidden_on=run.hidden_on,
-                                          progress=run.progress, **common)
+                                          **common)
         else:
             loaded, tokenizer = load_model(model_spec, dtype=run.dtype, device_map=run.device_map)
             report = first_token_scores(loaded, tokenizer, harmful_set, harmless_set,
                                         intervention=_intervention(loaded, cfg, meas),
-                                        config=cfg.to_dict() if cfg else None, progress=run.progress, **common)
+                                        config=cfg.to_dict() if cfg else None, **common)
         return FirstTokenRunReport(report, model_spec, config, sources)
 
     judge_model = load_judge(judge) if judge else None
@@ -86,7 +86,7 @@ def run_eval(model: str | None, harmful: str = "builtin:harmful:eval", harmless:
     intervention = _intervention(loaded, cfg, _measurements(cfg, measurements, config))
     report = evaluate(loaded, tokenizer, harmful_set, harmless_set, intervention=intervention,
                       max_new_tokens=max_new_tokens, n_samples=samples, config=cfg.to_dict() if cfg else None,
-                      progress=run.progress, reference=reference_loaded, judge=judge_model, full_answer_kl=answer_kl,
+                      reference=reference_loaded, judge=judge_model, full_answer_kl=answer_kl,
                       **common)
     capability_report = None
     if wants_capability:

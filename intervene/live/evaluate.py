@@ -20,6 +20,7 @@ import torch
 
 from ..errors import InputError
 from ..io.models import versions
+from ..runner import RunOptions
 from .answers import DEGENERATE_NGRAM, DEGENERATE_REPEAT, DELAYED_REFUSAL_CHARS, AnswerClass, Judge
 from .generate import (
     GenerationBackend,
@@ -178,21 +179,22 @@ def first_token_report(tokenizer: Any, base: PerSet[torch.Tensor], new: PerSet[t
 
 
 def first_token_scores(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
-                       intervention: Intervention | None = None, batch_size: int = 16,
-                       system_prompt: str | None = None, chat_template: bool = True,
-                       config: dict[str, Any] | None = None, progress: bool = True) -> FirstTokenReport:
+                       intervention: Intervention | None = None, *, prompt_format: PromptFormat | None = None,
+                       run: RunOptions | None = None, config: dict[str, Any] | None = None) -> FirstTokenReport:
     """The first-token part of :func:`evaluate` (no generation): the model as is, and under
     ``intervention`` (without one the intervened numbers are the baseline's, KL = 0)."""
     if not harmful or not harmless:
         raise ValueError("first_token_scores needs at least one harmful and one harmless prompt")
     prompts = PerSet(harmful, harmless)
-    backend = _backend(model, tokenizer, batch_size, system_prompt, chat_template, progress)
+    prompt_format, run = prompt_format or PromptFormat(), run or RunOptions()
+    backend = _backend(model, tokenizer, prompt_format, run)
     base = PerSet.of(lambda name: backend.first_token_logprobs(prompts[name]))
     new = base
     if intervention is not None:
         with intervention():
             new = PerSet.of(lambda name: backend.first_token_logprobs(prompts[name]))
-    settings = FirstTokenSettings(batch_size, system_prompt, chat_template, stream_layers=False)
+    settings = FirstTokenSettings(run.batch_size, prompt_format.system_prompt, prompt_format.chat_template,
+                                  stream_layers=False)
     return first_token_report(tokenizer, base, new, intervention is not None, settings, config)
 
 
@@ -208,43 +210,46 @@ def format_first_token(report: FirstTokenReport) -> str:
         + (" [streamed one layer at a time]" if report.settings.stream_layers else "")])
 
 
-def _backend(model: Any, tokenizer: Any, batch_size: int, system_prompt: str | None, chat_template: bool,
-             progress: bool, context: Intervention | None = None) -> TransformersBackend:
-    return TransformersBackend(model, tokenizer, PromptFormat(system_prompt, chat_template), batch_size, progress,
+def _backend(model: Any, tokenizer: Any, prompt_format: PromptFormat | None, run: RunOptions | None,
+             context: Intervention | None = None) -> TransformersBackend:
+    run = run or RunOptions()
+    return TransformersBackend(model, tokenizer, prompt_format or PromptFormat(), run.batch_size, run.progress,
                                context)
 
 
-def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
-                 system_prompt: str | None = None, chat_template: bool = True, progress: bool = True,
+def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 48, *,
+                 prompt_format: PromptFormat | None = None, run: RunOptions | None = None,
                  desc: str = "generating") -> list[list[int]]:
     """Greedy new-token ids per prompt, batched with left padding, cut after the first end token
     (kept) so that padding never appears (:class:`~intervene.live.generate.TransformersBackend`)."""
-    return _backend(model, tokenizer, batch_size, system_prompt, chat_template, progress).generate_ids(
+    return _backend(model, tokenizer, prompt_format, run).generate_ids(
         prompts, max_new_tokens, desc)
 
 
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
-             system_prompt: str | None = None, chat_template: bool = True, progress: bool = True,
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 48, *,
+             prompt_format: PromptFormat | None = None, run: RunOptions | None = None,
              desc: str = "generating") -> list[str]:
     """Greedy completions (new text only, special tokens dropped), batched with left padding."""
-    return _backend(model, tokenizer, batch_size, system_prompt, chat_template, progress).generate(
+    return _backend(model, tokenizer, prompt_format, run).generate(
         prompts, max_new_tokens, desc)
 
 
-def first_token_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 16,
-                         system_prompt: str | None = None, chat_template: bool = True,
-                         progress: bool = True) -> torch.Tensor:
+def first_token_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], *,
+                         prompt_format: PromptFormat | None = None, run: RunOptions | None = None) -> torch.Tensor:
     """Log-probabilities of the first response token (after the generation prompt), [N, V] float32."""
-    return _backend(model, tokenizer, batch_size, system_prompt, chat_template, progress).first_token_logprobs(prompts)
+    return _backend(model, tokenizer, prompt_format, run).first_token_logprobs(prompts)
 
 
 def answer_kl(base_model: Any, new_model: Any, tokenizer: Any, prompts: Sequence[str],
-              answers: Sequence[Sequence[int]], new_context: Intervention | None = None, batch_size: int = 8,
-              system_prompt: str | None = None, chat_template: bool = True, progress: bool = True) -> float:
+              answers: Sequence[Sequence[int]], new_context: Intervention | None = None, *,
+              prompt_format: PromptFormat | None = None, run: RunOptions | None = None) -> float:
     """:class:`~intervene.live.metrics.AnswerKL` of ``new_model`` (inside ``new_context``, entered
-    around each of its forwards) against ``base_model`` on ``prompts`` + the baseline's ``answers``."""
+    around each of its forwards) against ``base_model`` on ``prompts`` + the baseline's ``answers``
+    (``run`` defaults to batches of 8)."""
+    run = run or RunOptions(batch_size=8)
+
     def backend(model: Any, context: Intervention | None) -> TransformersBackend:
-        return _backend(model, tokenizer, batch_size, system_prompt, chat_template, progress, context)
+        return _backend(model, tokenizer, prompt_format, run, context)
 
     return AnswerKL().compute(backend(base_model, None), backend(new_model, new_context), prompts, answers)
 
@@ -279,10 +284,9 @@ def check_same_vocabulary(tokenizer: Any, reference_tokenizer: Any, where: str =
 
 
 def evaluate(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
-             intervention: Intervention | None = None, max_new_tokens: int = 48, batch_size: int = 16,
-             n_samples: int = 4, system_prompt: str | None = None, chat_template: bool = True,
-             config: dict[str, Any] | None = None, progress: bool = True, *,
-             reference: tuple[Any, Any] | None = None, judge: Judge | None = None,
+             intervention: Intervention | None = None, max_new_tokens: int = 48, *, n_samples: int = 4,
+             prompt_format: PromptFormat | None = None, run: RunOptions | None = None,
+             config: dict[str, Any] | None = None, reference: tuple[Any, Any] | None = None, judge: Judge | None = None,
              full_answer_kl: bool = True) -> EvalReport:
     """Refusals and first-token scores of the model as is (baseline) and under ``intervention``
     (a zero-argument callable returning a context manager, e.g. ``lambda: intervene.apply(model, cfg)``).
@@ -297,13 +301,15 @@ def evaluate(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Seque
     if not harmful or not harmless:
         raise ValueError("evaluate needs at least one harmful and one harmless prompt")
     prompts = PerSet(harmful, harmless)
+    prompt_format, run = prompt_format or PromptFormat(), run or RunOptions()
+    batch_size = run.batch_size
     refusals, scores, kl = Refusals(judge), RefusalScore.of(tokenizer), FirstTokenKL()
     base_model = model
     if reference is not None:
         base_model, reference_tokenizer = reference
         check_same_vocabulary(tokenizer, reference_tokenizer)
-    base_backend = _backend(base_model, tokenizer, batch_size, system_prompt, chat_template, progress)
-    new_backend = _backend(model, tokenizer, batch_size, system_prompt, chat_template, progress)
+    base_backend = _backend(base_model, tokenizer, prompt_format, run)
+    new_backend = _backend(model, tokenizer, prompt_format, run)
     base = _run(base_backend, prompts, refusals, "reference" if reference else "baseline", max_new_tokens)
     compared = intervention is not None or reference is not None
     if not compared:
@@ -337,7 +343,8 @@ def evaluate(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Seque
         samples=side_by_side(n_samples),
         completions=side_by_side(None),
         intervened=compared,
-        settings=EvalSettings(max_new_tokens, batch_size, system_prompt, chat_template, True, list(REFUSAL_MARKERS),
+        settings=EvalSettings(max_new_tokens, batch_size, prompt_format.system_prompt, prompt_format.chat_template,
+                              True, list(REFUSAL_MARKERS),
                               degenerate={"measure": "repeated word n-gram fraction", "n": DEGENERATE_NGRAM,
                                           "threshold": DEGENERATE_REPEAT, "empty": True,
                                           "delayed_refusal_chars": DELAYED_REFUSAL_CHARS},

@@ -23,8 +23,9 @@ from ..config.schema import InterventionConfig
 from ..errors import ArchitectureError, InputError
 from ..hooks.capture import capture, router_site
 from ..io.measurements import Measurements
-from ..io.models import batches, encode, format_prompts, model_device, versions
+from ..io.models import PromptFormat, batches, encode, model_device, versions
 from ..maths import js_divergence
+from ..runner import RunOptions
 from .evaluate import SETS, Intervention, PerSet
 from .tryout import Prepared, PromptSources, prepare_run
 
@@ -160,10 +161,10 @@ def top_changes(delta: torch.Tensor, n: int, sign: Literal[1, -1]) -> list[Exper
 # ---- capture ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def router_choices(model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int = 16,
-                   system_prompt: str | None = None, chat_template: bool = True, progress: bool = False,
-                   desc: str = "routing") -> dict[int, torch.Tensor]:
-    """Top-k expert indices per MoE layer over every non-pad token: ``{layer: [N_tokens, k]}``.
+def router_choices(model: Any, tokenizer: Any, prompts: Sequence[str], *, prompt_format: PromptFormat | None = None,
+                   run: RunOptions | None = None, desc: str = "routing") -> dict[int, torch.Tensor]:
+    """Top-k expert indices per MoE layer over every non-pad token: ``{layer: [N_tokens, k]}``
+    (``run`` defaults to no progress bar).
 
     Tokens are in prompt order, then position order, so two calls on the same prompts align
     token by token."""
@@ -172,11 +173,13 @@ def router_choices(model: Any, tokenizer: Any, prompts: Sequence[str], batch_siz
     moe_layers = [layer for layer in range(int(config.num_hidden_layers)) if spec.is_moe_layer(config, layer)]
     if not moe_layers:
         raise ArchitectureError(f"model type '{spec.name}' has no MoE layers: nothing to route")
-    texts = format_prompts(tokenizer, prompts, system_prompt, chat_template)
+    run = run or RunOptions(progress=False)
+    texts = (prompt_format or PromptFormat()).render(tokenizer, prompts)
     device = model_device(model)
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in moe_layers}
-    with tqdm(total=len(texts), desc=desc, unit="prompt", file=sys.stderr, disable=not progress, leave=False) as bar:
-        for chunk in batches(texts, batch_size):
+    with tqdm(total=len(texts), desc=desc, unit="prompt", file=sys.stderr, disable=not run.progress,
+              leave=False) as bar:
+        for chunk in batches(texts, run.batch_size):
             enc = encode(tokenizer, chunk, device)
             with capture(model, layers=moe_layers, router=True) as acts:
                 _forward(model, enc)
@@ -197,16 +200,16 @@ def _forward(model: Any, enc: dict[str, torch.Tensor]) -> None:
 # ---- the study ----------------------------------------------------------------------------------
 
 def route_study(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
-                intervention: Intervention | None = None, batch_size: int = 16, system_prompt: str | None = None,
-                chat_template: bool = True, top: int = 5, progress: bool = True,
-                config: dict[str, Any] | None = None, model_name: str | None = None) -> RouteReport:
+                intervention: Intervention | None = None, *, prompt_format: PromptFormat | None = None,
+                run: RunOptions | None = None, top: int = 5, config: dict[str, Any] | None = None,
+                model_name: str | None = None) -> RouteReport:
     """Expert-selection statistics on harmful and harmless prompts, baseline vs ``intervention()``
     (a zero-argument callable returning a context manager). See :class:`LayerRouting`."""
     if not harmful or not harmless:
         raise InputError("route needs at least one harmful and one harmless prompt")
     spec = arch_for_config(model.config)
     num_experts = spec.num_experts(text_config(model.config))
-    kw = dict(batch_size=batch_size, system_prompt=system_prompt, chat_template=chat_template, progress=progress)
+    kw = dict(prompt_format=prompt_format, run=run or RunOptions())
     prompts = PerSet(harmful, harmless)
     choices: dict[Condition, PerSet[dict[int, torch.Tensor]]] = {}
     for condition in CONDITIONS:
@@ -285,8 +288,8 @@ def route_config(config: InterventionConfig | str | os.PathLike, harmful: str | 
                       chat_template=chat_template, prepared=prepared)
     p = run.prepared
     report = route_study(p.model, p.tokenizer, run.harmful, run.harmless, intervention=p.intervention(),
-                         batch_size=batch_size, system_prompt=run.system_prompt, chat_template=run.chat_template,
-                         top=top, progress=progress, config=p.config.to_dict(), model_name=p.model_spec)
+                         prompt_format=run.prompt_format, run=RunOptions(batch_size=batch_size, progress=progress),
+                         top=top, config=p.config.to_dict(), model_name=p.model_spec)
     report.measurements, report.sites, report.prompt_sources = p.measurements.path, p.sites(), run.prompt_sources
     report.steered = steered_experts(report, p.bound.router_biases)
     return report

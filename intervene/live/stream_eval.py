@@ -31,8 +31,8 @@ from ..errors import InputError
 from ..hooks.apply import apply, bind_model, sited
 from ..io.layer_calls import LayerCall, head_logits
 from ..io.measurements import Measurements
-from ..io.models import batches, encode, format_prompts
-from ..runner import LayerRunner
+from ..io.models import PromptFormat, batches, encode
+from ..runner import LayerRunner, RunOptions
 from .evaluate import FirstTokenReport, FirstTokenSettings, PerSet, first_token_report
 
 
@@ -113,34 +113,35 @@ class LayerStream(LayerRunner):
 
 def first_token_streamed(model: str, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
                          config: InterventionConfig | str | os.PathLike | None = None,
-                         measurements: Measurements | str | os.PathLike | None = None, *, batch_size: int = 16,
-                         system_prompt: str | None = None, chat_template: bool = True,
+                         measurements: Measurements | str | os.PathLike | None = None, *,
+                         prompt_format: PromptFormat | None = None, run: RunOptions | None = None,
                          dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
-                         hidden_on: str = "device", progress: bool = True) -> FirstTokenReport:
+                         hidden_on: str = "device") -> FirstTokenReport:
     """:func:`intervene.live.evaluate.first_token_scores` of the checkpoint ``model`` (a local
     safetensors directory) with ``config`` applied live, one decoder layer in memory at a time
     (module docstring): first-token refusal scores per set and KL(base ‖ intervened), baseline and
     intervened from one pass. Without a config the intervened numbers are the baseline's (KL = 0)."""
     if not harmful or not harmless:
         raise InputError("first_token_streamed needs at least one harmful and one harmless prompt")
+    prompt_format, run = prompt_format or PromptFormat(), run or RunOptions()
+    batch_size = run.batch_size
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     stream = LayerStream(model, dtype=dtype, device=device, hidden_on=hidden_on)
     edits = stream.resolve(config, measurements) if config is not None else None
     config = edits.config if edits is not None else None
-    texts = PerSet.of(lambda name: format_prompts(tokenizer, (harmful, harmless)[name == "harmless"],
-                                                  system_prompt, chat_template))
+    texts = PerSet.of(lambda name: prompt_format.render(tokenizer, (harmful, harmless)[name == "harmless"]))
     encoded = PerSet.of(lambda name: stream.encode(texts[name], tokenizer, batch_size))
     n_harmful = len(encoded.harmful)
-    base, new = stream.logprobs(encoded.harmful + encoded.harmless, edits, progress=progress)
+    base, new = stream.logprobs(encoded.harmful + encoded.harmless, edits, progress=run.progress)
 
     def split(rows: list[torch.Tensor]) -> PerSet[torch.Tensor]:
         return PerSet(torch.cat(rows[:n_harmful]), torch.cat(rows[n_harmful:]))
 
     base_lp = split(base)
     new_lp = split(new) if new is not None else base_lp
-    settings = FirstTokenSettings(batch_size, system_prompt, chat_template, stream_layers=True,
-                                  dtype=stream.describe()["dtype"], device=str(stream.device))
+    settings = FirstTokenSettings(batch_size, prompt_format.system_prompt, prompt_format.chat_template,
+                                  stream_layers=True, dtype=stream.describe()["dtype"], device=str(stream.device))
     return first_token_report(tokenizer, base_lp, new_lp, config is not None, settings,
                               config.to_dict() if config is not None else None)
 

@@ -19,9 +19,10 @@ from ..config.schema import InterventionConfig
 from ..errors import ConfigError
 from ..hooks.apply import apply, plan_sites
 from ..io.measurements import Measurements, measurements_for
-from ..io.models import Quantization, load_model
+from ..io.models import PromptFormat, Quantization, load_model
 from ..io.prompts import load_prompts
 from ..io.sources import load_model_config
+from ..runner import RunOptions
 from .evaluate import EvalReport, FirstTokenReport, Intervention, evaluate
 
 
@@ -181,9 +182,8 @@ def try_config(config: InterventionConfig | str | os.PathLike, harmful: str | li
                       chat_template=chat_template, prepared=prepared, quantization=quantization)
     p = run.prepared
     report = evaluate(p.model, p.tokenizer, run.harmful, run.harmless, intervention=p.intervention(),
-                      max_new_tokens=max_new_tokens, batch_size=batch_size, n_samples=samples,
-                      system_prompt=run.system_prompt, chat_template=run.chat_template, config=p.config.to_dict(),
-                      progress=progress)
+                      max_new_tokens=max_new_tokens, n_samples=samples, prompt_format=run.prompt_format,
+                      run=RunOptions(batch_size=batch_size, progress=progress), config=p.config.to_dict())
     return TryReport(report, p.model_spec, p.measurements.path, p.config.source, p.sites(), run.prompt_sources)
 
 
@@ -195,8 +195,7 @@ class LiveRun:
     prepared: Prepared
     harmful: list[str]
     harmless: list[str]
-    system_prompt: str | None
-    chat_template: bool
+    prompt_format: PromptFormat
     prompt_sources: PromptSources
 
 
@@ -213,8 +212,8 @@ def prepare_run(config: InterventionConfig | str | os.PathLike, harmful: str | S
     p = prepared or prepare(config, model_spec=model_spec, measurements=measurements, dtype=dtype,
                             device_map=device_map, quantization=quantization)
     return LiveRun(p, harmful_prompts, harmless_prompts,
-                   system_prompt if system_prompt is not None else p.system_prompt,
-                   p.chat_template if chat_template is None else chat_template,
+                   PromptFormat(system_prompt if system_prompt is not None else p.system_prompt,
+                                p.chat_template if chat_template is None else chat_template),
                    PromptSources.of(harmful, harmless, field, limit))
 
 

@@ -18,7 +18,8 @@ from .stream import measure_streamed
 def measure_model(model: str, harmful: str | Sequence[str] = "builtin:harmful:train",
                   harmless: str | Sequence[str] = "builtin:harmless:train", *, field: str | None = None,
                   limit: int | None = None, run: RunOptions | None = None,
-                  prompt_format: PromptFormat | None = None, whiten_rank: int = 64, attribution: bool = True) -> Measurements:
+                  prompt_format: PromptFormat | None = None, whiten_rank: int = 64,
+                  attribution: bool = True) -> Measurements:
     """The measurements of ``model`` (a MODEL spec) on ``harmful`` / ``harmless`` (prompt specs, read with
     ``field`` and at most ``limit`` prompts each, or lists): :func:`~intervene.measure.collect.measure` of
     the whole model, or with ``run.stream_layers`` :func:`~intervene.measure.stream.measure_streamed`.

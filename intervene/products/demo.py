@@ -46,7 +46,8 @@ def run_demo(out_dir: str | Path = "intervene-demo", max_new_tokens: int = 48, b
     say("[2/4] measuring harmful vs harmless residuals on the train split ...")
     harmful_train = load_prompts("builtin:harmful:train", limit=limit)
     harmless_train = load_prompts("builtin:harmless:train", limit=limit)
-    meas = measure(model, tokenizer, harmful_train, harmless_train, run=RunOptions(batch_size=batch_size), model_path="organism")
+    meas = measure(model, tokenizer, harmful_train, harmless_train, run=RunOptions(batch_size=batch_size),
+                   model_path="organism")
     meas_path = out / "measurements.safetensors"
     meas.save(meas_path)
 
@@ -64,6 +65,6 @@ def run_demo(out_dir: str | Path = "intervene-demo", max_new_tokens: int = 48, b
     harmful_eval = load_prompts("builtin:harmful:eval", limit=limit)
     harmless_eval = load_prompts("builtin:harmless:eval", limit=limit)
     result = evaluate(model, tokenizer, harmful_eval, harmless_eval, intervention=lambda: apply(model, cfg, meas),
-                      max_new_tokens=max_new_tokens, batch_size=batch_size, config=cfg.to_dict())
+                      max_new_tokens=max_new_tokens, run=RunOptions(batch_size=batch_size), config=cfg.to_dict())
     write_json(out / "report.json", result.to_dict())
     return DemoResult(out, config_path, result, time.time() - start)

@@ -22,7 +22,7 @@ from ..config.resolve import Bound
 from ..errors import InputError
 from ..hooks.residual_cache import ResidualCache
 from ..io.files import sha256_lines, sha256_text
-from ..io.models import batches, encode, format_prompts, model_device
+from ..io.models import batches, encode, model_device
 from ..live.generate import Intervention, PromptFormat, TransformersBackend, next_token_logprobs
 from ..live.metrics import (AnswerKL, Direction, FirstTokenKL, Metric, Perplexity, RefusalMass, Refusals,
                              refusal_token_ids)
@@ -162,7 +162,7 @@ class _PromptSets:
     forward over both per trial, less padding), the refusal-opening tokens, the description."""
 
     def __init__(self, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], device: Any, *,
-                 batch_size: int, max_new_tokens: int, system_prompt: str | None, chat_template: bool, label: str,
+                 batch_size: int, max_new_tokens: int, prompt_format: PromptFormat | None, label: str,
                  sources: dict[str, str] | None, metrics: Sequence[SearchMetric]):
         if not harmful or not harmless:
             raise InputError(f"{label} prompts: need at least one harmful and one harmless prompt")
@@ -175,14 +175,13 @@ class _PromptSets:
         self.harmless = list(harmless)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
-        self.system_prompt = system_prompt
-        self.chat_template = chat_template
+        self.prompt_format = prompt_format or PromptFormat()
         self.label = label
         self.sources = dict(sources or {})
         self.refusal_ids = refusal_token_ids(tokenizer)
         joined = self.harmful + self.harmless
         self._order = sorted(range(len(joined)), key=lambda i: len(joined[i]))
-        texts = format_prompts(tokenizer, [joined[i] for i in self._order], system_prompt, chat_template)
+        texts = self.prompt_format.render(tokenizer, [joined[i] for i in self._order])
         self._batches = [encode(tokenizer, chunk, device) for chunk in batches(texts, batch_size)]
 
     def _score(self, harmful_lp: torch.Tensor) -> float:
@@ -203,8 +202,8 @@ class _PromptSets:
             "label": self.label, "sources": self.sources,
             "harmful": {"n": len(self.harmful), "sha256": sha256_lines(self.harmful)},
             "harmless": {"n": len(self.harmless), "sha256": sha256_lines(self.harmless)},
-            "max_new_tokens": self.max_new_tokens, "system_prompt": self.system_prompt, "classes": "three",
-            "chat_template": self.chat_template, "batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens, "system_prompt": self.prompt_format.system_prompt,
+            "classes": "three", "chat_template": self.prompt_format.chat_template, "batch_size": self.batch_size,
         } | _metrics_description(self.metrics)
 
 
@@ -218,12 +217,11 @@ class PromptObjective(_PromptSets):
     forward with a full one and turns skipping off for a model where they differ."""
 
     def __init__(self, model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
-                 batch_size: int = 16, max_new_tokens: int = 48, system_prompt: str | None = None,
-                 chat_template: bool = True, label: str = "search",
-                 sources: dict[str, str] | None = None, skip_unedited: bool = True,
+                 batch_size: int = 16, max_new_tokens: int = 48, prompt_format: PromptFormat | None = None,
+                 label: str = "search", sources: dict[str, str] | None = None, skip_unedited: bool = True,
                  metrics: Sequence[SearchMetric] = DEFAULT_METRICS):
         super().__init__(tokenizer, harmful, harmless, model_device(model), batch_size=batch_size,
-                         max_new_tokens=max_new_tokens, system_prompt=system_prompt, chat_template=chat_template,
+                         max_new_tokens=max_new_tokens, prompt_format=prompt_format,
                          label=label, sources=sources, metrics=metrics)
         self._base_answers: list[list[int]] | None = None
         self.cache: ResidualCache | None = ResidualCache(model, self._batches) if skip_unedited else None
@@ -251,7 +249,7 @@ class PromptObjective(_PromptSets):
         return self._values(model, lambda: self._first_token(model, start_layer))
 
     def _backend(self, model: Any, context: Intervention | None = None) -> TransformersBackend:
-        return TransformersBackend(model, self.tokenizer, PromptFormat(self.system_prompt, self.chat_template),
+        return TransformersBackend(model, self.tokenizer, self.prompt_format,
                                    self.batch_size, progress=False, context=context)
 
     def refusals(self, model: Any) -> tuple[int, int, int]:
@@ -283,11 +281,11 @@ class StreamedObjective(_PromptSets):
     front's configs with a whole (offloaded) model, ``intervene eval MODEL --config CFG --device-map auto``."""
 
     def __init__(self, stream: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
-                 batch_size: int = 16, max_new_tokens: int = 48, system_prompt: str | None = None,
-                 chat_template: bool = True, label: str = "search", sources: dict[str, str] | None = None,
+                 batch_size: int = 16, max_new_tokens: int = 48, prompt_format: PromptFormat | None = None,
+                 label: str = "search", sources: dict[str, str] | None = None,
                  progress: bool = False):
         super().__init__(tokenizer, harmful, harmless, stream.device, batch_size=batch_size,
-                         max_new_tokens=max_new_tokens, system_prompt=system_prompt, chat_template=chat_template,
+                         max_new_tokens=max_new_tokens, prompt_format=prompt_format,
                          label=label, sources=sources, metrics=DEFAULT_METRICS)
         self.stream = stream
         self.progress = progress

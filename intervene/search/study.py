@@ -227,8 +227,7 @@ def search(model: str, measurements: str, out: str | Path, *, space: SpaceOption
     say("direction: " + (f"harmless-whitened, lambda searched in [{space.whiten.low}, {space.whiten.high}]"
                          if space.whiten else
                          "raw difference of means (no harmless second moment in the measurements, or --whiten off)"))
-    common = dict(batch_size=run.batch_size, system_prompt=prompt_format.system_prompt,
-                  chat_template=prompt_format.chat_template)
+    common = dict(batch_size=run.batch_size, prompt_format=prompt_format)
     say(f"baseline first-token scores on {len(prompt_sets['harmful'])} harmful / "
         f"{len(prompt_sets['harmless'])} harmless search prompts ...")
 
