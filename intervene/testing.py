@@ -172,6 +172,20 @@ def save_tiny(model: Any, path: str | os.PathLike, max_shard_size: str = "200KB"
     return path
 
 
+def save_reference_refuse(model: Any, path: str | os.PathLike, seed: int = 7) -> Path:
+    """A ``.refuse`` measurements file in the reference tool's format for ``model``'s sizes: hidden states
+    0..L, ``harmful_i`` (random, shifted by 0.5), ``harmless_i`` (random), ``refuse_i = harmful_i - harmless_i``."""
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    g = torch.Generator().manual_seed(seed)
+    data: dict[str, Any] = {"layers": layers}
+    for i in range(layers + 1):
+        data[f"harmful_{i}"] = torch.randn(hidden, generator=g) + 0.5
+        data[f"harmless_{i}"] = torch.randn(hidden, generator=g)
+        data[f"refuse_{i}"] = data[f"harmful_{i}"] - data[f"harmless_{i}"]
+    torch.save(data, path)
+    return Path(path)
+
+
 def random_ids(batch: int = 3, seq: int = 9, vocab: int = 128, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=gen)

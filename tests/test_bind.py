@@ -20,7 +20,14 @@ from intervene.config.schema import InterventionConfig, parse_config
 from intervene.errors import ConfigError
 from intervene.hooks.apply import apply
 from intervene.live.tryout import try_config
-from intervene.testing import make_measurements, random_ids, save_tiny, tiny_model, tiny_tokenizer
+from intervene.testing import (
+    make_measurements,
+    random_ids,
+    save_reference_refuse,
+    save_tiny,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 resolving = importlib.import_module("intervene.config.resolve")  # the module (the package exports the function)
@@ -121,14 +128,7 @@ def reference_yaml(tmp_path: Path) -> Path:
     """A tiny GLM-4.5-Air-class checkpoint, a .refuse file in the reference's format, and a reference YAML."""
     model = tiny_model("glm4_moe")
     save_tiny(model, tmp_path / "ckpt")
-    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
-    g = torch.Generator().manual_seed(7)
-    data: dict = {"layers": layers}
-    for i in range(layers + 1):
-        data[f"harmful_{i}"] = torch.randn(hidden, generator=g) + 0.5
-        data[f"harmless_{i}"] = torch.randn(hidden, generator=g)
-        data[f"refuse_{i}"] = data[f"harmful_{i}"] - data[f"harmless_{i}"]
-    torch.save(data, tmp_path / "m.refuse")
+    save_reference_refuse(model, tmp_path / "m.refuse")
     path = tmp_path / "ref.yml"
     path.write_text(yaml.safe_dump({"model": "ckpt", "measurements": "m.refuse", "output": "out",
                                     "ablate_individual_experts": True, "expert_subset": [0, 1],

@@ -19,7 +19,7 @@ from intervene.cli import main
 from intervene.config.reference import load_any_config
 from intervene.errors import ConfigError
 from intervene.io.measurements import load_measurements
-from intervene.testing import save_tiny, tiny_model
+from intervene.testing import save_reference_refuse, save_tiny, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,14 +36,7 @@ def glm(tmp_path_factory):
     d = tmp_path_factory.mktemp("glm")
     model = tiny_model("glm4_moe")
     save_tiny(model, d / "ckpt")
-    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
-    g = torch.Generator().manual_seed(7)
-    data: dict = {"layers": layers}
-    for i in range(layers + 1):
-        data[f"harmful_{i}"] = torch.randn(hidden, generator=g) + 0.5
-        data[f"harmless_{i}"] = torch.randn(hidden, generator=g)
-        data[f"refuse_{i}"] = data[f"harmful_{i}"] - data[f"harmless_{i}"]
-    torch.save(data, d / "m.refuse")
+    save_reference_refuse(model, d / "m.refuse")
     return d
 
 
