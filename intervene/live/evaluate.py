@@ -296,7 +296,7 @@ def evaluate(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Seque
     and the intervened one is ``model`` (under ``intervention`` if given too). ``judge`` replaces
     the markers for non-degenerate answers. ``full_answer_kl`` adds ``kl_divergence_answer``
     (teacher-forced over the baseline's greedy harmless answers). ``backends=(baseline, intervened)`` replaces
-    the in-process ones (e.g. :class:`~intervene.live.server.ServerBackend`\ s: the intervened one already
+    the in-process ones (e.g. :class:`~intervene.live.server.ServerBackend` objects: the intervened one already
     intervened, so ``intervention`` and ``reference`` stay None; ``model`` is unused); the report then carries
     ``kl_source`` (the intervened backend's) and ``server``.
 

@@ -144,7 +144,7 @@ class ServerBackend:
     for ``model_name`` (a served model or a loaded adapter's name), prompts rendered here with ``prompt_format``
     and sent as token ids, ``batch_size`` prompts a request. Log-probability methods go to ``logprob_backend``
     (in process) unless the server returns the whole vocabulary (``full_logprobs``: the server was started with
-    ``--max-logprobs`` at least the vocabulary size); ``kl_source`` says where they came from."""
+    ``--max-logprobs`` at least the vocabulary size, ``vocab_size`` wide); ``kl_source`` says where they came from."""
 
     url: str
     model_name: str
@@ -155,6 +155,7 @@ class ServerBackend:
     timeout: float = DEFAULT_TIMEOUT
     full_logprobs: bool = False
     progress: bool = True
+    vocab_size: int | None = None  # the model's (its logits' width); None: the tokenizer's length
 
     def __post_init__(self) -> None:
         self.client = ServerClient(self.url, self.timeout)
@@ -215,7 +216,7 @@ class ServerBackend:
     def first_token_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
         if not self.full_logprobs:
             return self._in_process("first-token KL").first_token_logprobs(prompts)
-        vocab = len(self.tokenizer)
+        vocab = self.vocab_size or len(self.tokenizer)
         rows = torch.full((len(prompts), vocab), float("-inf"))
         for row, choice in enumerate(self.completions(prompts, 1, logprobs=vocab)):
             top = ((choice.get("logprobs") or {}).get("top_logprobs") or [{}])[0]

@@ -197,9 +197,9 @@ def search(model: str, measurements: str, out: str | Path, *, space: SpaceOption
     refusal counts) come from a serving engine, each trial served as its exact rank-1 LoRA adapter
     (:class:`~intervene.search.objective.ServedObjective`); what an adapter cannot carry is refused first."""
     space_options, settings = space or SpaceOptions(), settings or SearchSettings()
+    prompts, prompt_format, run = prompts or SearchPrompts(), prompt_format or PromptFormat(), run or RunOptions()
     if server is not None:
         _check_served_space(space_options, run)
-    prompts, prompt_format, run = prompts or SearchPrompts(), prompt_format or PromptFormat(), run or RunOptions()
     p, full_eval_top = prompts, settings.full_eval_top
     meas = load_measurements(measurements)
     prompt_sets = {name: evenly(load_prompts(spec, field=p.field), lim) for name, spec, lim in (
