@@ -6,7 +6,6 @@ prints and writes."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,9 +18,9 @@ from ..io.prompts import load_prompts
 from ..runner import RunOptions, check_stream_layers
 from .capability import capability
 from .evaluate import evaluate, first_token_scores
-from .generate import PromptFormat, TransformersBackend
+from .generate import PromptFormat
 from .judge import load_judge
-from .server import ServerBackend, ServerClient, ServerOptions, served_config
+from .server import ServerClient, ServerOptions, served_evaluate
 from .stream_eval import first_token_streamed
 from .tryout import EvalRunReport, FirstTokenRunReport, PromptSources
 
@@ -93,9 +92,13 @@ def run_eval(model: str | None, harmful: str = "builtin:harmful:eval", harmless:
         text = Path(capability_text).read_text(encoding="utf-8")
     meas = _measurements(cfg, measurements, config)
     if server is not None:
-        report = _served_eval(server, model_spec, cfg, meas, harmful_set, harmless_set, run, judge_model,
-                              max_new_tokens=max_new_tokens, samples=samples, answer_kl=answer_kl,
-                              prompt_format=PromptFormat(system_prompt, chat_template))
+        name = ServerClient(server.url, server.timeout).model_name(server.model)  # named before anything loads
+        loaded, tokenizer = load_model(model_spec, dtype=run.dtype, device_map=run.device_map)
+        report = served_evaluate(server, loaded, tokenizer, model_spec, harmful_set, harmless_set, config=cfg,
+                                 measurements=meas, intervention=_intervention(loaded, cfg, meas),
+                                 served_model=name, max_new_tokens=max_new_tokens, batch_size=run.batch_size,
+                                 n_samples=samples, prompt_format=PromptFormat(system_prompt, chat_template),
+                                 judge=judge_model, full_answer_kl=answer_kl, progress=run.progress)
         return EvalRunReport(report, model_spec, config, sources)
     loaded, tokenizer = load_model(model_spec, dtype=run.dtype, device_map=run.device_map)
     reference_loaded = load_model(reference, dtype=run.dtype, device_map=run.device_map) if reference else None
@@ -110,32 +113,6 @@ def run_eval(model: str | None, harmful: str = "builtin:harmful:eval", harmless:
                                        text=text, text_name=capability_text, lm_eval_tasks=lm_eval_tasks,
                                        lm_eval_limit=lm_eval_limit)
     return EvalRunReport(report, model_spec, config, sources, reference=reference, capability=capability_report)
-
-
-def _served_eval(server: ServerOptions, model_spec: str, cfg: Any, meas: Any, harmful: Sequence[str],
-                 harmless: Sequence[str], run: RunOptions, judge: Any, *, max_new_tokens: int, samples: int,
-                 answer_kl: bool, prompt_format: PromptFormat) -> Any:
-    """:func:`evaluate` with the answers from ``server``: the base model as served, and the config as its LoRA
-    adapter; log-probs in process (the model loaded here, the config live) unless the server gives them all."""
-    client = ServerClient(server.url, server.timeout)
-    name = client.model_name(server.model)  # unreachable / unknown model: named before anything loads
-    loaded, tokenizer = load_model(model_spec, dtype=run.dtype, device_map=run.device_map)
-    intervention = _intervention(loaded, cfg, meas)
-
-    def backend(served: str, context: Any) -> ServerBackend:
-        in_process = TransformersBackend(loaded, tokenizer, prompt_format, run.batch_size, run.progress, context,
-                                         answer_batch_size=min(run.batch_size, 8))
-        return ServerBackend(server.url, served, tokenizer, prompt_format, in_process, run.batch_size, server.timeout,
-                             progress=run.progress)
-
-    base = backend(name, None)
-    with served_config(server, cfg, model_spec, meas) if cfg is not None else contextlib.nullcontext(None) as adapter:
-        new = backend(adapter, intervention) if adapter is not None else base
-        return evaluate(None, tokenizer, harmful, harmless, max_new_tokens=max_new_tokens, batch_size=run.batch_size,
-                        n_samples=samples, system_prompt=prompt_format.system_prompt,
-                        chat_template=prompt_format.chat_template, config=cfg.to_dict() if cfg else None,
-                        progress=run.progress, judge=judge, full_answer_kl=answer_kl, backends=(base, new),
-                        server=server.to_dict() | {"model": name, "adapter": adapter})
 
 
 def _measurements(cfg: Any, override: str | None, config_path: str | None) -> Any:

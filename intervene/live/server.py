@@ -27,7 +27,8 @@ import torch
 
 from ..config.schema import InterventionConfig
 from ..errors import ConfigError, InputError
-from .generate import GenerationBackend, PromptFormat, decode_answers
+from .evaluate import EvalReport, Intervention, evaluate
+from .generate import GenerationBackend, PromptFormat, TransformersBackend, decode_answers
 
 KLSource = Literal["server", "in_process"]
 DEFAULT_TIMEOUT = 600.0  # seconds for one request (a batch of greedy answers on a CPU server takes minutes)
@@ -299,5 +300,35 @@ def served_config(options: ServerOptions, config: InterventionConfig, model_spec
         shutil.rmtree(where, ignore_errors=True)
 
 
+def served_evaluate(server: ServerOptions, model: Any, tokenizer: Any, model_spec: str, harmful: Sequence[str],
+                    harmless: Sequence[str], *, config: InterventionConfig | None = None, measurements: Any = None,
+                    intervention: Intervention | None = None, served_model: str | None = None,
+                    max_new_tokens: int = 48, batch_size: int = 16, n_samples: int = 4,
+                    prompt_format: PromptFormat | None = None, judge: Any = None, full_answer_kl: bool = True,
+                    progress: bool = True) -> EvalReport:
+    """:func:`~intervene.live.evaluate.evaluate` with the greedy answers from ``server``: the base model as served
+    (``served_model``, else ``server.model``, else the first served), and ``config`` as its exact LoRA adapter;
+    the log-probs from ``model`` here (``intervention``: the same config live) unless the server returns them all.
+    ``model_spec``: the checkpoint the adapter's weights are read from (the one the server serves)."""
+    fmt = prompt_format or PromptFormat()
+    name = served_model or ServerClient(server.url, server.timeout).model_name(server.model)
+
+    def backend(served: str, context: Intervention | None) -> ServerBackend:
+        in_process = TransformersBackend(model, tokenizer, fmt, batch_size, progress, context,
+                                         answer_batch_size=min(batch_size, 8))
+        return ServerBackend(server.url, served, tokenizer, fmt, in_process, batch_size, server.timeout,
+                             progress=progress)
+
+    base = backend(name, None)
+    with served_config(server, config, model_spec, measurements) if config is not None \
+            else contextlib.nullcontext(None) as adapter:
+        new = backend(adapter, intervention) if adapter is not None else base
+        return evaluate(None, tokenizer, harmful, harmless, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        n_samples=n_samples, system_prompt=fmt.system_prompt, chat_template=fmt.chat_template,
+                        config=config.to_dict() if config is not None else None, progress=progress, judge=judge,
+                        full_answer_kl=full_answer_kl, backends=(base, new),
+                        server=server.to_dict() | {"model": name, "adapter": adapter})
+
+
 __all__ = ["KLSource", "AdapterWriter", "ServerOptions", "ServerClient", "ServerBackend", "served_adapter",
-           "check_servable", "served_config", "DEFAULT_TIMEOUT", "ADAPTER_PREFIX"]
+           "check_servable", "served_config", "served_evaluate", "DEFAULT_TIMEOUT", "ADAPTER_PREFIX"]
