@@ -23,7 +23,7 @@ from intervene.live.evaluate import evaluate
 from intervene.live.generate import PromptFormat, TransformersBackend
 from intervene.live.server import ServerBackend, ServerClient, ServerOptions, served_config
 from intervene.search.study import SpaceOptions, search
-from intervene.testing import save_tiny, tiny_model, tiny_tokenizer
+from intervene.testing import make_measurements, save_tiny, tiny_model, tiny_tokenizer
 
 MODEL = "served-model"
 Reply = Callable[[str, dict[str, Any] | None], tuple[int, str, bytes]]  # (path, body) -> (status, type, bytes)
@@ -161,16 +161,20 @@ def tiny_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("verb", ["eval", "search"])
+@pytest.mark.parametrize("verb", ["eval", "try", "search"])
 def test_cli_unreachable_writes_nothing(verb, tiny_dir, tmp_path, capsys) -> None:
     url = f"http://127.0.0.1:{_free_port()}"
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\ntwo\n")
+    make_measurements(2).save(tmp_path / "m.safetensors")
     if verb == "eval":
         args = ["eval", str(tiny_dir), "--json", str(tmp_path / "r.json")]
+    elif verb == "try":
+        config = tmp_path / "cfg.yaml"
+        config.write_text(f"model: {tiny_dir}\nmeasurements: {tmp_path / 'm.safetensors'}\ntargets: [attention]\n"
+                          "ablate:\n  - layers: '0:1'\n    measurement: 0\n")
+        args = ["try", str(config), "--json", str(tmp_path / "r.json")]
     else:
-        from intervene.testing import make_measurements
-        make_measurements(2).save(tmp_path / "m.safetensors")
         args = ["search", str(tiny_dir), "-m", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "study"),
                 "--trials", "1", "--full-eval-top", "0"]
     code = main(args + ["--harmful", str(prompts), "--harmless", str(prompts), "--no-chat-template",
@@ -232,6 +236,22 @@ def test_log_probs_in_process_unless_the_server_returns_the_vocabulary(serve) ->
     torch.testing.assert_close(full.first_token_logprobs(["a b", "c"]), expected, atol=1e-5, rtol=0)
     with pytest.raises(InputError, match="whole next-token distribution"):
         ServerBackend(url, MODEL, tok, fmt).first_token_logprobs(["a"])
+
+
+@pytest.mark.parametrize("max_logprobs, full", [(20, False), (None, True)])
+def test_probe_full_logprobs(serve, max_logprobs, full) -> None:
+    """vLLM answers HTTP 400 above its --max-logprobs; a server that returns the whole vocabulary is used."""
+    tok = tiny_tokenizer()
+
+    def reply(path: str, body: Any) -> tuple[int, str, bytes]:
+        if max_logprobs is not None and body["logprobs"] > max_logprobs:
+            return _json(400, {"error": {"message": f"Requested sample logprobs of {body['logprobs']}, which is "
+                                                    f"greater than max allowed: {max_logprobs}"}})
+        return _json(200, {"choices": [{"index": 0, "text": "", "logprobs": {"top_logprobs": [
+            {f"token_id:{t}": -5.0 for t in range(body["logprobs"])}]}}]})
+
+    backend = ServerBackend(serve(reply), MODEL, tok, PromptFormat(chat_template=False), vocab_size=50)
+    assert backend.probe_full_logprobs() is full and backend.kl_source == ("server" if full else "in_process")
 
 
 def test_report_keys_only_in_server_mode(serve) -> None:

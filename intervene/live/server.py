@@ -189,6 +189,25 @@ class ServerBackend:
             choices += sorted(got, key=lambda c: int(c.get("index", 0)))
         return choices
 
+    def probe_full_logprobs(self) -> bool:
+        """Whether the server returns the whole next-token distribution (``logprobs`` = the vocabulary size; vLLM
+        refuses more than its ``--max-logprobs``, 20 by default, with HTTP 400); sets :attr:`full_logprobs`."""
+        vocab = self.vocab_size or len(self.tokenizer)
+        first = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        body = {"model": self.model_name, "prompt": [[int(first)]], "max_tokens": 1, "temperature": 0.0,
+                "logprobs": vocab}
+        try:
+            reply = self.client.json("/v1/completions", body)
+        except InputError as e:
+            if "HTTP 400" not in str(e):
+                raise
+            self.full_logprobs = False
+            return False
+        choice = (reply.get("choices") or [{}])[0]
+        top = ((choice.get("logprobs") or {}).get("top_logprobs") or [{}])[0]
+        self.full_logprobs = len(top) >= vocab
+        return self.full_logprobs
+
     def generate_ids(self, prompts: Sequence[str], max_new_tokens: int, desc: str = "generating") -> list[list[int]]:
         out = []
         stops = _stop_ids(self.tokenizer)
@@ -313,12 +332,17 @@ def served_evaluate(server: ServerOptions, model: Any, tokenizer: Any, model_spe
     fmt = prompt_format or PromptFormat()
     name = served_model or ServerClient(server.url, server.timeout).model_name(server.model)
 
+    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = int(embeddings.weight.shape[0]) if embeddings is not None else len(tokenizer)
+    full = None
+
     def backend(served: str, context: Intervention | None) -> ServerBackend:
         in_process = TransformersBackend(model, tokenizer, fmt, batch_size, progress, context,
                                          answer_batch_size=min(batch_size, 8))
         return ServerBackend(server.url, served, tokenizer, fmt, in_process, batch_size, server.timeout,
-                             progress=progress)
+                             full_logprobs=bool(full), progress=progress, vocab_size=vocab)
 
+    full = backend(name, None).probe_full_logprobs()  # the whole distribution from the server, or in process
     base = backend(name, None)
     with served_config(server, config, model_spec, measurements) if config is not None \
             else contextlib.nullcontext(None) as adapter:
