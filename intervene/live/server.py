@@ -155,7 +155,6 @@ class ServerBackend:
     batch_size: int = 16
     timeout: float = DEFAULT_TIMEOUT
     full_logprobs: bool = False
-    progress: bool = True
     vocab_size: int | None = None  # the model's (its logits' width); None: the tokenizer's length
 
     def __post_init__(self) -> None:
@@ -179,8 +178,8 @@ class ServerBackend:
             body: dict[str, Any] = {"model": self.model_name, "prompt": chunk, "max_tokens": max_tokens,
                                     "temperature": 0.0, "top_p": 1.0, "n": 1, "stream": False,
                                     "skip_special_tokens": False, "return_token_ids": True}
-            if logprobs is not None:
-                body["logprobs"] = logprobs
+            if logprobs is not None:  # keyed "token_id:N" (two tokens may decode to one text)
+                body |= {"logprobs": logprobs, "return_tokens_as_token_ids": True}
             reply = self.client.json("/v1/completions", body)
             got = reply.get("choices")
             if not isinstance(got, list) or len(got) != len(chunk):
@@ -195,7 +194,7 @@ class ServerBackend:
         vocab = self.vocab_size or len(self.tokenizer)
         first = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         body = {"model": self.model_name, "prompt": [[int(first)]], "max_tokens": 1, "temperature": 0.0,
-                "logprobs": vocab}
+                "logprobs": vocab, "return_tokens_as_token_ids": True}
         try:
             reply = self.client.json("/v1/completions", body)
         except InputError as e:
@@ -340,7 +339,7 @@ def served_evaluate(server: ServerOptions, model: Any, tokenizer: Any, model_spe
         in_process = TransformersBackend(model, tokenizer, fmt, batch_size, progress, context,
                                          answer_batch_size=min(batch_size, 8))
         return ServerBackend(server.url, served, tokenizer, fmt, in_process, batch_size, server.timeout,
-                             full_logprobs=bool(full), progress=progress, vocab_size=vocab)
+                             full_logprobs=bool(full), vocab_size=vocab)
 
     full = backend(name, None).probe_full_logprobs()  # the whole distribution from the server, or in process
     base = backend(name, None)

@@ -297,7 +297,7 @@ class ServedObjective(PromptObjective):
 
     def _served(self, name: str) -> ServerBackend:
         return ServerBackend(self.server.url, name, self.tokenizer, PromptFormat(self.system_prompt, self.chat_template),
-                             batch_size=self.batch_size, timeout=self.server.timeout, progress=False)
+                             batch_size=self.batch_size, timeout=self.server.timeout)
 
     def _count(self, backend: ServerBackend) -> tuple[int, int, int]:
         texts = backend.generate(self.harmful, self.max_new_tokens)
