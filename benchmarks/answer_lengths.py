@@ -12,7 +12,6 @@ Each prefix is classified by :func:`intervene.live.evaluate.refusal_counts`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path

@@ -14,7 +14,7 @@ from intervene import maths
 from intervene.arch import arch_for_config, decoder_layers, get_module, text_config
 from intervene.cli import main
 from intervene.hooks.capture import capture, capture_sites, router_site
-from intervene.io.measurements import Measurements, attribution_key, load_measurements
+from intervene.io.measurements import Measurements, attribution_key
 from intervene.io.models import batches, encode, format_prompts
 from intervene.measure.analyze import analyze, recommend
 from intervene.measure.attribution import attribution, carrying_experts, experts_share, regime

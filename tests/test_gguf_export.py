@@ -19,8 +19,7 @@ import torch
 
 from intervene.bake import bake
 from intervene.bake import gguf_export
-from intervene.bake.gguf_export import (CONVERTER, CONVERTER_VERSION, GGUFCheck, baked_gguf_path, export_gguf,
-                                        find_converter)
+from intervene.bake.gguf_export import (CONVERTER, CONVERTER_VERSION, GGUFCheck, baked_gguf_path, find_converter)
 from intervene.bake.gguf_launch import add_placeholders
 from intervene.cli import main
 from intervene.config.schema import parse_config

@@ -5,7 +5,6 @@ not reach the search's front -- with the old two-class count it did (negative co
 from __future__ import annotations
 
 import pytest
-import torch
 
 from intervene.live.evaluate import generate, is_refusal
 from intervene.search.objective import PromptObjective

@@ -323,3 +323,9 @@ def _copy_licences(source: Path, directory: Path) -> None:
 
 def is_adapter(path: str | os.PathLike) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def write_adapter(config: InterventionConfig, output: Path, model: str, measurements: Any = None) -> LoraResult:
+    """The :data:`intervene.live.server.AdapterWriter` for a served config or search trial: ``config``'s exact
+    adapter at ``output`` (a new directory), the weights read from ``model``'s checkpoint."""
+    return bake_lora(config, output, model=model, measurements=measurements)

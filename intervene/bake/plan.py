@@ -208,7 +208,7 @@ def plan_bake(config: InterventionConfig | Bound, source: str | os.PathLike,
     checkpoint = open_checkpoint(source)
     full_config = read_model_config(source)
     bound = config if isinstance(config, Bound) else bind(config, measurements, full_config)
-    cfg, spec, model_config = bound.config, bound.spec, bound.model_config
+    spec, model_config = bound.spec, bound.model_config
     prefix = layer_prefix(checkpoint, spec)
     num_layers = int(model_config.num_hidden_layers)
 

@@ -8,9 +8,11 @@ import argparse
 import os
 from typing import Any, Callable
 
+from ..bake.lora import write_adapter
 from ..config import load_config
 from ..errors import InputError
 from ..io.files import write_json
+from ..live.server import DEFAULT_TIMEOUT, ServerOptions
 
 MODEL_HELP = "model directory, .gguf file, 'smollm2', 'organism', 'organism-moe' or hub id"
 
@@ -137,3 +139,26 @@ def write_report(path: str | os.PathLike, report: Any) -> None:
     """Write ``report.to_dict()`` as JSON (atomically) and say where."""
     write_json(path, report.to_dict())
     print(f"report -> {path}")
+
+
+def add_server_options(p: argparse.ArgumentParser, what: str) -> None:
+    """``--server URL`` / ``--server-model NAME`` / ``--server-timeout S``: ``what`` runs on a serving engine."""
+    g = p.add_argument_group("generation on a server (vLLM or any OpenAI-compatible server; docs/server.md)")
+    g.add_argument("--server", default=None, metavar="URL",
+                   help=f"{what} on this server, e.g. http://127.0.0.1:8000 (a config runs there as its LoRA "
+                        "adapter: the server needs --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=1)")
+    g.add_argument("--server-model", default=None, metavar="NAME",
+                   help="the served model's name (default: the first of the server's /v1/models)")
+    g.add_argument("--server-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help=f"seconds one request may take (default: {DEFAULT_TIMEOUT:g})")
+
+
+def server_options(args: argparse.Namespace) -> ServerOptions | None:
+    """The :class:`~intervene.live.server.ServerOptions` of :func:`add_server_options`, None without ``--server``."""
+    if args.server is None:
+        if args.server_model is not None:
+            raise InputError("--server-model needs --server URL")
+        return None
+    if not args.server_timeout > 0:
+        raise InputError(f"--server-timeout must be > 0, got {args.server_timeout:g}")
+    return ServerOptions(args.server, args.server_model, args.server_timeout, write_adapter=write_adapter)

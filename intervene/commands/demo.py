@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..products.demo import run_demo
-from .common import add_verb
+from .common import add_server_options, add_verb, server_options
 
 SUMMARY = "build the model organism if absent, measure, analyze, and evaluate live"
 DESCRIPTION = """Runs the main job on the built-in example model: builds (once, cached) a safety-fine-tuned SmolLM2-135M
@@ -21,11 +21,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48, help="generated tokens per prompt (default: 48)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default: 16)")
     p.add_argument("--limit", type=int, default=None, help="use at most N prompts per set (quick look)")
+    add_server_options(p, "the evaluation's greedy answers (a server serving the organism)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_demo(args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
+    result = run_demo(args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
+                      server=server_options(args))
     r = result.report
     print()
     print(f"{'':24s}{'baseline':>12s}{'intervened':>12s}")

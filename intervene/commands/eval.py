@@ -14,9 +14,11 @@ from .common import (
     add_generation_options,
     add_model_argument,
     add_run_options,
+    add_server_options,
     add_stream_options,
     add_verb,
     check_generation_options,
+    server_options,
     write_report,
 )
 
@@ -73,6 +75,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--lm-eval-limit", type=int, default=None, help="at most N documents per lm-eval task")
     add_generation_options(p, json_help="write the full report (JSON)")
     add_run_options(p, "eval")
+    add_server_options(p, "greedy answers")
     return p
 
 
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
                       with_capability=args.capability, capability_text=args.capability_text,
                       lm_eval_tasks=args.lm_eval_tasks, lm_eval_limit=args.lm_eval_limit,
                       max_new_tokens=args.max_new_tokens, samples=args.samples, system_prompt=args.system_prompt,
-                      chat_template=False if args.no_chat_template else None, run=run_options)
+                      chat_template=False if args.no_chat_template else None, run=run_options,
+                      server=server_options(args))
     live = f" with {args.config} (live)" if args.config else ""
     if isinstance(result, FirstTokenRunReport):
         print(f"{result.model}{live or ' (no intervention: scored against itself)'}")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import InputError
 from ..live.generate import PromptFormat
 from ..runner import RunOptions
 from ..search.study import SearchPrompts, SearchSettings, SpaceOptions, search
-from .common import add_model_options, add_prompt_options, add_quantization_options, add_stream_options
+from .common import (add_model_options, add_prompt_options, add_quantization_options, add_server_options,
+                     add_stream_options, server_options)
+
+DEFAULT_METHODS = ["project", "norm_preserving"]  # its identity tells a --methods left out (see _methods)
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -70,7 +74,7 @@ refusals by generation afterwards on its configs with the whole model offloaded 
     p.add_argument("--router-bias-alone", action="store_true",
                    help="with --router-bias: also search without projection (empty ablate), so the front holds "
                         "expert steering alone, projection alone and both")
-    p.add_argument("--methods", nargs="+", default=["project", "norm_preserving"],
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                    choices=("project", "norm_preserving"),
                    help="methods to search (default: both)")
     p.add_argument("--whiten", default="auto", metavar="LO:HI|off",
@@ -87,12 +91,23 @@ refusals by generation afterwards on its configs with the whole model offloaded 
     add_model_options(p)
     add_quantization_options(p)
     add_prompt_options(p, "train")
+    add_server_options(p, "the greedy answers of the generation refusal counts (each trial served as its LoRA "
+                          "adapter; the first-token proxy and KL stay in process)")
     # every trial scores all search prompts: cap them (evenly spaced) so a trial stays cheap
     p.set_defaults(func=run, limit=64)
     for action in p._actions:
         if action.dest == "limit":
             action.help = "search prompts: at most N from each set, evenly spaced (default: 64; 0: all)"
     return p
+
+
+def _methods(args: argparse.Namespace) -> tuple[str, ...]:
+    """--methods; with --server and no --methods given, 'project' only (an adapter cannot carry norm_preserving)."""
+    if args.server is not None and args.methods is DEFAULT_METHODS:
+        print("--server: each trial is served as a LoRA adapter, so method 'project' only (norm_preserving is not "
+              "low rank)", file=sys.stderr)
+        return ("project",)
+    return tuple(args.methods)
 
 
 def _whiten(value: str) -> tuple[float, float] | str | None:
@@ -126,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     result = search(
         args.model, args.measurements, args.out,
         space=SpaceOptions(targets=args.targets, router=False if args.no_router else None,
-                           methods=tuple(args.methods), whiten=_whiten(args.whiten), router_bias=args.router_bias,
+                           methods=_methods(args), whiten=_whiten(args.whiten), router_bias=args.router_bias,
                            router_bias_top=_top_range(args.router_bias_top),
                            projection_optional=args.router_bias_alone),
         settings=SearchSettings(trials=args.trials, seed=args.seed, sampler=args.sampler,
@@ -139,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         prompt_format=PromptFormat(system_prompt=args.system_prompt, chat_template=not args.no_chat_template),
         run=RunOptions(dtype=args.dtype, device_map=args.device_map, quantization=args.quantization,
                        stream_layers=args.stream_layers, device=args.device, batch_size=args.batch_size,
-                       progress=not args.no_progress))
+                       progress=not args.no_progress),
+        server=server_options(args))
     print(result.table())
     rate = f", {result.seconds:.0f} s, {result.trials_per_hour:.0f} trials/hour" if result.new_trials else ""
     print(f"\n{len(result.records)} trials in the study ({result.new_trials} new{rate})")

@@ -11,9 +11,11 @@ from .common import (
     add_generation_options,
     add_quantization_options,
     add_reference_options,
+    add_server_options,
     add_verb,
     check_generation_options,
     load_cli_config,
+    server_options,
     write_report,
 )
 
@@ -30,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_generation_options(p, json_help="write the full report (config, versions, all outputs)")
     add_quantization_options(p)
     add_reference_options(p)
+    add_server_options(p, "greedy answers")
     return p
 
 
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         model_spec=args.model, measurements=args.measurements, dtype=args.dtype, device_map=args.device_map,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, samples=args.samples,
         system_prompt=args.system_prompt, chat_template=False if args.no_chat_template else None,
-        progress=not args.no_progress, quantization=args.quantization,
+        progress=not args.no_progress, quantization=args.quantization, server=server_options(args),
     )
     print(f"config {args.config} on {report.model}: {len(report.sites)} hook sites "
           f"({', '.join(sorted({s['mechanism'] for s in report.sites}))})")

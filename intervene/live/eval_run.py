@@ -19,6 +19,7 @@ from ..runner import RunOptions, check_stream_layers
 from .capability import capability
 from .evaluate import evaluate, first_token_scores
 from .judge import load_judge
+from .server import ServerClient, ServerOptions, served_evaluate
 from .stream_eval import first_token_streamed
 from .tryout import EvalRunReport, FirstTokenRunReport, PromptSources
 
@@ -29,7 +30,7 @@ def run_eval(model: str | None, harmful: str = "builtin:harmful:eval", harmless:
              first_token: bool = False, answer_kl: bool = True, with_capability: bool = False,
              capability_text: str | None = None, lm_eval_tasks: Sequence[str] = (), lm_eval_limit: int | None = None,
              max_new_tokens: int = 48, samples: int = 4, system_prompt: str | None = None,
-             chat_template: bool | None = None, run: RunOptions | None = None
+             chat_template: bool | None = None, run: RunOptions | None = None, server: ServerOptions | None = None
              ) -> EvalRunReport | FirstTokenRunReport:
     """``model`` (a MODEL spec; None: the config's ``model``) with ``config`` (a YAML path, native or
     reference schema) applied live, or against ``reference`` (the baseline model), on ``harmful`` /
@@ -37,9 +38,16 @@ def run_eval(model: str | None, harmful: str = "builtin:harmful:eval", harmless:
     numbers only (:class:`FirstTokenRunReport`), streamed with ``run.stream_layers``; else the full
     :func:`~intervene.live.evaluate.evaluate` (:class:`EvalRunReport`), with ``judge`` (a judge model
     directory) and capability (``with_capability``, ``capability_text`` file, lm-eval ``lm_eval_tasks``).
-    ``system_prompt`` / ``chat_template`` left None: the config's (else none / True)."""
+    ``system_prompt`` / ``chat_template`` left None: the config's (else none / True). ``server``: the greedy
+    answers come from a serving engine (:mod:`intervene.live.server`; the config served as its LoRA adapter), the
+    log-probs from the model loaded here unless the server returns the whole vocabulary."""
     run = run or RunOptions()
     wants_capability = bool(with_capability or capability_text or lm_eval_tasks)
+    if server is not None:
+        bad = [flag for flag, given in (("--first-token", first_token), ("--stream-layers", run.stream_layers),
+                                        ("--reference", reference), ("--capability", wants_capability)) if given]
+        if bad:
+            raise InputError(f"--server generates on the server; {bad[0]} runs in process only (drop one)")
     if run.stream_layers:
         check_stream_layers(generates=not first_token, device_map=run.device_map, hidden_on=run.hidden_on)
     if first_token:
@@ -81,9 +89,19 @@ def run_eval(model: str | None, harmful: str = "builtin:harmful:eval", harmless:
         if not Path(capability_text).is_file():
             raise InputError(f"--capability-text {capability_text}: no such file")
         text = Path(capability_text).read_text(encoding="utf-8")
+    meas = _measurements(cfg, measurements, config)
+    if server is not None:
+        name = ServerClient(server.url, server.timeout).model_name(server.model)  # named before anything loads
+        loaded, tokenizer = load_model(model_spec, dtype=run.dtype, device_map=run.device_map)
+        report = served_evaluate(server, loaded, tokenizer, model_spec, harmful_set, harmless_set, config=cfg,
+                                 measurements=meas, intervention=_intervention(loaded, cfg, meas),
+                                 served_model=name, max_new_tokens=max_new_tokens, batch_size=run.batch_size,
+                                 n_samples=samples, prompt_format=PromptFormat(system_prompt, chat_template),
+                                 judge=judge_model, full_answer_kl=answer_kl, progress=run.progress)
+        return EvalRunReport(report, model_spec, config, sources)
     loaded, tokenizer = load_model(model_spec, dtype=run.dtype, device_map=run.device_map)
     reference_loaded = load_model(reference, dtype=run.dtype, device_map=run.device_map) if reference else None
-    intervention = _intervention(loaded, cfg, _measurements(cfg, measurements, config))
+    intervention = _intervention(loaded, cfg, meas)
     report = evaluate(loaded, tokenizer, harmful_set, harmless_set, intervention=intervention,
                       max_new_tokens=max_new_tokens, n_samples=samples, config=cfg.to_dict() if cfg else None,
                       reference=reference_loaded, judge=judge_model, full_answer_kl=answer_kl,

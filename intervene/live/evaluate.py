@@ -122,12 +122,16 @@ class EvalReport:
     # mean per-token KL(base || intervened) over the baseline's greedy harmless answers, teacher-forced
     # (the first answer position is the first-token KL); None when not computed
     kl_divergence_answer: float | None = None
+    # generation on a server (live.server): where the log-probs came from, and the server; absent when None
+    kl_source: str | None = None
+    server: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report (key order as written)."""
         d = asdict(self)
-        if self.config is None:
-            del d["config"]
+        for key in ("config", "kl_source", "server"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -287,14 +291,18 @@ def evaluate(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Seque
              intervention: Intervention | None = None, max_new_tokens: int = 48, *, n_samples: int = 4,
              prompt_format: PromptFormat | None = None, run: RunOptions | None = None,
              config: dict[str, Any] | None = None, reference: tuple[Any, Any] | None = None, judge: Judge | None = None,
-             full_answer_kl: bool = True) -> EvalReport:
+             full_answer_kl: bool = True, backends: tuple[GenerationBackend, GenerationBackend] | None = None,
+             server: dict[str, Any] | None = None) -> EvalReport:
     """Refusals and first-token scores of the model as is (baseline) and under ``intervention``
     (a zero-argument callable returning a context manager, e.g. ``lambda: intervene.apply(model, cfg)``).
     Without an intervention the intervened numbers are the baseline's (KL = 0), unless
     ``reference=(source_model, source_tokenizer)`` is given: then the baseline is the source model
     and the intervened one is ``model`` (under ``intervention`` if given too). ``judge`` replaces
     the markers for non-degenerate answers. ``full_answer_kl`` adds ``kl_divergence_answer``
-    (teacher-forced over the baseline's greedy harmless answers).
+    (teacher-forced over the baseline's greedy harmless answers). ``backends=(baseline, intervened)`` replaces
+    the in-process ones (e.g. :class:`~intervene.live.server.ServerBackend` objects: the intervened one already
+    intervened, so ``intervention`` and ``reference`` stay None; ``model`` is unused); the report then carries
+    ``kl_source`` (the intervened backend's) and ``server``.
 
     ``samples`` holds the first ``n_samples`` harmful and the first ``n_samples`` harmless prompts
     side by side; ``completions`` holds every output."""
@@ -308,10 +316,16 @@ def evaluate(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Seque
     if reference is not None:
         base_model, reference_tokenizer = reference
         check_same_vocabulary(tokenizer, reference_tokenizer)
-    base_backend = _backend(base_model, tokenizer, prompt_format, run)
-    new_backend = _backend(model, tokenizer, prompt_format, run)
+    if backends is not None:
+        if intervention is not None or reference is not None:
+            raise ValueError("evaluate: backends are already intervened; pass no intervention or reference with them")
+        base_backend, new_backend = backends
+    else:
+        base_backend = _backend(base_model, tokenizer, prompt_format, run)
+        new_backend = _backend(model, tokenizer, prompt_format, run)
     base = _run(base_backend, prompts, refusals, "reference" if reference else "baseline", max_new_tokens)
-    compared = intervention is not None or reference is not None
+    compared = intervention is not None or reference is not None or (backends is not None and
+                                                                      backends[0] is not backends[1])
     if not compared:
         new = base
     else:
@@ -320,10 +334,15 @@ def evaluate(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Seque
     answer_divergence = None
     if full_answer_kl:
         # the intervention is entered around each forward of the intervened side, batches of at most 8
-        answer_divergence = 0.0 if not compared else AnswerKL().compute(
-            replace(base_backend, answer_batch_size=min(batch_size, 8)),
-            replace(new_backend, context=intervention, answer_batch_size=min(batch_size, 8)),
-            prompts.harmless, base.ids.harmless)
+        if not compared:
+            answer_divergence = 0.0
+        elif backends is not None:
+            answer_divergence = AnswerKL().compute(base_backend, new_backend, prompts.harmless, base.ids.harmless)
+        else:
+            answer_divergence = AnswerKL().compute(
+                replace(base_backend, answer_batch_size=min(batch_size, 8)),
+                replace(new_backend, context=intervention, answer_batch_size=min(batch_size, 8)),
+                prompts.harmless, base.ids.harmless)
 
     def side_by_side(limit: int | None) -> list[Sample]:
         return [Sample(name, prompt, b, n, bc == "refused", nc == "refused", bc, nc)
@@ -352,6 +371,8 @@ def evaluate(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Seque
         versions=versions(),
         config=config,
         kl_divergence_answer=answer_divergence,
+        kl_source=getattr(new_backend, "kl_source", None) if backends is not None else None,
+        server=server,
     )
 
 

@@ -24,6 +24,7 @@ from ..io.prompts import load_prompts
 from ..io.sources import load_model_config
 from ..runner import RunOptions
 from .evaluate import EvalReport, FirstTokenReport, Intervention, evaluate
+from .server import ServerClient, ServerOptions, served_evaluate
 
 
 @dataclass
@@ -170,17 +171,27 @@ def try_config(config: InterventionConfig | str | os.PathLike, harmful: str | li
                measurements: Measurements | str | os.PathLike | None = None, dtype: str | None = None,
                device_map: str | None = None, batch_size: int = 16, max_new_tokens: int = 48, samples: int = 4,
                system_prompt: str | None = None, chat_template: bool | None = None, progress: bool = True,
-               prepared: Prepared | None = None, quantization: Quantization | None = None) -> TryReport:
+               prepared: Prepared | None = None, quantization: Quantization | None = None,
+               server: ServerOptions | None = None) -> TryReport:
     """Evaluate baseline vs live-intervened model on two prompt sets: the evaluate report
     (``report.evaluation.harmful.refusals``, ``.kl_divergence``, ``.samples`` ...) with the model,
     measurements, hook sites and prompt sources.
 
     ``harmful``/``harmless`` are prompt specs (see :mod:`intervene.io.prompts`) or lists of prompts.
-    ``system_prompt``/``chat_template`` default to the config's values."""
+    ``system_prompt``/``chat_template`` default to the config's values. ``server``: the greedy answers come from a
+    serving engine, the config served as its exact LoRA adapter (:func:`intervene.live.server.served_evaluate`)."""
+    served_model = ServerClient(server.url, server.timeout).model_name(server.model) if server else None
     run = prepare_run(config, harmful, harmless, field=field, limit=limit, model_spec=model_spec,
                       measurements=measurements, dtype=dtype, device_map=device_map, system_prompt=system_prompt,
                       chat_template=chat_template, prepared=prepared, quantization=quantization)
     p = run.prepared
+    if server is not None:
+        report = served_evaluate(server, p.model, p.tokenizer, p.model_spec, run.harmful, run.harmless,
+                                 config=p.config, measurements=p.measurements, intervention=p.intervention(),
+                                 served_model=served_model, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 n_samples=samples, prompt_format=run.prompt_format,
+                                 progress=progress)
+        return TryReport(report, p.model_spec, p.measurements.path, p.config.source, p.sites(), run.prompt_sources)
     report = evaluate(p.model, p.tokenizer, run.harmful, run.harmless, intervention=p.intervention(),
                       max_new_tokens=max_new_tokens, n_samples=samples, prompt_format=run.prompt_format,
                       run=RunOptions(batch_size=batch_size, progress=progress), config=p.config.to_dict())

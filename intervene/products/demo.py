@@ -16,6 +16,7 @@ from ..io.files import write_json
 from ..io.models import load_model
 from ..io.prompts import load_prompts
 from ..live.evaluate import EvalReport, evaluate
+from ..live.server import ServerClient, ServerOptions, served_evaluate
 from ..measure.analyze import analyze, recommend
 from ..measure.collect import measure
 from .organism import build_organism, organism_dir
@@ -31,8 +32,12 @@ class DemoResult:
 
 
 def run_demo(out_dir: str | Path = "intervene-demo", max_new_tokens: int = 48, batch_size: int = 16,
-             limit: int | None = None, say: Callable[[str], None] = print) -> DemoResult:
+             limit: int | None = None, say: Callable[[str], None] = print,
+             server: ServerOptions | None = None) -> DemoResult:
+    """``server``: the evaluation's greedy answers come from a server serving the organism (the recommended config
+    as its LoRA adapter); measuring and the first-token numbers stay here."""
     start = time.time()
+    served_model = ServerClient(server.url, server.timeout).model_name(server.model) if server else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -64,7 +69,12 @@ def run_demo(out_dir: str | Path = "intervene-demo", max_new_tokens: int = 48, b
     say("[4/4] evaluating baseline vs live-intervened model on the eval split ...")
     harmful_eval = load_prompts("builtin:harmful:eval", limit=limit)
     harmless_eval = load_prompts("builtin:harmless:eval", limit=limit)
-    result = evaluate(model, tokenizer, harmful_eval, harmless_eval, intervention=lambda: apply(model, cfg, meas),
-                      max_new_tokens=max_new_tokens, run=RunOptions(batch_size=batch_size), config=cfg.to_dict())
+    if server is not None:
+        result = served_evaluate(server, model, tokenizer, str(organism_dir()), harmful_eval, harmless_eval,
+                                 config=cfg, measurements=meas, intervention=lambda: apply(model, cfg, meas),
+                                 served_model=served_model, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    else:
+        result = evaluate(model, tokenizer, harmful_eval, harmless_eval, intervention=lambda: apply(model, cfg, meas),
+                          max_new_tokens=max_new_tokens, run=RunOptions(batch_size=batch_size), config=cfg.to_dict())
     write_json(out / "report.json", result.to_dict())
     return DemoResult(out, config_path, result, time.time() - start)

@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkabl
 import torch
 
 from ..config.resolve import Bound
+from ..config.schema import InterventionConfig
 from ..errors import InputError
 from ..hooks.residual_cache import ResidualCache
 from ..io.files import sha256_lines, sha256_text
@@ -26,6 +27,7 @@ from ..io.models import batches, encode, model_device
 from ..live.generate import Intervention, PromptFormat, TransformersBackend, next_token_logprobs
 from ..live.metrics import (AnswerKL, Direction, FirstTokenKL, Metric, Perplexity, RefusalMass, Refusals,
                              refusal_token_ids)
+from ..live.server import ServerBackend, ServerClient, ServerOptions, served_config
 
 
 class TrialPass:
@@ -150,6 +152,15 @@ class ScoresAnswers(Protocol):
         """Full-answer KL on the harmless prompts, ``intervention`` toggled around each forward."""
 
 
+@runtime_checkable
+class GeneratesConfigs(Protocol):
+    """Optional: generates a trial's answers from its config itself (on a server, as the config's LoRA adapter);
+    the study calls :meth:`refusals_config` instead of :meth:`Objective.refusals` for an edited model."""
+
+    def refusals_config(self, model: Any, config: InterventionConfig) -> tuple[int, ...]:
+        """:meth:`Objective.refusals` of the model edited by ``config``."""
+
+
 def _metrics_description(metrics: Sequence[SearchMetric]) -> dict[str, Any]:
     """Nothing for the default metrics (a study made before metrics were listed keeps its identity)."""
     if tuple(type(m) for m in metrics) == tuple(type(m) for m in DEFAULT_METRICS):
@@ -271,6 +282,38 @@ class PromptObjective(_PromptSets):
                                   self.harmless, self._base_answers)
 
 
+class ServedObjective(PromptObjective):
+    """:class:`PromptObjective` whose greedy answers come from a server (``search --server``): the unedited model
+    as served, and each trial's config as its exact rank-1 LoRA adapter (written, loaded through the runtime LoRA
+    API, unloaded; :func:`intervene.live.server.served_config`). The first-token proxy and KL stay in process."""
+
+    def __init__(self, model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], *,
+                 server: ServerOptions, model_spec: str, measurements: Any = None, **kwargs: Any):
+        self.server, self.model_spec, self.measurements = server, model_spec, measurements
+        self.served_model = ServerClient(server.url, server.timeout).model_name(server.model)  # named errors first
+        super().__init__(model, tokenizer, harmful, harmless, **kwargs)
+
+    def _served(self, name: str) -> ServerBackend:
+        return ServerBackend(self.server.url, name, self.tokenizer, self.prompt_format,
+                             batch_size=self.batch_size, timeout=self.server.timeout)
+
+    def _count(self, backend: ServerBackend) -> tuple[int, int, int]:
+        texts = backend.generate(self.harmful, self.max_new_tokens)
+        classes = Refusals().classify(texts)
+        return len(texts) - classes.count("complied"), len(texts), classes.count("degenerate")
+
+    def refusals(self, model: Any) -> tuple[int, int, int]:
+        """The unedited model's, as served."""
+        return self._count(self._served(self.served_model))
+
+    def refusals_config(self, model: Any, config: InterventionConfig) -> tuple[int, int, int]:
+        with served_config(self.server, config, self.model_spec, self.measurements) as adapter:
+            return self._count(self._served(adapter))
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"generation": "server"}
+
+
 class StreamedObjective(_PromptSets):
     """The cheap proxy of :class:`PromptObjective` for a model that does not fit: first-token scores one
     decoder layer in memory at a time (:class:`intervene.live.stream_eval.LayerStream`). The baseline
@@ -313,5 +356,5 @@ class StreamedObjective(_PromptSets):
         return super().describe() | {"stream_layers": True, "generates": False}
 
 
-__all__ = ["Objective", "StartsAtLayer", "ScoresEdits", "ScoresAnswers", "TrialPass", "SearchMetric", "RefusalProxy",
+__all__ = ["Objective", "StartsAtLayer", "ScoresEdits", "ScoresAnswers", "GeneratesConfigs", "ServedObjective", "TrialPass", "SearchMetric", "RefusalProxy",
            "HarmlessKL", "TextPerplexity", "DEFAULT_METRICS", "PromptObjective", "StreamedObjective"]

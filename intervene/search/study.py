@@ -30,14 +30,16 @@ from ..errors import InputError
 from ..hooks.apply import apply
 from ..io.files import atomic_write_text, sha256_text
 from ..io.measurements import Measurements, load_measurements
-from ..io.models import Quantization, load_model, load_tokenizer, versions
+from ..io.models import load_model, load_tokenizer, versions
 from ..io.prompts import load_prompts
 from ..io.sources import model_reference
 from ..live.generate import PromptFormat
 from ..live.stream_eval import LayerStream
 from ..measure.analyze import analyze, recommend
 from ..runner import RunOptions, check_stream_layers
-from .objective import Objective, PromptObjective, ScoresAnswers, ScoresEdits, StartsAtLayer, StreamedObjective
+from ..live.server import ServerOptions
+from .objective import (GeneratesConfigs, Objective, PromptObjective, ScoresAnswers, ScoresEdits, ServedObjective,
+                        StartsAtLayer, StreamedObjective)
 from .pareto import best_so_far, dominates, pareto_front, spread
 from .report import SearchResult, TrialRecord, write_outputs
 from .space import SearchSpace, seed_params
@@ -184,6 +186,7 @@ class SpaceOptions:
 def search(model: str, measurements: str, out: str | Path, *, space: SpaceOptions | None = None,
            settings: SearchSettings | None = None, prompts: SearchPrompts | None = None,
            prompt_format: PromptFormat | None = None, run: RunOptions | None = None,
+           server: ServerOptions | None = None,
            say: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> SearchResult:
     """``intervene search`` as a function: load the model once (``run``: dtype, device map, quantization,
     batch size, progress), build the default search space (``space``) and the prompt objectives
@@ -191,9 +194,13 @@ def search(model: str, measurements: str, out: str | Path, *, space: SpaceOption
     ``run.stream_layers``: the model is never loaded whole; every trial's first-token proxy runs one decoder
     layer at a time on ``run.device`` (:class:`~intervene.search.objective.StreamedObjective`), no generation:
     the front is the (proxy, KL) one, its configs then counted by generation with a whole, offloaded model
-    (``intervene eval MODEL --config CFG --device-map auto``)."""
+    (``intervene eval MODEL --config CFG --device-map auto``). ``server``: the greedy answers (the generation
+    refusal counts) come from a serving engine, each trial served as its exact rank-1 LoRA adapter
+    (:class:`~intervene.search.objective.ServedObjective`); what an adapter cannot carry is refused first."""
     space_options, settings = space or SpaceOptions(), settings or SearchSettings()
     prompts, prompt_format, run = prompts or SearchPrompts(), prompt_format or PromptFormat(), run or RunOptions()
+    if server is not None:
+        _check_served_space(space_options, run)
     p, full_eval_top = prompts, settings.full_eval_top
     meas = load_measurements(measurements)
     prompt_sets = {name: evenly(load_prompts(spec, field=p.field), lim) for name, spec, lim in (
@@ -234,6 +241,9 @@ def search(model: str, measurements: str, out: str | Path, *, space: SpaceOption
     def make(harmful_set: list[str], harmless_set: list[str], **kw: Any) -> Objective:
         if stream is not None:
             return StreamedObjective(stream, tokenizer, harmful_set, harmless_set, progress=run.progress, **kw)
+        if server is not None:
+            return ServedObjective(loaded, tokenizer, harmful_set, harmless_set, server=server,
+                                   model_spec=model_reference(model), measurements=meas, **kw)
         return PromptObjective(loaded, tokenizer, harmful_set, harmless_set, **kw)
 
     objective = make(prompt_sets["harmful"], prompt_sets["harmless"], label="search",
@@ -246,6 +256,18 @@ def search(model: str, measurements: str, out: str | Path, *, space: SpaceOption
                      max_new_tokens=p.max_new_tokens, **common)
     return run_search(loaded, meas, space, objective, out, settings, final=final, model_spec=model_reference(model),
                       measurements_path=str(Path(measurements).resolve()), progress=run.progress, say=say, seeds=seeds)
+
+
+def _check_served_space(space: SpaceOptions, run: RunOptions) -> None:
+    """``search --server``: each trial is served as a LoRA adapter; what one cannot carry is refused by name."""
+    if run.stream_layers:
+        raise InputError("--server generates on the server; --stream-layers never generates (drop one)")
+    if "norm_preserving" in space.methods:
+        raise InputError("--server serves each trial as a LoRA adapter, and method 'norm_preserving' is not low rank "
+                         "(every weight column is rescaled): search --methods project")
+    if space.router_bias:
+        raise InputError("--server serves each trial as a LoRA adapter, which cannot carry a router's selection bias: "
+                         "drop --router-bias")
 
 
 def evenly(prompts: Sequence[str], limit: int | None) -> list[str]:
@@ -321,13 +343,14 @@ def _records(study: Any, names: Sequence[str]) -> list[TrialRecord]:
     return sorted(out, key=lambda r: r.number)
 
 
-def _scores(objective: Objective, model: Any, edits: list[Any] | None = None) -> dict[str, Any]:
+def _scores(objective: Objective, model: Any, edits: list[Any] | None = None, config: Any = None) -> dict[str, Any]:
     """``{"proxy", "kl"}`` (and any further metric by name) of the model as it is now -- or, for an
     objective that scores edits itself (:class:`ScoresEdits`: streamed), under ``edits`` -- with
-    ``"refusals"``/``"total"`` when the objective generates."""
+    ``"refusals"``/``"total"`` when the objective generates (from ``config``, for one that generates
+    configs itself: :class:`GeneratesConfigs`, on a server)."""
     values = objective.cheap_edits(model, edits) if isinstance(objective, ScoresEdits) and edits is not None \
         else objective.cheap(model)
-    counted = objective.refusals(model)
+    counted = _refusals(objective, model, config)
     out: dict[str, Any] = {"proxy": values[0], "kl": values[1]}
     out |= {m.name: v for m, v in zip(objective.metrics[2:], values[2:])}
     if counted:
@@ -335,6 +358,13 @@ def _scores(objective: Objective, model: Any, edits: list[Any] | None = None) ->
         if len(counted) > 2:
             out["degenerate"] = int(counted[2])  # included in "refusals": a degenerate answer is no success
     return out
+
+
+def _refusals(objective: Objective, model: Any, config: Any) -> tuple[int, ...] | None:
+    """The objective's generation count of the model as it is now, or of ``config`` where it generates configs."""
+    if config is not None and isinstance(objective, GeneratesConfigs):
+        return objective.refusals_config(model, config)
+    return objective.refusals(model)
 
 
 def _baseline(study: Any, model: Any, objective: Objective) -> dict[str, Any]:
@@ -382,7 +412,7 @@ def _run_trial(study: Any, model: Any, spec: Any, model_config: Any, measurement
                          and (settings.generation_kl_cap is None or kl <= settings.generation_kl_cap)
                          and proxy <= settings.generation_proxy_fraction * float(baseline["proxy"]))
             if promising:
-                refusals = objective.refusals(model)
+                refusals = _refusals(objective, model, cfg)
     except BaseException:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
@@ -448,7 +478,7 @@ def _final_front(records: list[TrialRecord], settings: SearchSettings, final: Ob
                 entries["trials"][str(r.number)] = _scores(final, model, edits)
             else:
                 with torch.no_grad(), apply(model, edits):
-                    entries["trials"][str(r.number)] = _scores(final, model)
+                    entries["trials"][str(r.number)] = _scores(final, model, config=r.config())
             if isinstance(final, ScoresAnswers):  # full-answer KL, toggling the edit around each forward
                 entries["trials"][str(r.number)]["answer_kl"] = final.answer_kl(
                     model, lambda edits=edits: apply(model, edits))
