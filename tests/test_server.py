@@ -22,6 +22,7 @@ from intervene.errors import ConfigError, InputError
 from intervene.live.evaluate import evaluate
 from intervene.live.generate import PromptFormat, TransformersBackend
 from intervene.live.server import ServerBackend, ServerClient, ServerOptions, served_config
+from intervene.runner import RunOptions
 from intervene.search.study import SpaceOptions, search
 from intervene.testing import make_measurements, save_tiny, tiny_model, tiny_tokenizer
 
@@ -257,7 +258,8 @@ def test_probe_full_logprobs(serve, max_logprobs, full) -> None:
 def test_report_keys_only_in_server_mode(serve) -> None:
     tok, model = tiny_tokenizer(), tiny_model("llama", seed=2)
     fmt = PromptFormat(chat_template=False)
-    plain = evaluate(model, tok, ["a b"], ["c"], max_new_tokens=3, chat_template=False, progress=False).to_dict()
+    plain = evaluate(model, tok, ["a b"], ["c"], max_new_tokens=3, prompt_format=fmt,
+                     run=RunOptions(progress=False)).to_dict()
     assert "kl_source" not in plain and "server" not in plain
     generated = TransformersBackend(model, tok, fmt, progress=False).generate_ids(["a b", "c"], 3)
 
@@ -269,7 +271,7 @@ def test_report_keys_only_in_server_mode(serve) -> None:
 
     url = serve(reply)
     backend = ServerBackend(url, MODEL, tok, fmt, TransformersBackend(model, tok, fmt, progress=False))
-    served = evaluate(None, tok, ["a b"], ["c"], max_new_tokens=3, chat_template=False, progress=False,
+    served = evaluate(None, tok, ["a b"], ["c"], max_new_tokens=3, prompt_format=fmt, run=RunOptions(progress=False),
                       backends=(backend, backend), server={"url": url}).to_dict()
     assert served["kl_source"] == "in_process" and served["server"] == {"url": url}
     # same answers, same numbers: only the two keys differ
