@@ -19,11 +19,16 @@ from pathlib import Path
 
 import pytest
 
+from intervene.bake.lora import write_adapter
+from intervene.hooks.apply import apply, bind_model
+from intervene.io.measurements import load_measurements
+from intervene.io.models import load_model
+from intervene.io.prompts import load_prompts
 from intervene.live.eval_run import run_eval
 from intervene.live.server import ServerOptions
-from intervene.bake.lora import write_adapter
 from intervene.runner import RunOptions
-from intervene.search.study import SearchPrompts, SearchSettings, SpaceOptions, search
+from intervene.search.objective import PromptObjective
+from intervene.search.study import SearchPrompts, SearchSettings, SpaceOptions, evenly, search
 
 pytestmark = pytest.mark.slow
 
@@ -112,3 +117,15 @@ def test_search_on_the_server(vllm, organism, tmp_path) -> None:
     assert text.count("POST /v1/load_lora_adapter") >= len(served)
     assert text.count("POST /v1/load_lora_adapter") == text.count("POST /v1/unload_lora_adapter")
     assert all(r.eval is not None and "refusals" in r.eval for r in result.front)
+    # the front re-scored in process (same eval prompts, greedy, 16 tokens, the config live): the server's counts agree
+    model, tokenizer = load_model(str(organism), dtype="float32")
+    local = PromptObjective(model, tokenizer, evenly(load_prompts("builtin:harmful:eval"), 8),
+                            evenly(load_prompts("builtin:harmless:eval"), 8), max_new_tokens=16, label="eval")
+    measurements = load_measurements(ROOT / "configs" / "organism.measurements.safetensors")
+    agreement = []
+    for r in result.front:
+        with apply(model, bind_model(model, r.config(), measurements)):
+            refused = local.refusals(model)[0]
+        agreement.append({"trial": r.number, "server": r.eval["refusals"], "in_process": refused})
+    print(json.dumps({"front, harmful refusals of 8": agreement}))
+    assert all(abs(a["server"] - a["in_process"]) <= COUNT_MARGIN for a in agreement), agreement
