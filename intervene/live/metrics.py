@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Literal, Protocol, Sequence
+from typing import Any, ClassVar, Literal, Protocol, Self, Sequence
 
 import torch
 
@@ -159,34 +159,34 @@ class Refusals:
 
 
 @dataclass(frozen=True)
-class RefusalScore:
-    """Mean over prompts of the log probability mass on refusal-opening first tokens."""
+class _RefusalTokens:
+    """A first-token metric over the refusal-opening token ids of a tokenizer."""
 
     token_ids: tuple[int, ...]
-    name: ClassVar[str] = "refusal_score"
     direction: ClassVar[Direction] = "minimize"
 
     @classmethod
-    def of(cls, tokenizer: Any) -> RefusalScore:
+    def of(cls, tokenizer: Any) -> Self:
         return cls(tuple(refusal_token_ids(tokenizer)))
+
+
+@dataclass(frozen=True)
+class RefusalScore(_RefusalTokens):
+    """Mean over prompts of the log probability mass on refusal-opening first tokens."""
+
+    name: ClassVar[str] = "refusal_score"
 
     def compute(self, logprobs: torch.Tensor) -> float:
         return float(refusal_score(logprobs, self.token_ids).mean())
 
 
 @dataclass(frozen=True)
-class RefusalMass:
+class RefusalMass(_RefusalTokens):
     """Mean over prompts of the probability mass on refusal-opening first tokens: ~ the expected
     fraction of refusals, each prompt counting at most 1 (a mean log-mass would reward pushing
     non-refusals further). The search's refusal proxy."""
 
-    token_ids: tuple[int, ...]
     name: ClassVar[str] = "refusal_proxy"
-    direction: ClassVar[Direction] = "minimize"
-
-    @classmethod
-    def of(cls, tokenizer: Any) -> RefusalMass:
-        return cls(tuple(refusal_token_ids(tokenizer)))
 
     def compute(self, logprobs: torch.Tensor) -> float:
         return float(refusal_score(logprobs, self.token_ids).exp().mean())
