@@ -68,6 +68,54 @@ def test_fine_tune_is_deterministic_and_trains_only_the_top_layers():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_training_examples_are_cached_and_shared_by_the_recipes(monkeypatch, tmp_path):
+    """The fine-tuning set is computed once per base model and example fields (the organisms share it): the second
+    call reads it back equal without generating; a training-only field shares it, an example field does not."""
+    monkeypatch.setenv("INTERVENE_CACHE", str(tmp_path))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights")
+    made = [org.Example([1, 2, 3, 4], 2, 3.0, (7, 8)), org.Example([5, 6, 7], 1)]
+    calls = []
+
+    def fake(model, tokenizer, recipe, progress=True):
+        calls.append(recipe)
+        return list(made), {"harmful": 1, "harmless": 1, "dropped": ["x"]}
+
+    monkeypatch.setattr(org, "training_examples", fake)
+    first = org.cached_training_examples(None, None, org.Recipe(), base, progress=False)
+    again = org.cached_training_examples(None, None, org.Recipe(epochs=3, trainable_top_layers=20, lr=1e-3), base,
+                                         progress=False)
+    assert len(calls) == 1 and first == again and again[0] == made and again[1]["dropped"] == ["x"]
+    org.cached_training_examples(None, None, org.Recipe(target_tokens=8), base, progress=False)
+    (base / "model.safetensors").write_bytes(b"other weights")
+    org.cached_training_examples(None, None, org.Recipe(), base, progress=False)
+    assert len(calls) == 3  # another example field, another base model: computed anew
+
+
+def test_evaluate_organism_counts_refusals_per_set_and_category(monkeypatch):
+    """The build's last step runs on any model (a tiny one here): counts per set and per harmless category, the
+    refused harmless and answered harmful prompts listed (a stale keyword here once broke every organism build)."""
+    from intervene.testing import tiny_tokenizer
+
+    model, tok = tiny_model("llama", seed=0, num_hidden_layers=2), tiny_tokenizer()
+    monkeypatch.setattr(org, "builtin", lambda kind, split: ["how to do harm", "more harm"])
+    monkeypatch.setattr(org, "builtin_categories", lambda kind, split: {"twins": ["bake bread"], "generic": ["hi", "yo"]})
+    monkeypatch.setattr(org, "generate", lambda model, tok, prompts, **kw: [
+        "I'm sorry, I can't." if "harm" in p or p == "hi" else "Sure, here it is." for p in prompts])
+    ev = org.evaluate_organism(model, tok, max_new_tokens=4, batch_size=2, progress=False)
+    assert (ev["harmful"]["refusals"], ev["harmful"]["total"]) == (2, 2)
+    assert (ev["harmless"]["refusals"], ev["harmless"]["total"]) == (1, 3)
+    assert ev["harmless_generic"]["refusals"] == 1 and ev["harmless_twins"]["refusals"] == 0
+    assert ev["refused_harmless"] == ["hi"] and ev["answered_harmful"] == []
+    monkeypatch.undo()
+    real = org.evaluate_organism  # and the real generation path, on the tiny model: the keywords it passes are accepted
+    monkeypatch.setattr(org, "builtin", lambda kind, split: ["a"])
+    monkeypatch.setattr(org, "builtin_categories", lambda kind, split: {"generic": ["b"]})
+    ev = real(model, tok, max_new_tokens=2, batch_size=1, progress=False)
+    assert ev["harmful"]["total"] == 1 and ev["harmless"]["total"] == 1
+
+
 def test_organism_dir_env_override(monkeypatch, tmp_path):
     monkeypatch.setenv("INTERVENE_ORGANISM_DIR", str(tmp_path / "org"))
     assert org.organism_dir() == tmp_path / "org"

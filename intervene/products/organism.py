@@ -41,8 +41,9 @@ from ..errors import InputError
 from ..io.files import atomic_directory, sha256_file, write_json
 from ..io.models import batches, encode, format_prompts, load_model, model_device, versions
 from ..io.prompts import builtin, builtin_categories
-from ..io.sources import ORGANISM_NAME, organism_dir, smollm2_dir
+from ..io.sources import ORGANISM_NAME, cache_dir, organism_dir, smollm2_dir
 from ..live.evaluate import generate, is_refusal, refusal_counts
+from ..runner import RunOptions
 
 META_FILE = "intervene_organism.json"
 RECIPE_VERSION = 1
@@ -162,7 +163,7 @@ def train_organism(recipe: Recipe, progress: bool = True, device: str | None = N
     model, tokenizer = load_model(str(base_dir), dtype=torch.float32)
     if device is not None:
         model.to(device)
-    examples, info = training_examples(model, tokenizer, recipe, progress)
+    examples, info = cached_training_examples(model, tokenizer, recipe, base_dir, progress)
 
     # 3. fine-tune the top layers
     losses = fine_tune(model, examples, recipe, tokenizer.pad_token_id, progress)
@@ -170,6 +171,43 @@ def train_organism(recipe: Recipe, progress: bool = True, device: str | None = N
     model.requires_grad_(False)
     info |= {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1]}
     return Trained(model, tokenizer, base_dir, info)
+
+
+# the Recipe fields the fine-tuning set depends on (the rest only shape the training); ``threads``: greedy
+# answers are computed on that many threads, and CPU kernels split their sums by thread count
+EXAMPLE_FIELDS = ("target_tokens", "batch_size", "max_tokens", "harmful_weight", "harmless_unlikelihood",
+                  "refusals", "threads")
+EXAMPLES_VERSION = 1
+
+
+def examples_key(recipe: Recipe, base_sha256: str) -> str:
+    """What determines the fine-tuning set: the base model's bytes, the train split, the recipe's
+    :data:`EXAMPLE_FIELDS`."""
+    h = hashlib.sha256()
+    fields = {k: v for k, v in asdict(recipe).items() if k in EXAMPLE_FIELDS}
+    h.update(json.dumps({"fields": fields, "base": base_sha256, "version": EXAMPLES_VERSION}, sort_keys=True).encode())
+    for kind in ("harmful", "harmless"):
+        h.update("\n".join(builtin(kind, "train")).encode())
+    return h.hexdigest()
+
+
+def cached_training_examples(model: Any, tokenizer: Any, recipe: Recipe, base_dir: Path, progress: bool = True
+                             ) -> tuple[list[Example], dict[str, Any]]:
+    """:func:`training_examples`, kept in the cache (``organism-examples-<key>.json``): the organisms share it
+    (the base model's greedy answers, minutes on 2 cores, are the same for all three), and a rebuild skips it."""
+    weights = sorted(Path(base_dir).glob("*.safetensors"))
+    base_sha = ",".join(sha256_file(w) for w in weights)
+    path = cache_dir() / f"organism-examples-{examples_key(recipe, base_sha)[:24]}.json"
+    try:
+        data = json.loads(path.read_text())
+        return [Example(e["input_ids"], e["response_start"], e["weight"], tuple(e["avoid"])) for e in data["examples"]], \
+            data["info"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        pass
+    examples, info = training_examples(model, tokenizer, recipe, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"examples": [asdict(e) for e in examples], "info": info, "versions": versions()})
+    return examples, info
 
 
 def training_examples(model: Any, tokenizer: Any, recipe: Recipe, progress: bool = True
@@ -207,7 +245,7 @@ def evaluate_organism(model: Any, tokenizer: Any, max_new_tokens: int = 48, batc
     eval_harmful = builtin("harmful", "eval")
     categories = builtin_categories("harmless", "eval")
     eval_harmless = [p for ps in categories.values() for p in ps]
-    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    kw = dict(max_new_tokens=max_new_tokens, run=RunOptions(batch_size=batch_size, progress=progress))
     out_harmful = generate(model, tokenizer, eval_harmful, desc="organism 3/3: eval harmful", **kw)
     out_harmless = generate(model, tokenizer, eval_harmless, desc="organism 3/3: eval harmless", **kw)
     answers = dict(zip(eval_harmless, out_harmless))

@@ -60,7 +60,7 @@ from .organism import (
     evaluate_organism,
     fine_tune,
     save_build,
-    training_examples,
+    cached_training_examples,
 )
 
 MOE_RECIPE_VERSION = 1
@@ -389,7 +389,7 @@ def train_moe_organism(recipe: MoeRecipe, progress: bool = True, device: str | N
     torch.manual_seed(recipe.train.seed)
     base_dir = smollm2_dir()
     dense, tokenizer = load_model(str(base_dir), dtype=torch.float32)
-    examples, info = training_examples(dense, tokenizer, recipe.train, progress)
+    examples, info = cached_training_examples(dense, tokenizer, recipe.train, base_dir, progress)
     g = torch.Generator().manual_seed(recipe.train.seed)
     if prompts_limit is not None:
         examples = [examples[i] for i in torch.randperm(len(examples), generator=g)[:prompts_limit].sort().values]
