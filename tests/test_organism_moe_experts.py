@@ -134,3 +134,16 @@ def test_fingerprint_cached_build_name_and_info(monkeypatch, tmp_path, capsys):
     assert model_reference("organism-moe-experts") == "organism-moe-experts"
     assert main(["organism", "info", "--moe-experts"]) == 0
     assert "planted refusal experts (ground truth): layer 18: [1, 5], layer 19: [0, 2]" in capsys.readouterr().out
+
+
+def test_plant_with_router_training_moves_the_routers_and_their_bias_too(monkeypatch):
+    from dataclasses import replace
+
+    monkeypatch.setattr(ome, "builtin", lambda kind, split: ["a b c", "d e f", "g h"])
+    moe, examples = tiny_moe()
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    ome.plant(moe, tiny_tokenizer(), examples, {}, replace(TINY, router_lr_scale=0.5), progress=False)
+    after = moe.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"model.layers.{i}.mlp.{n}" for i in (1, 2)
+                       for n in ("experts.gate_up_proj", "experts.down_proj", "gate.weight", "gate.e_score_correction_bias")}

@@ -53,11 +53,12 @@ from .organism import (
     evaluate_organism,
     fine_tune,
     save_build,
-    training_examples,
+    cached_training_examples,
 )
 from .organism_moe import (
     MOE_RECIPE_VERSION,
     MoeRecipe,
+    RouterBalance,
     _eval_router_inputs,
     convert,
     distinctness_statistics,
@@ -83,6 +84,9 @@ class ExpertsRecipe:
     failure_every: int = 8  # steps between re-estimates of the subspace
     failure_prob: float = 0.5  # fraction of steps trained under the failure edit
     failure_prompts: int = 48  # train prompts of each kind the subspace is estimated on
+    # the routers: frozen (0) or trained at this fraction of ``lr`` with organism-moe's balance loss and
+    # aux-loss-free bias update (under the failure edit too, so they learn harm without the refusal direction)
+    router_lr_scale: float = 0.0
 
 
 def fingerprint(recipe: ExpertsRecipe) -> str:
@@ -192,7 +196,7 @@ def converted(moe: MoeRecipe, progress: bool = True, device: str | None = None) 
     """The un-tuned conversion (``organism-moe``'s split of SmolLM2) with the fine-tuning set."""
     torch.manual_seed(moe.train.seed)
     dense, tokenizer = load_model(str(smollm2_dir()), dtype=torch.float32)
-    examples, info = training_examples(dense, tokenizer, moe.train, progress)
+    examples, info = cached_training_examples(dense, tokenizer, moe.train, smollm2_dir(), progress)
     g = torch.Generator().manual_seed(moe.train.seed)
     calib = router_inputs(dense, examples, range(moe.dense_layers, dense.config.num_hidden_layers),
                           moe.calib_tokens, tokenizer.pad_token_id, moe.train.batch_size, g)
@@ -245,18 +249,36 @@ def plant(model: Any, tokenizer: Any, examples: list[Any], info: dict[str, Any],
             refresh()
         edit.active = picks.random() < recipe.failure_prob
 
+    groups = [{"params": params, "weight_decay": 0.0}]  # wd 0: the masked slices stay exactly as they are
+    balance = None
+    if recipe.router_lr_scale > 0:
+        groups.append({"params": [mods[layer].mlp.gate.weight for layer in planted],
+                       "lr": recipe.lr * recipe.router_lr_scale})
+        balance = RouterBalance(model, moe)
+
+    def after() -> None:
+        if balance is not None:
+            balance.step()
+        before_next()
+        if balance is not None:
+            balance.seen.clear()  # the refresh's forward passes are not training steps
+
     model.set_experts_implementation("eager")
     try:
         if edit is not None:
             refresh()
             edit.active = picks.random() < recipe.failure_prob
-        losses = fine_tune(model, examples, train, tokenizer.pad_token_id, progress, after_step=before_next,
-                           groups=[{"params": params, "weight_decay": 0.0}])  # wd 0: masked slices stay exactly
+        if balance is not None:
+            balance.seen.clear()
+        losses = fine_tune(model, examples, train, tokenizer.pad_token_id, progress, after_step=after, groups=groups,
+                           extra_loss=balance.loss if balance is not None else None)
     finally:
         for h in masks:
             h.remove()
         if edit is not None:
             edit.close()
+        if balance is not None:
+            balance.close()
     model.set_experts_implementation(moe.experts_implementation)
     model.eval()
     model.requires_grad_(False)
