@@ -59,7 +59,7 @@ from .organism_moe import (
     MOE_RECIPE_VERSION,
     MoeRecipe,
     RouterBalance,
-    _eval_router_inputs,
+    eval_router_inputs,
     convert,
     distinctness_statistics,
     last_token_routing,
@@ -294,7 +294,7 @@ def _train_and_save(tmp: Path, recipe: ExpertsRecipe, progress: bool, device: st
         evaluation = evaluate_organism(trained.model, trained.tokenizer, recipe.moe.train.eval_max_new_tokens,
                                        recipe.moe.train.batch_size, progress)
         routing = routing_statistics(trained.model, trained.tokenizer)
-        calib = _eval_router_inputs(trained, builtin("harmless", "eval") + builtin("harmful", "eval"))
+        calib = eval_router_inputs(trained, builtin("harmless", "eval") + builtin("harmful", "eval"))
         distinct = distinctness_statistics(trained.model, calib)
         head = {"name": ORGANISM_MOE_EXPERTS_NAME, "recipe": asdict(recipe), "recipe_version": RECIPE_VERSION,
                 "moe_recipe_version": MOE_RECIPE_VERSION, "experts_recipe_version": EXPERTS_RECIPE_VERSION,
