@@ -70,6 +70,8 @@ from intervene.maths import js_divergence
 from intervene.measure.analyze import analyze, recommend
 from intervene.measure.attribution import Attribution
 from intervene.measure.collect import measure
+from intervene.io.sources import resolve_model
+from intervene.products.organism import read_meta
 from intervene.products.organism_moe import last_token_routing
 from intervene.runner import RunOptions
 
@@ -86,6 +88,7 @@ class Row:
     scale: float = 1.0
     router_bias_top: int | None = None
     reference: Reference | None = None  # a reference-schema config translated (module docstring)
+    planted: Literal["bias", "project"] | None = None  # the organism's planted experts (ground truth) edited
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Study:
     text_config: Any
     attribution: Attribution | None = None
     subset_top: int = 2
+    planted: dict[int, list[int]] | None = None  # the organism's ground truth (intervene_organism.json)
 
     @property
     def layer_sets(self) -> dict[str, list[int]]:
@@ -115,11 +119,17 @@ class Study:
                 for layer in self.band if layer in self.moe_layers and self.attribution.ranked_experts([layer])}
 
 
-def rows_for(has_dense_in_band: bool, bias_top: int, subset_top: int = 2) -> list[Row]:
+def rows_for(has_dense_in_band: bool, bias_top: int, subset_top: int = 2, planted: bool = False) -> list[Row]:
     write = ["attention", "mlp", "experts", "shared_experts"]
     rows = [Row("attention", "attention only", ["attention"])]
     if has_dense_in_band:
         rows.append(Row("+mlp", "+ dense layers' MLP down", ["attention", "mlp"]))
+    rows.append(Row("write-except-experts", "every write site but the routed experts (attention, dense MLP, shared "
+                    "experts' down)", ["attention", "mlp", "shared_experts"]))
+    if planted:
+        rows += [Row("planted-bias", "ground truth: the planted experts deactivated (router_bias -inf)", planted="bias"),
+                 Row("planted-project", "ground truth: r projected out of the planted experts' outputs",
+                     planted="project")]
     rows += [
         Row("+experts", "+ routed experts' down", ["attention", "mlp", "experts"]),
         Row("write", "+ shared experts' down (every write site)", write),
@@ -157,6 +167,15 @@ def row_config(row: Row, study: Study) -> InterventionConfig:
     data: dict[str, Any] = {"method": "project", "biprojection": True, "model": study.model,
                             "measurements": study.measurements, "ablate": []}
     layers = study.layer_sets[row.layers]
+    if row.planted is not None:
+        planted = study.planted or {}
+        if row.planted == "bias":
+            data["router_bias"] = [{"layers": [layer], "experts": ids, "bias": "-inf"} for layer, ids in planted.items()]
+        else:
+            data["ablate"] = [{"layers": sorted(planted), "measurement": study.source, "scale": 1.0,
+                               "targets": ["experts"]}]
+            data["experts"] = {layer: ids for layer, ids in planted.items()}
+        return parse_config(data, where=f"row {row.name}")
     if row.targets is not None:
         scale: Any = row.scale
         if row.router_scale is not None:
@@ -206,6 +225,13 @@ def attribution_summary(study: Study) -> dict[str, Any] | None:
             "top_experts": {str(k): v for k, v in study.top_experts().items()}}
 
 
+def planted_experts(model: str) -> dict[int, list[int]] | None:
+    """The ground truth an organism records (``planted_experts`` of its ``intervene_organism.json``), if any."""
+    meta = read_meta(resolve_model(model).path)
+    planted = (meta or {}).get("planted_experts")
+    return {int(k): [int(e) for e in v] for k, v in planted.items()} if planted else None
+
+
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,9 +257,10 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     base_cfg = recommend(meas, model=args.model, measurements=meas_path, report=report)
     study = Study(model=args.model, measurements=meas_path, source=int(base_cfg.ablate[0].measurement),
                   band=list(base_cfg.ablate[0].layers), moe_layers=moe_layers, num_layers=n_layers, spec=spec,
-                  text_config=hf, attribution=report.attribution, subset_top=args.subset_top)
+                  text_config=hf, attribution=report.attribution, subset_top=args.subset_top,
+                  planted=planted_experts(args.model))
     has_dense = any(i not in moe_layers for i in study.band)
-    rows = rows_for(has_dense, args.bias_top, args.subset_top)
+    rows = rows_for(has_dense, args.bias_top, args.subset_top, planted=bool(study.planted))
     if args.rows:
         unknown = sorted(set(args.rows) - {r.name for r in rows})
         if unknown:
@@ -272,7 +299,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         "kind": "moe_study", "model": args.model, "model_type": getattr(hf, "model_type", None),
         "measurements": meas_path, "direction_layer": study.source, "band": study.band, "moe_layers": moe_layers,
         "max_new_tokens": args.max_new_tokens, "prompts": {k: len(v) for k, v in prompts.items()},
-        "attribution": attrib, "versions": versions(),
+        "attribution": attrib, "planted_experts": {str(k): v for k, v in (study.planted or {}).items()} or None,
+        "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_threads": torch.get_num_threads(), "command": sys.argv,
         "baseline": {"harmful": counts_dict(base["counts"]["harmful"]), "harmless": counts_dict(base["counts"]["harmless"]),

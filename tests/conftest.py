@@ -30,3 +30,11 @@ def organism_moe():
     from intervene.products.organism_moe import build_moe_organism
 
     return build_moe_organism(progress=False)
+
+
+@pytest.fixture(scope="session")
+def organism_moe_experts():
+    """Directory of the experts-regime MoE organism (organism-moe-experts): built once or reused (see ``organism``)."""
+    from intervene.products.organism_moe_experts import build_moe_experts_organism
+
+    return build_moe_experts_organism(progress=False)

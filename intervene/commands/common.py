@@ -14,7 +14,7 @@ from ..errors import InputError
 from ..io.files import write_json
 from ..live.server import DEFAULT_TIMEOUT, ServerOptions
 
-MODEL_HELP = "model directory, .gguf file, 'smollm2', 'organism', 'organism-moe' or hub id"
+MODEL_HELP = "model directory, .gguf file, 'smollm2', 'organism', 'organism-moe', 'organism-moe-experts' or hub id"
 
 
 def add_verb(sub: argparse._SubParsersAction, name: str, run: Callable[[argparse.Namespace], int], *,
@@ -87,7 +87,7 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     """The config and overrides of its model and measurements (try, route); ``--dtype`` unset means
     the config's dtype, else auto (the checkpoint's)."""
     p.add_argument("config", help="intervention config (YAML), see configs/")
-    p.add_argument("--model", default=None, help="override the config's 'model' (directory, .gguf, 'smollm2', 'organism', 'organism-moe')")
+    p.add_argument("--model", default=None, help="override the config's 'model' (directory, .gguf, 'smollm2', 'organism', 'organism-moe', 'organism-moe-experts')")
     p.add_argument("--measurements", default=None, help="override the config's 'measurements' file")
     add_run_options(p, "eval")
     p.set_defaults(dtype=None)

@@ -16,7 +16,7 @@ dtypes, total size, and quantized tensors (MXFP4, FP8)."""
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = add_verb(sub, "inspect", run, summary=SUMMARY, description=DESCRIPTION)
-    p.add_argument("model", help="model directory, .gguf file, or 'smollm2' / 'organism' / 'organism-moe'")
+    p.add_argument("model", help="model directory, .gguf file, or 'smollm2' / 'organism' / 'organism-moe' / 'organism-moe-experts'")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 

@@ -43,7 +43,7 @@ generation then: the front is the (proxy, KL) one (re-scored on the eval prompts
 refusals by generation afterwards on its configs with the whole model offloaded to CPU and disk:
   intervene eval MODEL --config OUT/front/trial_XXXX.yaml --device-map auto
 (or intervene try OUT/front/trial_XXXX.yaml --device-map auto).""")
-    p.add_argument("model", help="model directory, .gguf file, 'smollm2', 'organism', 'organism-moe' or hub id")
+    p.add_argument("model", help="model directory, .gguf file, 'smollm2', 'organism', 'organism-moe', 'organism-moe-experts' or hub id")
     p.add_argument("--measurements", "-m", required=True, help="measurements file (intervene measure)")
     p.add_argument("--out", "-o", default="search-study", help="study directory (default: search-study)")
     p.add_argument("--trials", type=int, default=40, help="new trials to run (default: 40)")

@@ -9,6 +9,8 @@ Model specs understood everywhere a MODEL argument is taken:
                             (GGUF, converted once to float32 safetensors in the cache)
     organism                the safety-fine-tuned SmolLM2 built by ``intervene organism build``
     organism-moe            the MoE organism (Glm4MoeForCausalLM) built by ``intervene organism build --moe``
+    organism-moe-experts    the experts-regime MoE organism (refusal on a few planted routed experts),
+                            built by ``intervene organism build --moe-experts``
     org/name                a Hugging Face hub id (needs a hub connection)
 """
 
@@ -30,6 +32,7 @@ from .files import atomic_directory
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ORGANISM_NAME = "organism-smollm2-135m"
 ORGANISM_MOE_NAME = "organism-moe-glm4moe-smollm2-135m"
+ORGANISM_MOE_EXPERTS_NAME = "organism-moe-experts-glm4moe-smollm2-135m"
 _WRAPPERS = {"llama4": "llama4_text", "gemma3": "gemma3_text", "qwen3_5_moe": "qwen3_5_moe_text"}  # multimodal config -> text model_type
 
 
@@ -84,6 +87,17 @@ def organism_moe_dir() -> Path:
     return cache_dir() / ORGANISM_MOE_NAME
 
 
+def organism_moe_experts_dir() -> Path:
+    """Where the experts-regime MoE organism lives: ``$INTERVENE_ORGANISM_MOE_EXPERTS_DIR`` or
+    ``cache_dir()/organism-moe-experts-glm4moe-smollm2-135m``."""
+    if os.environ.get("INTERVENE_ORGANISM_MOE_EXPERTS_DIR"):
+        return Path(os.environ["INTERVENE_ORGANISM_MOE_EXPERTS_DIR"]).expanduser()
+    return cache_dir() / ORGANISM_MOE_EXPERTS_NAME
+
+
+BUILTIN_MODELS = ("smollm2", "organism", "organism-moe", "organism-moe-experts")
+
+
 def _atomic_save(model: Any, tokenizer: Any, out: Path) -> None:
     with atomic_directory(out) as tmp:
         model.save_pretrained(str(tmp))
@@ -117,6 +131,12 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
         if not (path / "config.json").exists():
             raise InputError(f"the MoE organism is not built yet ({path}); run: intervene organism build --moe")
         return ModelSource(str(path))
+    if spec == "organism-moe-experts":
+        path = organism_moe_experts_dir()
+        if not (path / "config.json").exists():
+            raise InputError(f"the experts-regime MoE organism is not built yet ({path}); run: intervene organism "
+                             "build --moe-experts")
+        return ModelSource(str(path))
     p = Path(spec).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return ModelSource(str(p.parent), gguf_file=p.name)
@@ -132,7 +152,7 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf")
     if looks_like_hub_id:
         return ModelSource(spec, is_hub=True)
-    raise InputError(f"model not found: {spec} (expected a model directory, a .gguf file, 'smollm2', 'organism', 'organism-moe' or a hub id)")
+    raise InputError(f"model not found: {spec} (expected a model directory, a .gguf file, 'smollm2', 'organism', 'organism-moe', 'organism-moe-experts' or a hub id)")
 
 
 def check_supported(model_spec: str | os.PathLike) -> ArchSpec | None:
@@ -178,7 +198,7 @@ def describe_source(spec: str | os.PathLike) -> str:
 def model_reference(spec: str) -> str:
     """What an output (measurements, a config) records as the model: the built-in names and hub
     ids as given, local paths made absolute."""
-    if spec in ("smollm2", "organism", "organism-moe"):
+    if spec in BUILTIN_MODELS:
         return spec
     src = resolve_model(spec)
     return src.display if src.is_hub else os.path.abspath(src.display)

@@ -361,18 +361,26 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 def fine_tune(model: Any, examples: list[Example], recipe: Recipe, pad_id: int, progress: bool,
                param_groups: Callable[[list[Any]], list[dict[str, Any]]] | None = None,
                extra_loss: Callable[[], torch.Tensor | None] | None = None,
-               after_step: Callable[[], None] | None = None) -> list[float]:
+               after_step: Callable[[], None] | None = None,
+               groups: list[dict[str, Any]] | None = None) -> list[float]:
     """AdamW on the top ``recipe.trainable_top_layers`` decoder layers. Hooks for the MoE
-    organism: ``param_groups(layers)`` (optimizer groups, e.g. a lower router LR), ``extra_loss()``
-    (added to the response loss after each forward, e.g. a router balance term), ``after_step()``."""
+    organisms: ``param_groups(layers)`` (optimizer groups, e.g. a lower router LR), ``extra_loss()``
+    (added to the response loss after each forward, e.g. a router balance term), ``after_step()``;
+    ``groups`` (optimizer groups) trains exactly their parameters instead of the top layers, every
+    other parameter frozen (the experts-regime organism: a few routed experts and nothing else)."""
     device = model_device(model)
     layers = decoder_layers(model)
     model.requires_grad_(False)
-    trainable = list(layers)[len(layers) - recipe.trainable_top_layers:]
-    for layer in trainable:
-        layer.requires_grad_(True)
-    params = [p for layer in trainable for p in layer.parameters()]
-    groups = param_groups(trainable) if param_groups is not None else [{"params": params}]
+    if groups is None:
+        trainable = list(layers)[len(layers) - recipe.trainable_top_layers:]
+        for layer in trainable:
+            layer.requires_grad_(True)
+        params = [p for layer in trainable for p in layer.parameters()]
+        groups = param_groups(trainable) if param_groups is not None else [{"params": params}]
+    else:
+        params = [p for g in groups for p in g["params"]]
+        for p in params:
+            p.requires_grad_(True)
     optimizer = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / recipe.batch_size)
     total = recipe.epochs * steps_per_epoch

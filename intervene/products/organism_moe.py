@@ -489,7 +489,7 @@ def _train_and_save(tmp: Path, recipe: MoeRecipe, progress: bool, device: str | 
         evaluation = evaluate_organism(trained.model, trained.tokenizer, recipe.train.eval_max_new_tokens,
                                        recipe.train.batch_size, progress)
         routing = routing_statistics(trained.model, trained.tokenizer)
-        calib = _eval_router_inputs(trained, builtin("harmless", "eval") + builtin("harmful", "eval"))
+        calib = eval_router_inputs(trained, builtin("harmless", "eval") + builtin("harmful", "eval"))
         distinct = distinctness_statistics(trained.model, calib)
         head = {"name": ORGANISM_MOE_NAME, "recipe": asdict(recipe), "recipe_version": RECIPE_VERSION,
                 "moe_recipe_version": MOE_RECIPE_VERSION, "fingerprint": fingerprint(recipe),
@@ -499,7 +499,7 @@ def _train_and_save(tmp: Path, recipe: MoeRecipe, progress: bool, device: str | 
 
 
 @torch.no_grad()
-def _eval_router_inputs(trained: Trained, prompts: Sequence[str]) -> dict[int, torch.Tensor]:
+def eval_router_inputs(trained: Trained, prompts: Sequence[str]) -> dict[int, torch.Tensor]:
     """Router inputs of every MoE layer on every real token of ``prompts`` (chat-formatted)."""
     model = trained.model
     first = int(model.config.first_k_dense_replace)
