@@ -71,7 +71,7 @@ class InterveneSearch:
         for rec in result.front:
             member = Member(rec.number, rec.refusals, rec.total, rec.kl, detail=describe(rec.params))
             bound = bind(rec.config(), meas, model.config)
-            member.eval = setup.judge.score(model, context=lambda: apply(model, bound))
+            member.eval = setup.judge.score(model, context=lambda bound=bound: apply(model, bound))
             baked = out / f"baked_{rec.number:04d}"
             bake(rec.config(), baked, overwrite=True, progress=False, model=str(setup.model_dir), measurements=meas,
                  threads=setup.threads)
