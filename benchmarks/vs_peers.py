@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run_opponent(o, setup) for o in make_opponents(args.opponents, args, model, tokenizer)]
 
     settings = {"model": args.model, "model_dir": str(directory), "opponents": args.opponents, "trials": args.trials,
-                "startup_trials": min(args.startup_trials, args.trials), "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+                "startup_trials": min(args.startup_trials, args.trials), "seed": args.seed,
+                "max_new_tokens": args.max_new_tokens,
                 "search_new_tokens": args.search_new_tokens, "batch_size": args.batch_size, "threads": args.threads,
                 "limit": args.limit, "eval_limit": args.eval_limit, "timeout_s": args.timeout,
                 "n_train": f"{count['harmful_train']} harmful / {count['harmless_train']} harmless",

@@ -13,10 +13,10 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from .judge import EvalJudge
-from .records import Member, Progress, summarize_names
+from .records import Member, OpponentRun, Progress, summarize_names
 from .tensors import diff_checkpoints
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -72,8 +72,8 @@ class Opponent(Protocol):
 
     def version(self) -> str: ...
 
-    def run(self, setup: Setup) -> Any:
-        """Its search, front judged: an ``OpponentRun``; raises :class:`OpponentFailure`."""
+    def run(self, setup: Setup) -> OpponentRun:
+        """Its search, front judged; raises :class:`OpponentFailure`."""
 
 
 def read_lines(path: Path) -> list[str]:
@@ -82,8 +82,8 @@ def read_lines(path: Path) -> list[str]:
 
 def package_version(python: Path, distribution: str) -> str:
     """A distribution's version in another venv, asked of that venv's python."""
-    out = subprocess.run([str(python), "-c", f"from importlib.metadata import version; print(version({distribution!r}))"],
-                         capture_output=True, text=True)
+    ask = f"from importlib.metadata import version; print(version({distribution!r}))"
+    out = subprocess.run([str(python), "-c", ask], capture_output=True, text=True)
     return out.stdout.strip() or "unknown"
 
 

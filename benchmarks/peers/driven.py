@@ -22,8 +22,8 @@ def run_driven(setup: Setup, name: str, version: str, cmd: Sequence[str], out: P
     text = log.read_text(errors="replace")
     if result.finished_s is None or not result.saved:
         error = last_error(text) or "no exception in its log"
-        raise OpponentFailure(f"exit status {result.returncode}, {'no front saved' if result.finished_s else 'search not finished'}: "
-                              f"{error}", read_progress(text, str(log)))
+        where = "no front saved" if result.finished_s is not None else "search not finished"
+        raise OpponentFailure(f"exit status {result.returncode}, {where}: {error}", read_progress(text, str(log)))
     loop = result.finished_s - result.first_trial_s if result.first_trial_s is not None else None
     run = OpponentRun(name, version, "ok", setup.trials, wall_s=result.finished_s, trial_loop_s=loop,
                       progress=read_progress(text, str(log)), note=note)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -155,6 +156,8 @@ def drive(cmd: Sequence[str], cwd: Path, env: dict[str, str], log_path: Path, ti
             while True:
                 if clock() - start > timeout_s:
                     raise MenuError(f"still running after {timeout_s:.0f} s (log: {log_path})")
+                if not select.select([proc.stdout], [], [], 1.0)[0]:
+                    continue  # nothing printed this second: look at the clock again
                 chunk = os.read(proc.stdout.fileno(), 65536).decode(errors="replace")
                 if not chunk:
                     break

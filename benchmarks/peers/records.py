@@ -204,8 +204,8 @@ def markdown_table(runs: Sequence[OpponentRun], header: dict[str, Any]) -> str:
              f"{fmt_float((load.get('end') or [None])[0], 2)} at the end; "
              f"{header.get('n_eval', '')} eval prompts, {header.get('max_new_tokens', '')} tokens",
              "",
-             "| opponent | version | trials | wall | trials/h | eval front: refused+degenerate @ first-token KL / answer KL, "
-             "perplexity ratio | edits |",
+             "| opponent | version | trials | wall | trials/h | eval front: refused+degenerate @ first-token KL / "
+             "answer KL, perplexity ratio | edits |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         if r.status == "ok":

@@ -38,7 +38,8 @@ class Senbonzakura:
         track.mkdir()
         subprocess.run([str(self.python), "-c", WRITE_TRACK, str(track / "bad_ds"), str(setup.files["harmful_train"]),
                         str(track / "good_ds"), str(setup.files["harmless_train"]),
-                        str(track / "bad_eval_ds"), str(setup.files["harmful_train"])], check=True, env=setup.child_env())
+                        str(track / "bad_eval_ds"), str(setup.files["harmful_train"])],
+                       check=True, env=setup.child_env())
         n_harmful, n_harmless = len(setup.prompts("harmful_train")), len(setup.prompts("harmless_train"))
         cmd = [str(self.python.parent / "senbonzakura"), "--model", str(setup.model_dir), "--device", "cpu",
                "--track", str(track), "--trials", str(setup.trials), "--out", str(out / "model"),
@@ -62,7 +63,8 @@ class Senbonzakura:
         ended = re.search(r"\[\s*([0-9.]+)s\] BEST:", raw)  # its clock: search over, bake and save next
         run = OpponentRun(self.name, self.version(), "ok", setup.trials,
                           wall_s=float(ended.group(1)) if ended else time.time() - start,
-                          note="ships one model (its knee)" + ("" if ended else "; wall time includes its bake and save"))
+                          note="ships one model (its knee)"
+                          + ("" if ended else "; wall time includes its bake and save"))
         member = Member(-1, detail="shipped model (its knee)")
         best = re.search(r"BEST: .*? refusals=([0-9.]+)% .*?KL=([0-9.]+)", " ".join(raw.split()))
         if best:  # its own search-time numbers, on the train prompts
