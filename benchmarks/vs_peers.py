@@ -62,13 +62,7 @@ def write_prompts(work: Path, limit: int | None, eval_limit: int | None) -> dict
 
 def model_dir(spec: str) -> Path:
     """The organism names, or a model directory."""
-    try:
-        path = Path(resolve_model(spec).path).resolve()
-    except InterveneError:
-        if spec == "organism-moe-experts":
-            raise InterveneError("organism-moe-experts (the experts-regime MoE organism) is not known to this "
-                                 "intervene yet; build it, or pass its directory as --model") from None
-        raise
+    path = Path(resolve_model(spec).path).resolve()  # an unbuilt organism: InputError naming its build command
     if not (path / "config.json").exists():
         raise InterveneError(f"--model {spec}: no config.json in {path}")
     return path
