@@ -62,15 +62,21 @@ from intervene.io.files import atomic_write_text
 from intervene.io.measurements import Measurements, load_measurements, save_measurements
 from intervene.io.models import load_model, versions
 from intervene.io.prompts import load_prompts
-from intervene.live.evaluate import (classify, decode_answers, first_token_logprobs, generate_ids, kl_divergence,
-                                     refusal_counts)
+from intervene.io.sources import resolve_model
+from intervene.live.evaluate import (
+    classify,
+    decode_answers,
+    first_token_logprobs,
+    generate_ids,
+    kl_divergence,
+    refusal_counts,
+)
 from intervene.live.route import changed_fraction, router_choices, selection_freq
 from intervene.live.tryout import prepare
 from intervene.maths import js_divergence
 from intervene.measure.analyze import analyze, recommend
 from intervene.measure.attribution import Attribution
 from intervene.measure.collect import measure
-from intervene.io.sources import resolve_model
 from intervene.products.organism import read_meta
 from intervene.products.organism_moe import last_token_routing
 from intervene.runner import RunOptions

@@ -55,12 +55,12 @@ from .organism import (
     Recipe,
     Trained,
     build_cached,
+    cached_training_examples,
     collate,
     deterministic_algorithms,
     evaluate_organism,
     fine_tune,
     save_build,
-    cached_training_examples,
 )
 
 MOE_RECIPE_VERSION = 1
@@ -383,9 +383,10 @@ def param_groups(recipe: MoeRecipe):
     return groups
 
 
-def train_moe_organism(recipe: MoeRecipe, progress: bool = True, device: str | None = None,
-                       prompts_limit: int | None = None) -> Trained:
-    """Convert and fine-tune; ``prompts_limit`` trains on the first N examples only (recipe screening)."""
+def converted(recipe: MoeRecipe, progress: bool = True, device: str | None = None, prompts_limit: int | None = None
+              ) -> tuple[Any, Any, list[Any], dict[str, Any]]:
+    """The un-tuned conversion of SmolLM2 (split by :func:`convert` on the fine-tuning set's router inputs),
+    its tokenizer, the fine-tuning set (``prompts_limit``: a random N of it) and the set's info."""
     torch.manual_seed(recipe.train.seed)
     base_dir = smollm2_dir()
     dense, tokenizer = load_model(str(base_dir), dtype=torch.float32)
@@ -399,6 +400,13 @@ def train_moe_organism(recipe: MoeRecipe, progress: bool = True, device: str | N
     del dense
     if device is not None:
         model.to(device)
+    return model, tokenizer, examples, info
+
+
+def train_moe_organism(recipe: MoeRecipe, progress: bool = True, device: str | None = None,
+                       prompts_limit: int | None = None) -> Trained:
+    """Convert and fine-tune; ``prompts_limit`` trains on the first N examples only (recipe screening)."""
+    model, tokenizer, examples, info = converted(recipe, progress, device, prompts_limit)
     model.set_experts_implementation("eager")  # training: the loop over experts (no per-token weight copies)
     balance = RouterBalance(model, recipe)
     try:
@@ -523,4 +531,4 @@ def eval_router_inputs(trained: Trained, prompts: Sequence[str]) -> dict[int, to
 __all__ = ["MoeRecipe", "build_moe_organism", "fingerprint", "moe_config", "split_mlp", "balanced_kmeans",
            "fit_router", "balancing_bias", "expert_outputs", "expert_distinctness", "routing_permutation_test",
            "PermutationTest", "routing_statistics", "distinctness_statistics", "experts_speed", "convert",
-           "train_moe_organism"]
+           "train_moe_organism", "converted", "eval_router_inputs"]

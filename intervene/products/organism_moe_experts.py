@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,9 +39,13 @@ import torch
 
 from ..arch import arch_for_config, decoder_layers, get_module, text_config
 from ..bake.workers import torch_threads
-from ..io.models import batches, encode, format_prompts, load_model, model_device
+from ..io.models import batches, encode, format_prompts, model_device
 from ..io.prompts import builtin
-from ..io.sources import ORGANISM_MOE_EXPERTS_NAME, organism_moe_experts_dir, smollm2_dir
+from ..io.sources import (
+    ORGANISM_MOE_EXPERTS_NAME,
+    organism_moe_experts_dir,
+    smollm2_dir,
+)
 from ..live.route import selection_freq
 from .organism import (
     RECIPE_VERSION,
@@ -53,17 +56,15 @@ from .organism import (
     evaluate_organism,
     fine_tune,
     save_build,
-    cached_training_examples,
 )
 from .organism_moe import (
     MOE_RECIPE_VERSION,
     MoeRecipe,
     RouterBalance,
-    eval_router_inputs,
-    convert,
+    converted,
     distinctness_statistics,
+    eval_router_inputs,
     last_token_routing,
-    router_inputs,
     routing_statistics,
 )
 
@@ -192,21 +193,6 @@ def train_moe_experts_organism(recipe: ExpertsRecipe, progress: bool = True, dev
     return plant(model, tokenizer, examples, info, recipe, progress)
 
 
-def converted(moe: MoeRecipe, progress: bool = True, device: str | None = None) -> tuple[Any, Any, list[Any], dict[str, Any]]:
-    """The un-tuned conversion (``organism-moe``'s split of SmolLM2) with the fine-tuning set."""
-    torch.manual_seed(moe.train.seed)
-    dense, tokenizer = load_model(str(smollm2_dir()), dtype=torch.float32)
-    examples, info = cached_training_examples(dense, tokenizer, moe.train, smollm2_dir(), progress)
-    g = torch.Generator().manual_seed(moe.train.seed)
-    calib = router_inputs(dense, examples, range(moe.dense_layers, dense.config.num_hidden_layers),
-                          moe.calib_tokens, tokenizer.pad_token_id, moe.train.batch_size, g)
-    model = convert(dense, calib, moe, progress)
-    del dense
-    if device is not None:
-        model.to(device)
-    return model, tokenizer, examples, info
-
-
 def plant(model: Any, tokenizer: Any, examples: list[Any], info: dict[str, Any], recipe: ExpertsRecipe,
           progress: bool = True) -> Trained:
     """Choose the planted experts of the converted ``model`` and train them alone, in place."""
@@ -305,4 +291,4 @@ def _train_and_save(tmp: Path, recipe: ExpertsRecipe, progress: bool, device: st
 
 
 __all__ = ["ExpertsRecipe", "build_moe_experts_organism", "fingerprint", "most_chosen", "subspace",
-           "expert_grad_mask", "FailureEdit", "refusal_directions", "train_moe_experts_organism", "converted", "plant"]
+           "expert_grad_mask", "FailureEdit", "refusal_directions", "train_moe_experts_organism", "plant"]
