@@ -23,7 +23,11 @@ the router's shape check skipped it, the dense layers matched no MoE key pattern
 ``ablate-individual-experts`` (+ every routed expert's down and gate/up; ``-as-run``: their down only, the code
 skipped their gate/up) and ``expert-subset-attribution`` (the
 same restricted per MoE layer to the ``--subset-top`` experts with the largest attribution value, ``analyze``'s
-per-(layer, expert) rows).
+per-(layer, expert) rows). ``write-except-experts`` is every write site but the routed experts (attention, dense MLP,
+shared experts' down: the edit the reference code made on GLM-4.5-Air, at scale 1); on an organism that records its
+ground truth (``planted_experts`` in ``intervene_organism.json``: ``organism-moe-experts``) two more rows edit exactly
+the planted experts: ``planted-bias`` (``router_bias: -inf`` on them) and ``planted-project`` (r projected out of
+their outputs, ``targets: [experts]`` with ``experts: {layer: ids}``).
 
 Columns, all on the built-in eval split (greedy, ``--max-new-tokens``):
 
