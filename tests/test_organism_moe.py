@@ -228,6 +228,26 @@ def test_fine_tune_with_router_balance_is_deterministic_and_moves_the_bias():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_train_moe_organism_fine_tunes_the_conversion(monkeypatch):
+    """The build's training step on a tiny conversion (``converted`` stands in for SmolLM2's): the routers' bias
+    moves, the steps and sets are recorded, the model comes back frozen (its last line once named a variable that
+    the conversion's extraction had moved away)."""
+    from intervene.io.sources import smollm2_dir
+    from intervene.testing import tiny_tokenizer
+
+    _, moe = tiny_moe()
+    g = torch.Generator().manual_seed(1)
+    examples = [org.Example(torch.randint(1, 128, (n,), generator=g).tolist(), 3) for n in (7, 9, 6, 8)]
+    monkeypatch.setattr(om, "converted", lambda recipe, progress, device, limit: (moe, tiny_tokenizer(), examples,
+                                                                                  {"harmful": 2}))
+    before = moe.model.layers[2].mlp.gate.e_score_correction_bias.clone()
+    trained = om.train_moe_organism(TINY_RECIPE, progress=False)
+    assert trained.model is moe and trained.base_dir == smollm2_dir()
+    assert trained.info["harmful"] == 2 and trained.info["examples"] == 4 and trained.info["steps"] == 2
+    assert not torch.equal(moe.model.layers[2].mlp.gate.e_score_correction_bias, before)
+    assert not any(p.requires_grad for p in moe.parameters()) and not moe.training
+
+
 def test_info_cli_prints_routing(tmp_path, capsys):
     from intervene.cli import main
 

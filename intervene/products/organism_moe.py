@@ -418,7 +418,7 @@ def train_moe_organism(recipe: MoeRecipe, progress: bool = True, device: str | N
     model.eval()
     model.requires_grad_(False)
     info |= {"examples": len(examples), "steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1]}
-    return Trained(model, tokenizer, base_dir, info)
+    return Trained(model, tokenizer, smollm2_dir(), info)
 
 
 # ---- statistics of the built organism --------------------------------------------------------------
