@@ -147,3 +147,26 @@ def test_plant_with_router_training_moves_the_routers_and_their_bias_too(monkeyp
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {f"model.layers.{i}.mlp.{n}" for i in (1, 2)
                        for n in ("experts.gate_up_proj", "experts.down_proj", "gate.weight", "gate.e_score_correction_bias")}
+
+
+def test_build_writes_the_ground_truth_and_statistics(monkeypatch, tmp_path):
+    """The build's save step on a tiny planted model: metadata with the planted experts (ground truth), the eval
+    refusals, the routing and distinctness statistics, and a directory that loads back as a Glm4Moe."""
+    from intervene.io.models import load_model
+
+    moe, examples = tiny_moe()
+    tok = tiny_tokenizer()
+    monkeypatch.setattr(ome, "builtin", lambda kind, split: ["a b c", "d e f", "g h"])
+    monkeypatch.setattr(ome, "train_moe_experts_organism",
+                        lambda recipe, progress, device: ome.plant(moe, tok, examples, {}, recipe, progress=False))
+    monkeypatch.setattr(ome, "evaluate_organism", lambda model, tok, n, b, progress: {
+        "harmful": {"refusals": 1, "total": 1, "rate": 1.0}, "harmless": {"refusals": 0, "total": 1, "rate": 0.0},
+        "harmless_near_miss": {"refusals": 0, "total": 1, "rate": 0.0}, "max_new_tokens": n})
+    monkeypatch.setattr(ome, "routing_statistics", lambda model, tok: {"layers_separating": [2]})
+    out = ome.build_moe_experts_organism(tmp_path / "org", recipe=TINY, progress=False)
+    meta = org.read_meta(out)
+    assert meta["name"] == "organism-moe-experts-glm4moe-smollm2-135m" and meta["fingerprint"] == ome.fingerprint(TINY)
+    assert set(meta["planted_experts"]) == {"1", "2"} and all(len(v) == 1 for v in meta["planted_experts"].values())
+    assert meta["routing"] == {"layers_separating": [2]} and set(meta["experts_distinctness"]["per_layer"]) == {"1", "2"}
+    back, _ = load_model(str(out))
+    assert type(back).__name__ == "Glm4MoeForCausalLM"
